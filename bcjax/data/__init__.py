@@ -1,0 +1,1 @@
+"""Data sources: task suites with deterministic splits and class names."""
