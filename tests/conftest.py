@@ -1,0 +1,13 @@
+"""Test-session setup: 8 fake CPU devices (sharding tests) and a persistent compile cache.
+
+Both must be configured before JAX initialises its backends, hence at import time here.
+"""
+import os
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+_CACHE = os.environ.get("BCJAX_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
