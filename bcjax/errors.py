@@ -1,0 +1,33 @@
+"""Exception types raised by bcjax.
+
+All derive from :class:`BcjaxError` (itself a :class:`ValueError`, so code that catches
+``ValueError`` keeps working). Messages name the offending key path and model index.
+"""
+
+
+class BcjaxError(ValueError):
+    """Base class of every error bcjax raises on bad input."""
+
+
+class TreeMismatchError(BcjaxError):
+    """A fine-tuned tree (or a Fisher tree) does not match the pretrained tree's
+    structure, shapes or dtypes (SPEC §1)."""
+
+
+class NonFiniteError(BcjaxError):
+    """An input leaf holds NaN or Inf (SPEC §1)."""
+
+
+class HyperparameterError(BcjaxError):
+    """A hyper-parameter is outside its domain (e.g. β > γ, density ≤ 0)."""
+
+
+class UnknownMethodError(BcjaxError, KeyError):
+    """``merge`` was asked for a method name that is not registered."""
+
+    def __str__(self):  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class EmptyModelListError(BcjaxError):
+    """A merge was asked for with no fine-tuned models."""

@@ -1,0 +1,437 @@
+r"""Merge methods (SPEC §2–3) and their registry.
+
+Every method is a pure function ``fn(pretrained, finetuned, flags, *, **hparams) -> tree``
+registered by name with :func:`register_method`; :func:`merge` validates the inputs (SPEC §1)
+and dispatches. ``flags`` says, per leaf in ``jax.tree.leaves`` order, whether the leaf
+takes part in the merge; other leaves are copied from θ0.
+
+Work is done leaf by leaf with a jitted kernel per leaf shape, so merging T models holds
+the inputs, one output tree and one leaf's temporaries (≈ T + 2 copies of the largest
+leaf), never T extra full models. Inside an outer ``jax.jit`` the same code traces into
+one program. Inputs may be NumPy or JAX arrays, nested (Flax) or flat dicts; sharded JAX
+arrays keep their sharding (all kernels are elementwise or additive histograms, so
+results do not depend on the device count).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bcjax import order_stats
+from bcjax.errors import HyperparameterError, TreeMismatchError, UnknownMethodError
+from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask,
+                         breadcrumbs_threshold_bits, check_beta_gamma, check_fraction,
+                         fraction_count)
+from bcjax.tree import (PyTree, check_finite, compute_dtype, is_tracing, keystr, merged_leaf_flags,
+                        validate_models)
+
+__all__ = ["MergeMethod", "register_method", "methods", "get_method", "merge", "map_merged_leaves"]
+
+
+# --------------------------------------------------------------------------- registry
+@dataclasses.dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method: its function and hyper-parameters with defaults
+    (``inspect.Parameter.empty`` for required ones)."""
+
+    name: str
+    fn: Callable
+    hparams: dict[str, Any]
+    summary: str
+
+    def __repr__(self):
+        hp = ", ".join(k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in self.hparams.items())
+        return f"{self.name}({hp})"
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register_method(name: str | None = None):
+    """Decorator registering ``fn(pretrained, finetuned, flags, *, **hparams)`` as a merge
+    method. Hyper-parameters are ``fn``'s keyword-only parameters."""
+
+    def deco(fn):
+        key = name or fn.__name__
+        sig = inspect.signature(fn)
+        hp = {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        summary = (inspect.getdoc(fn) or "").split("\n")[0]
+        _REGISTRY[key] = MergeMethod(key, fn, hp, summary)
+        return fn
+
+    return deco
+
+
+def methods() -> dict[str, MergeMethod]:
+    """All registered methods by name; ``repr`` shows hyper-parameters and defaults."""
+    return dict(_REGISTRY)
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(f"unknown merge method {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+def merge(method: str, pretrained: PyTree, finetuned: Sequence[PyTree], *, exclude=None,
+          validate: bool = True, **hparams) -> PyTree:
+    """Merge ``finetuned`` (a list of trees shaped like ``pretrained``) with ``method``.
+
+    Args:
+      method: a registered name (:func:`methods`): ``task_arithmetic``, ``breadcrumbs``,
+        ``simple_average``, ``ties``, ``random_sparse``, ``dare``, ``fisher``,
+        ``gradient_matching``, or one you registered.
+      exclude: regex(es) on the '/'-joined key path (or a predicate ``(path, leaf)``) of
+        leaves to copy from θ0 instead of merging (SPEC §1).
+      validate: check structures, shapes, dtypes and finiteness first (SPEC §1); values
+        are only checked when concrete (not under ``jit``).
+      **hparams: the method's hyper-parameters.
+
+    Returns the merged tree, each leaf in the dtype of θ0's leaf.
+    """
+    m = get_method(method)
+    unknown = sorted(set(hparams) - set(m.hparams))
+    if unknown:
+        raise HyperparameterError(f"{method}: unknown hyper-parameter(s) {unknown}; accepted: {m!r}")
+    missing = [k for k, v in m.hparams.items() if v is inspect.Parameter.empty and k not in hparams]
+    if missing:
+        raise HyperparameterError(f"{method}: missing required hyper-parameter(s) {missing}; signature: {m!r}")
+    finetuned = list(finetuned) if isinstance(finetuned, (list, tuple)) else finetuned
+    if validate:
+        validate_models(pretrained, finetuned)
+        check_finite([pretrained, *finetuned],
+                     ["pretrained model", *(f"fine-tuned model {t}" for t in range(len(finetuned)))])
+    flags = tuple(merged_leaf_flags(pretrained, exclude))
+    return m.fn(pretrained, finetuned, flags, **hparams)
+
+
+# --------------------------------------------------------------------------- plumbing
+def _is_traced(tree) -> bool:
+    return is_tracing() or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def parallel_map(fn: Callable, items: Sequence, *, traced: bool = False) -> list:
+    """``[fn(x) for x in items]``, run on a thread pool (one thread per core) when values
+    are concrete: XLA:CPU runs scatters and small kernels on one core, so leaves are
+    processed concurrently. Under tracing (an outer ``jit``) it is a plain loop."""
+    workers = min(len(items), os.cpu_count() or 1)
+    if traced or workers <= 1:
+        return [fn(x) for x in items]
+
+    def run(x):
+        return jax.block_until_ready(fn(x))
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(run, items))
+
+
+def map_merged_leaves(leaf_fn: Callable, pretrained: PyTree, finetuned: Sequence[PyTree],
+                      flags: Sequence[bool], *extra: Sequence[PyTree]) -> PyTree:
+    """Rebuild ``pretrained`` with ``leaf_fn(i, p0, [θt leaf], *[[extra leaf] ...])`` on
+    merged leaves (index ``i`` among all leaves) and θ0's leaf elsewhere."""
+    leaves0, treedef = jax.tree.flatten(pretrained)
+    per_model = [jax.tree.leaves(t) for t in finetuned]
+    per_extra = [[jax.tree.leaves(t) for t in group] for group in extra]
+    todo = [i for i, (p0, flag) in enumerate(zip(leaves0, flags)) if flag and np.size(p0) > 0]
+
+    def one(i):
+        return leaf_fn(i, leaves0[i], [m[i] for m in per_model], *[[t[i] for t in g] for g in per_extra])
+
+    out = list(leaves0)
+    traced = _is_traced((pretrained, finetuned, extra))
+    for i, leaf in zip(todo, parallel_map(one, todo, traced=traced)):
+        out[i] = leaf
+    return jax.tree.unflatten(treedef, out)
+
+
+def _upcast(x, like):
+    return jnp.asarray(x).astype(compute_dtype(jnp.result_type(like)))
+
+
+def _per_task(value, num_tasks: int, name: str):
+    """A scalar or one value per task, as a float32 array of shape (T,)."""
+    if is_scalar_like(value):
+        return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (num_tasks,))
+    arr = jnp.asarray(value, jnp.float32)
+    if arr.shape != (num_tasks,):
+        raise HyperparameterError(f"{name} must be a scalar or have one value per task ({num_tasks}), got shape {arr.shape}")
+    return arr
+
+
+def is_scalar_like(value) -> bool:
+    """A number or 0-d array (not a pytree of them)."""
+    return jax.tree_util.treedef_is_leaf(jax.tree.structure(value)) and np.ndim(value) == 0
+
+
+def _check_finite_scalar(name, value):
+    if not isinstance(value, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(value, np.float64))):
+        raise HyperparameterError(f"{name} must be finite, got {np.asarray(value).tolist()}")
+
+
+@functools.partial(jax.jit, static_argnames=())
+def _weighted_task_sum(p0, fts, masks_or_none_scale, alphas):
+    """θ0 + Σt αt · st ⊙ τt with st given (or 1); the shared tail of the TA family."""
+    p = _upcast(p0, p0)
+    acc = jnp.zeros_like(p)
+    for t, ft in enumerate(fts):
+        tau = _upcast(ft, p0) - p
+        if masks_or_none_scale is not None:
+            tau = tau * masks_or_none_scale[t]
+        acc = acc + alphas[t].astype(p.dtype) * tau
+    return (p + acc).astype(p0.dtype)
+
+
+# --------------------------------------------------------------------------- methods
+@register_method("task_arithmetic")
+def task_arithmetic(pretrained, finetuned, flags, *, alpha=1.0):
+    """Task arithmetic (Ilharco et al.): θ* = θ0 + α Σt τt (α scalar or one per task)."""
+    _check_finite_scalar("alpha", alpha)
+    alphas = _per_task(alpha, len(finetuned), "alpha")
+    return map_merged_leaves(lambda i, p0, fts: _weighted_task_sum(p0, tuple(fts), None, alphas),
+                             pretrained, finetuned, flags)
+
+
+@jax.jit
+def _simple_average_leaf(p0, fts):
+    acc = sum(_upcast(f, p0) for f in fts)
+    return (acc / len(fts)).astype(p0.dtype)
+
+
+@register_method("simple_average")
+def simple_average(pretrained, finetuned, flags):
+    """Simple average / model soup: θ* = (1/T) Σt θt."""
+    return map_merged_leaves(lambda i, p0, fts: _simple_average_leaf(p0, tuple(fts)), pretrained, finetuned, flags)
+
+
+@jax.jit
+def _breadcrumbs_tensor_leaf(p0, fts, alphas, n_bot, n_top):
+    p = _upcast(p0, p0)
+    acc = jnp.zeros_like(p)
+    for t, ft in enumerate(fts):
+        tau = _upcast(ft, p0) - p
+        bits = order_stats.magnitude_bits(tau)
+        lo, hi = breadcrumbs_threshold_bits(bits, n_bot, n_top)
+        acc = acc + jnp.where((bits >= lo) & (bits < hi), alphas[t].astype(p.dtype) * tau, 0)
+    return (p + acc).astype(p0.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("axis",))
+def _breadcrumbs_row_leaf(p0, fts, alphas, beta, gamma, axis):
+    p = _upcast(p0, p0)
+    acc = jnp.zeros_like(p)
+    for t, ft in enumerate(fts):
+        tau = _upcast(ft, p0) - p
+        acc = acc + jnp.where(breadcrumbs_row_mask(tau, beta, gamma, axis), alphas[t].astype(p.dtype) * tau, 0)
+    return (p + acc).astype(p0.dtype)
+
+
+@register_method("breadcrumbs")
+def breadcrumbs(pretrained, finetuned, flags, *, alpha=0.3, beta=0.9, gamma=0.99, granularity="tensor", axis=None):
+    """Model Breadcrumbs (SPEC §2): θ* = θ0 + α Σt mt ⊙ τt, mt keeps ranks n_bot … n−n_top−1 of |τt| per leaf."""
+    check_beta_gamma(beta, gamma)
+    _check_finite_scalar("alpha", alpha)
+    alphas = _per_task(alpha, len(finetuned), "alpha")
+    if granularity == "tensor":
+        def leaf(i, p0, fts):
+            n_bot, n_top = breadcrumbs_counts(int(np.size(p0)), beta, gamma)
+            return _breadcrumbs_tensor_leaf(p0, tuple(fts), alphas, n_bot, n_top)
+    elif granularity == "row":
+        if axis is None:
+            raise HyperparameterError("granularity='row' needs an explicit axis (Flax Dense kernels: axis=0)")
+        paths = [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(pretrained)[0]]
+
+        def leaf(i, p0, fts):
+            ax = axis(paths[i], tuple(np.shape(p0))) if callable(axis) else axis
+            nd = max(np.ndim(p0), 1)
+            return _breadcrumbs_row_leaf(p0, tuple(fts), alphas, beta, gamma, ax % nd)
+    else:
+        raise HyperparameterError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
+    return map_merged_leaves(leaf, pretrained, finetuned, flags)
+
+
+def _leaf_key(key, task: int, leaf_index: int):
+    return jax.random.fold_in(jax.random.fold_in(key, task), leaf_index)
+
+
+def _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, rescale: bool, name: str):
+    if key is None:
+        raise HyperparameterError(f"{name} needs an explicit PRNG key (key=jax.random.key(0))")
+    check_fraction("keep", keep)
+    _check_finite_scalar("alpha", alpha)
+    alphas = _per_task(alpha, len(finetuned), "alpha")
+    scale = (1.0 / jnp.asarray(keep, jnp.float32)) if rescale else jnp.float32(1.0)
+
+    def leaf(i, p0, fts):
+        masks = jnp.stack([bernoulli_leaf_mask(_leaf_key(key, t, i), keep, np.shape(p0))
+                           for t in range(len(fts))]).astype(compute_dtype(jnp.result_type(p0)))
+        return _weighted_task_sum(p0, tuple(fts), masks * scale, alphas)
+
+    return map_merged_leaves(leaf, pretrained, finetuned, flags)
+
+
+@register_method("random_sparse")
+def random_sparse(pretrained, finetuned, flags, *, keep=0.1, alpha=0.3, key=None):
+    """Random-sparsified TA (paper Table 1): θ* = θ0 + α Σt mt ⊙ τt, mt ~ Bernoulli(keep) per entry, no rescale."""
+    return _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, False, "random_sparse")
+
+
+@register_method("dare")
+def dare(pretrained, finetuned, flags, *, keep=0.1, alpha=0.3, key=None):
+    """DARE: θ* = θ0 + α Σt mt ⊙ τt / keep, mt ~ Bernoulli(keep) per entry and task."""
+    return _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, True, "dare")
+
+
+@jax.jit
+def _tau_coarse_histogram(p0, ft):
+    return order_stats.coarse_histogram(order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)))
+
+
+@jax.jit
+def _tau_fine_histogram(p0, ft, bins):
+    return order_stats.fine_histogram(order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)), bins)
+
+
+@jax.jit
+def _tau_sorted_bits(p0, ft):
+    return order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)).ravel()
+
+
+def _global_threshold_bits(pretrained, model, flags, rank_of_total: Callable[[int], Any]):
+    """Bits of the order statistic of |τ| over all merged leaves of one model together
+    (additive histograms over leaves: two passes, no concatenation)."""
+    pairs = [(p0, ft) for p0, ft, f in zip(jax.tree.leaves(pretrained), jax.tree.leaves(model), flags)
+             if f and np.size(p0) > 0]
+    total = sum(int(np.size(p0)) for p0, _ in pairs)
+    if total == 0:
+        return None, 0
+    rank = jnp.atleast_1d(jnp.asarray(rank_of_total(total), jnp.int32))
+    if total <= order_stats.SORT_BELOW:
+        bits = jnp.concatenate([_tau_sorted_bits(p0, ft) for p0, ft in pairs])
+        return order_stats.select_bits([bits], rank)[0], total
+    traced = _is_traced((pretrained, model))
+    hist1 = sum(parallel_map(lambda pf: _tau_coarse_histogram(*pf), pairs, traced=traced))
+    bins, below, rep = order_stats.locate_coarse(hist1, rank)
+    hist2 = sum(parallel_map(lambda pf: _tau_fine_histogram(*pf, bins), pairs, traced=traced))
+    return order_stats.resolve_fine(hist2, bins, below, rep, rank)[0], total
+
+
+@jax.jit
+def _ties_leaf(p0, fts, thresholds, alpha):
+    p = _upcast(p0, p0)
+    trimmed = []
+    for t, ft in enumerate(fts):
+        tau = _upcast(ft, p0) - p
+        trimmed.append(jnp.where(order_stats.magnitude_bits(tau) >= thresholds[t], tau, 0))
+    total = sum(trimmed)
+    sign = jnp.where(total >= 0, 1.0, -1.0).astype(p.dtype)  # sign(0) = +1
+    agree = [(jnp.sign(tr) == sign) & (tr != 0) for tr in trimmed]
+    num = sum(jnp.where(a, tr, 0) for a, tr in zip(agree, trimmed))
+    cnt = sum(a.astype(p.dtype) for a in agree)
+    mean = jnp.where(cnt > 0, num / jnp.maximum(cnt, 1), 0)
+    return (p + jnp.asarray(alpha, p.dtype) * mean).astype(p0.dtype)
+
+
+@register_method("ties")
+def ties(pretrained, finetuned, flags, *, density=0.2, alpha=1.0):
+    """TIES-merging (Yadav et al., SPEC §3): trim to the top `density` of |τt| per model (global threshold, ties kept), elect signs, disjoint mean; θ* = θ0 + λ·mean."""
+    check_fraction("density", density)
+    _check_finite_scalar("alpha", alpha)
+    thresholds = []
+    for model in finetuned:
+        # keep n_keep = max(1, ⌊density·N + 1e-6⌋) largest: threshold = (N − n_keep)-th smallest
+        thr, _ = _global_threshold_bits(
+            pretrained, model, flags, lambda total: total - jnp.maximum(fraction_count(density, total), 1))
+        thresholds.append(thr if thr is not None else jnp.int32(0))
+    thresholds = jnp.stack(thresholds)
+    return map_merged_leaves(lambda i, p0, fts: _ties_leaf(p0, tuple(fts), thresholds, alpha),
+                             pretrained, finetuned, flags)
+
+
+def _validate_fishers(pretrained, fishers, name):
+    if fishers is None:
+        raise HyperparameterError(f"{name} needs `fishers`: one diagonal-Fisher tree per fine-tuned model")
+    fishers = list(fishers)
+    validate_models(pretrained, fishers, what=f"{name} Fisher tree", check_dtype=False)
+    check_finite(fishers, [f"Fisher tree {t}" for t in range(len(fishers))])
+    for t, tree in enumerate(fishers):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if not isinstance(leaf, jax.core.Tracer) and np.issubdtype(np.asarray(leaf).dtype, np.number) \
+                    and np.any(np.asarray(leaf) < 0):
+                raise HyperparameterError(f"Fisher tree {t}, key path {keystr(path)!r}: negative entries "
+                                          "(a diagonal Fisher is non-negative)")
+    return fishers
+
+
+@jax.jit
+def _fisher_leaf(p0, fts, fs, weights, eps):
+    p = _upcast(p0, p0)
+    wf = [weights[t].astype(p.dtype) * jnp.maximum(_upcast(f, p0), eps) for t, f in enumerate(fs)]
+    num = sum(w * _upcast(ft, p0) for w, ft in zip(wf, fts))
+    den = sum(wf)
+    plain = sum(_upcast(ft, p0) for ft in fts) / len(fts)
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), plain).astype(p0.dtype)
+
+
+@register_method("fisher")
+def fisher(pretrained, finetuned, flags, *, fishers=None, weights=None, eps=1e-6):
+    """Fisher merging (Matena & Raffel): θ* = Σt λt Ft θt / Σt λt Ft per entry, F floored at eps; plain mean where Σ λt Ft = 0."""
+    fishers = _validate_fishers(pretrained, fishers, "fisher")
+    if len(fishers) != len(finetuned):
+        raise TreeMismatchError(f"fisher: {len(fishers)} Fisher trees for {len(finetuned)} fine-tuned models")
+    w = _per_task(1.0 if weights is None else weights, len(finetuned), "weights")
+    if not isinstance(w, jax.core.Tracer) and np.any(np.asarray(w) < 0):
+        raise HyperparameterError(f"fisher: weights must be non-negative, got {np.asarray(w).tolist()}")
+    if is_scalar_like(eps) and not isinstance(eps, jax.core.Tracer) and not eps >= 0:
+        raise HyperparameterError(f"fisher: eps must be >= 0, got {eps}")
+    return map_merged_leaves(lambda i, p0, fts, fs: _fisher_leaf(p0, tuple(fts), tuple(fs), w, jnp.float32(eps)),
+                             pretrained, finetuned, flags, fishers)
+
+
+@jax.jit
+def _gradient_matching_leaf(p0, fts, hs, alphas, h0):
+    p = _upcast(p0, p0)
+    h0 = jnp.broadcast_to(_upcast(h0, p0), p.shape)
+    hs = [_upcast(h, p0) for h in hs]
+    hbar = h0 + sum(alphas[t].astype(p.dtype) * h for t, h in enumerate(hs))
+    safe = jnp.where(hbar > 0, hbar, 1)
+    acc = jnp.zeros_like(p)
+    for t, (ft, h) in enumerate(zip(fts, hs)):
+        coef = jnp.where(hbar > 0, (h0 + h) / safe, 1.0)  # 0/0 → task arithmetic
+        acc = acc + alphas[t].astype(p.dtype) * coef * (_upcast(ft, p0) - p)
+    return (p + acc).astype(p0.dtype)
+
+
+@register_method("gradient_matching")
+def gradient_matching(pretrained, finetuned, flags, *, fishers=None, alpha=1.0, h0=1.0, dataset_sizes=None):
+    """Gradient matching (Daheim et al., eq. 10, diagonal): θ* = θ0 + Σt αt (H0+Ht)/H̄ τt, H̄ = H0 + Σt αt Ht."""
+    fishers = _validate_fishers(pretrained, fishers, "gradient_matching")
+    if len(fishers) != len(finetuned):
+        raise TreeMismatchError(f"gradient_matching: {len(fishers)} Fisher trees for {len(finetuned)} fine-tuned models")
+    _check_finite_scalar("alpha", alpha)
+    alphas = _per_task(alpha, len(finetuned), "alpha")
+    if dataset_sizes is not None:
+        sizes = _per_task(dataset_sizes, len(finetuned), "dataset_sizes")
+        fishers = [jax.tree.map(lambda h, s=s: jnp.asarray(h) * s, f) for f, s in zip(fishers, sizes)]
+    if is_scalar_like(h0):
+        _check_finite_scalar("h0", h0)
+        if not isinstance(h0, jax.core.Tracer) and float(h0) < 0:
+            raise HyperparameterError(f"gradient_matching: h0 must be >= 0, got {h0}")
+        h0_leaves = None
+    else:
+        validate_models(pretrained, [h0], what="gradient_matching h0 tree", check_dtype=False)
+        check_finite([h0], ["h0 tree"])
+        h0_leaves = jax.tree.leaves(h0)
+
+    def leaf(i, p0, fts, hs):
+        return _gradient_matching_leaf(p0, tuple(fts), tuple(hs), alphas, h0 if h0_leaves is None else h0_leaves[i])
+
+    return map_merged_leaves(leaf, pretrained, finetuned, flags, fishers)

@@ -1,0 +1,182 @@
+"""Pytree plumbing: key paths, which leaves take part in a merge, validation, task vectors.
+
+SPEC §1: a *leaf* is one array; only floating leaves take part in a merge; integer and
+boolean leaves, and leaves excluded by the user's filter (a regex on the '/'-joined key
+path), are copied from θ0. Merged leaves are computed in (at least) float32 and returned
+in the dtype of the θ0 leaf.
+
+Nothing in this module knows about models or data.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bcjax.errors import EmptyModelListError, NonFiniteError, TreeMismatchError
+
+PyTree = Any
+LeafFilter = Callable[[str, Any], bool]
+
+__all__ = [
+    "keystr",
+    "leaf_paths",
+    "is_floating",
+    "compute_dtype",
+    "make_leaf_filter",
+    "merged_leaf_flags",
+    "validate_models",
+    "check_finite",
+    "is_tracing",
+    "task_vector",
+    "apply_task_vector",
+]
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def keystr(path) -> str:
+    """'/'-joined key path, e.g. ``params/encoder/layer_0/kernel`` (SPEC §1 filters match this)."""
+    return "/".join(_key_name(k) for k in path)
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+    """The '/'-joined key path of every leaf, in ``jax.tree.leaves`` order."""
+    return [keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def is_floating(leaf) -> bool:
+    return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """float32 for 16-bit floats (SPEC §1 upcast), the dtype itself for float32/float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def make_leaf_filter(exclude: str | Sequence[str] | LeafFilter | None = None) -> LeafFilter:
+    """Predicate ``(path, leaf) -> bool``: True for leaves that take part in a merge.
+
+    A leaf takes part iff it is floating and its '/'-joined key path matches none of the
+    ``exclude`` regexes (``re.search`` semantics). ``exclude`` may also be a callable
+    ``(path, leaf) -> bool`` returning True for leaves to *exclude*.
+    """
+    if exclude is None:
+        excluded = lambda path, leaf: False  # noqa: E731
+    elif callable(exclude):
+        excluded = exclude
+    else:
+        patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+        try:
+            compiled = [re.compile(p) for p in patterns]
+        except re.error as e:
+            raise ValueError(f"invalid leaf-filter regex {e.pattern!r}: {e}") from None
+        excluded = lambda path, leaf: any(c.search(path) for c in compiled)  # noqa: E731
+    return lambda path, leaf: is_floating(leaf) and not excluded(path, leaf)
+
+
+def merged_leaf_flags(tree: PyTree, exclude=None) -> list[bool]:
+    """One bool per leaf (``jax.tree.leaves`` order): does it take part in the merge?"""
+    keep = make_leaf_filter(exclude)
+    return [bool(keep(keystr(p), x)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def is_tracing() -> bool:
+    """True inside a JAX transformation (jit, vmap, grad...), where values can't be inspected."""
+    try:
+        from jax._src import core as _core
+
+        return not _core.trace_state_clean()
+    except (ImportError, AttributeError):  # pragma: no cover - private API moved
+        return False
+
+
+def validate_models(pretrained: PyTree, finetuned: Sequence[PyTree], *, what: str = "fine-tuned model",
+                    check_dtype: bool = True) -> None:
+    """Raise :class:`TreeMismatchError` unless every tree in ``finetuned`` has the
+    structure, shapes (and dtypes) of ``pretrained``; the message names the model index
+    and the first offending key path (SPEC §1)."""
+    if isinstance(finetuned, (dict,)) or not isinstance(finetuned, Sequence):
+        raise TypeError(f"expected a sequence (list/tuple) of {what} trees, got {type(finetuned).__name__}")
+    if len(finetuned) == 0:
+        raise EmptyModelListError(f"no {what}s given: merging needs at least one")
+    ref, ref_def = jax.tree_util.tree_flatten_with_path(pretrained)
+    ref_paths = [keystr(p) for p, _ in ref]
+    for t, tree in enumerate(finetuned):
+        got, got_def = jax.tree_util.tree_flatten_with_path(tree)
+        if got_def != ref_def:
+            got_paths = [keystr(p) for p, _ in got]
+            missing = [p for p in ref_paths if p not in set(got_paths)]
+            extra = [p for p in got_paths if p not in set(ref_paths)]
+            first = next((a for a, b in zip(ref_paths, got_paths) if a != b), None)
+            detail = (f"missing key path {missing[0]!r}" if missing else
+                      f"unexpected key path {extra[0]!r}" if extra else
+                      f"structure differs at key path {first!r}" if first else
+                      f"tree structure differs ({got_def} vs {ref_def})")
+            raise TreeMismatchError(f"{what} {t}: {detail} (tree structure must equal the pretrained model's)")
+        for path, (_, a), (_, b) in zip(ref_paths, ref, got):
+            if np.shape(a) != np.shape(b):
+                raise TreeMismatchError(
+                    f"{what} {t}, key path {path!r}: shape {tuple(np.shape(b))} != pretrained {tuple(np.shape(a))}")
+            if check_dtype and jnp.result_type(a) != jnp.result_type(b):
+                raise TreeMismatchError(
+                    f"{what} {t}, key path {path!r}: dtype {jnp.result_type(b)} != pretrained {jnp.result_type(a)}")
+
+
+@jax.jit
+def _all_finite(leaves):
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.zeros((0,), bool)
+
+
+def check_finite(trees: Sequence[PyTree], names: Sequence[str]) -> None:
+    """Raise :class:`NonFiniteError` naming the model and key path of the first floating
+    leaf that holds NaN or Inf. A no-op for traced values (inside ``jit`` values cannot be
+    inspected; validate eagerly before jitting, see README)."""
+    for tree, name in zip(trees, names):
+        flat = [(keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if is_floating(x)]
+        if not flat or is_tracing() or any(isinstance(x, jax.core.Tracer) for _, x in flat):
+            continue
+        ok = np.asarray(_all_finite([x for _, x in flat]))
+        if not ok.all():
+            path = flat[int(np.argmin(ok))][0]
+            raise NonFiniteError(f"{name}, key path {path!r}: contains NaN or Inf")
+
+
+def task_vector(finetuned: PyTree, pretrained: PyTree) -> PyTree:
+    """τ = θt − θ0, leaf by leaf.
+
+    Floating leaves are subtracted in :func:`compute_dtype` (float32 for bf16/fp16, so the
+    difference keeps its precision); non-floating leaves give zeros (a merge copies them
+    from θ0, SPEC §1).
+    """
+    validate_models(pretrained, [finetuned])
+
+    def sub(ft, pt):
+        if not is_floating(pt):
+            return jnp.zeros_like(pt)
+        dt = compute_dtype(jnp.result_type(pt))
+        return jnp.asarray(ft, dt) - jnp.asarray(pt, dt)
+
+    return jax.tree.map(sub, finetuned, pretrained)
+
+
+def apply_task_vector(pretrained: PyTree, tv: PyTree, alpha=1.0) -> PyTree:
+    """θ = θ0 + α τ on floating leaves (computed in float32 or wider, returned in θ0's
+    dtype); non-floating leaves are θ0's."""
+    validate_models(pretrained, [tv], what="task vector", check_dtype=False)
+
+    def add(pt, t):
+        if not is_floating(pt):
+            return pt
+        dt = compute_dtype(jnp.result_type(pt))
+        return (jnp.asarray(pt, dt) + jnp.asarray(alpha, dt) * jnp.asarray(t, dt)).astype(jnp.result_type(pt))
+
+    return jax.tree.map(add, pretrained, tv)
