@@ -380,6 +380,7 @@ class _PatchPlan:
     val_cells: int = 2
     min_cell_std: float = 0.02
     min_patch_std: float = 0.02
+    normalize_contrast: bool = False  # per-patch mean 0.5 / std 0.18: texture, not brightness
 
 
 _PREPARED: dict = {}
@@ -445,7 +446,11 @@ def _sample_patches(image_id: str, plan: _PatchPlan, split: str, n: int, res: in
             patch = np.rot90(patch, k=int(rng.integers(4)))
             if rng.integers(2):
                 patch = patch[:, ::-1]
-        out[t] = _to_uint8(_resize_one(np.ascontiguousarray(patch), res))
+        patch = _resize_one(np.ascontiguousarray(patch), res)
+        if plan.normalize_contrast:
+            patch = np.clip((patch - patch.mean()) * (0.18 / max(float(patch.std()), 1e-3)) + 0.5,
+                            0.0, 1.0)
+        out[t] = _to_uint8(patch)
     return out
 
 
@@ -476,7 +481,7 @@ def _make_patch_builder(plan: _PatchPlan) -> Builder:
 _TEXTURE_PLAN = _PatchPlan(
     image_ids=("skimage:brick", "skimage:grass", "skimage:gravel",
                "skimage:immunohistochemistry", "skimage:hubble_deep_field"),
-    grey=True, short_side=None, patch_px=(64, 128), augment_d4=True)
+    grey=True, short_side=None, patch_px=(64, 128), augment_d4=True, normalize_contrast=True)
 
 _PHOTO_PLAN = _PatchPlan(
     image_ids=("skimage:astronaut", "skimage:camera", "skimage:chelsea", "skimage:coffee",

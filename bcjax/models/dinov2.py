@@ -259,10 +259,9 @@ def _flax_path(torch_name: str) -> tuple[str, ...]:
     """``backbone.encoder.layer.3.mlp.fc1`` -> ``("encoder", "layer", "3", "mlp", "fc1")``."""
     if not torch_name.startswith(_BACKBONE + "."):
         raise Dinov2ConversionError(f"{torch_name!r} is not a backbone tensor")
-    name = torch_name[len(_BACKBONE) + 1:]
-    # transformers' Flax encoder nests layers as encoder/layer/<i> (FlaxDinov2LayerCollection).
-    name = re.sub(r"^encoder\.layer\.(\d+)\.", r"encoder.layer.\1.", name)
-    return tuple(name.split("."))
+    # PyTorch's encoder.layer.<i> (a ModuleList) and Flax's encoder/layer/<i>
+    # (FlaxDinov2LayerCollection with layers named "<i>") have the same components.
+    return tuple(torch_name[len(_BACKBONE) + 1:].split("."))
 
 
 def _named_initializer_entry(name: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
