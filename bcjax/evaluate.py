@@ -1,0 +1,92 @@
+"""Model-agnostic evaluation: batched jitted accuracy, many models per compiled call, and
+normalized accuracy (SPEC §4).
+
+An adapter supplies ``predict(params, inputs) -> logits``; nothing here knows the model.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["accuracy", "accuracy_of_stack", "normalized_accuracy", "stack_trees", "unstack_tree"]
+
+Predict = Callable[[Any, jax.Array], jax.Array]
+
+
+def _batches(n: int, batch_size: int):
+    for s in range(0, n, batch_size):
+        yield s, min(s + batch_size, n)
+
+
+def _padded(x: np.ndarray, size: int) -> np.ndarray:
+    if len(x) == size:
+        return x
+    pad = np.repeat(x[-1:], size - len(x), axis=0)
+    return np.concatenate([x, pad])
+
+
+def accuracy(predict: Predict, params: Any, inputs: np.ndarray, labels: np.ndarray, *, batch_size: int = 256,
+             jit_predict: Callable | None = None) -> float:
+    """Top-1 accuracy of one model. Batches are padded to a fixed size (one compilation)."""
+    if len(inputs) != len(labels):
+        raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+    if len(labels) == 0:
+        raise ValueError("accuracy of an empty evaluation set")
+    fn = jit_predict or jax.jit(lambda p, x: jnp.argmax(predict(p, x), axis=-1))
+    bs = min(batch_size, len(labels))
+    correct = 0
+    for s, e in _batches(len(labels), bs):
+        pred = np.asarray(fn(params, _padded(inputs[s:e], bs)))[: e - s]
+        correct += int((pred == labels[s:e]).sum())
+    return correct / len(labels)
+
+
+def stack_trees(trees: Sequence[Any]) -> Any:
+    """Stack equally-shaped pytrees along a new leading axis (models → one stacked tree)."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack_tree(tree: Any) -> list[Any]:
+    n = jax.tree.leaves(tree)[0].shape[0]
+    return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
+
+
+def accuracy_of_stack(predict: Predict, stacked_params: Any, inputs: np.ndarray, labels: np.ndarray, *,
+                      batch_size: int = 128, models_per_call: int = 4) -> np.ndarray:
+    """Accuracy of each of M models (``stacked_params`` has a leading axis M) on one data
+    set: ``models_per_call`` models are vmapped in one compiled call, so sweeps over many
+    merged models amortize dispatch; returns float[M]."""
+    m = jax.tree.leaves(stacked_params)[0].shape[0]
+    chunk = max(1, min(models_per_call, m))
+    bs = min(batch_size, len(labels))
+
+    @jax.jit
+    def correct_counts(params_chunk, x, y, valid):
+        logits = jax.vmap(lambda p: predict(p, x))(params_chunk)
+        return jnp.sum((jnp.argmax(logits, -1) == y[None]) & valid[None], axis=1)
+
+    out = np.zeros(m, np.int64)
+    for ms in range(0, m, chunk):
+        me = min(ms + chunk, m)
+        params_chunk = jax.tree.map(lambda x: _padded(x[ms:me], chunk) if isinstance(x, np.ndarray)
+                                    else jnp.concatenate([x[ms:me], jnp.repeat(x[me - 1:me], chunk - (me - ms), 0)])
+                                    if me - ms < chunk else x[ms:me], stacked_params)
+        for s, e in _batches(len(labels), bs):
+            valid = np.arange(bs) < (e - s)
+            counts = correct_counts(params_chunk, _padded(inputs[s:e], bs), _padded(labels[s:e], bs), valid)
+            out[ms:me] += np.asarray(counts)[: me - ms]
+    return out / len(labels)
+
+
+def normalized_accuracy(acc: Mapping[str, float], finetuned_acc: Mapping[str, float]) -> dict[str, float]:
+    """acc(merged, k) / acc(θk, k) per task (SPEC §4)."""
+    out = {}
+    for k, a in acc.items():
+        ref = finetuned_acc[k]
+        if ref <= 0:
+            raise ValueError(f"task {k!r}: fine-tuned accuracy is {ref}; normalized accuracy is undefined")
+        out[k] = a / ref
+    return out
