@@ -18,9 +18,10 @@ setup() {
     touch "$stamp"
   fi
   # Fashion-MNIST for the demo's offline suite ships as a Debian package.
-  if [ ! -d /usr/share/dataset-fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
-      || echo "note: could not install dataset-fashion-mnist (apt); the demo falls back to other sources" >&2
+      || echo "note: could not install the Debian package dataset-fashion-mnist; the fashion_mnist task" \
+              "then needs tensorflow-datasets and a network (or set BCJAX_FASHION_MNIST_DIR)" >&2
   fi
 }
 

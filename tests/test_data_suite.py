@@ -288,6 +288,10 @@ def test_task_rejects_malformed_splits():
         Task("t", ("a", "b"), {"train": (x, y), "test": (x, y)})
     with pytest.raises(BcjaxError):
         Task("t", ("a", "b"), {"train": (x, y), "val": (x[..., :1], y), "test": (x, y)})
+    with pytest.raises(BcjaxError, match="labels outside"):
+        Task("t", ("a", "b"), {"train": (x, y + 2), "val": (x, y), "test": (x, y)})
+    t = Task("t", ("a", "b"), {"train": (x, y), "val": (x, y), "test": (x, y)})
+    assert t.num_classes == 2 and t.resolution == 28 and "sizes" in repr(t)
 
 
 # --------------------------------------------------------------------------------------
@@ -347,3 +351,12 @@ def test_cache_one_file_per_request_and_cache_root(tmp_path):
     other = tmp_path / "elsewhere"
     load_task("digits", resolution=RES, **CAPS, cache_root=other)
     assert len(list(other.iterdir())) == 1
+
+
+def test_unwritable_cache_warns_and_still_loads(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("BCJAX_CACHE", str(blocker))  # <file>/data cannot be created
+    with pytest.warns(RuntimeWarning, match="not caching"):
+        t = load_task("digits", resolution=RES, **CAPS)
+    assert t.sizes == {"train": 50, "val": 20, "test": 30}
