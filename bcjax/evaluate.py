@@ -5,6 +5,7 @@ An adapter supplies ``predict(params, inputs) -> logits``; nothing here knows th
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -28,19 +29,28 @@ def _padded(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, pad])
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _correct(predict, params, x, y, valid, args):
+    return jnp.sum((jnp.argmax(predict(params, x, *args), -1) == y) & valid)
+
+
 def accuracy(predict: Predict, params: Any, inputs: np.ndarray, labels: np.ndarray, *, batch_size: int = 256,
-             jit_predict: Callable | None = None) -> float:
-    """Top-1 accuracy of one model. Batches are padded to a fixed size (one compilation)."""
+             predict_args: tuple = ()) -> float:
+    """Top-1 accuracy of one model; ``predict(params, x, *predict_args) -> logits``.
+
+    Batches are padded to a fixed size and ``predict_args`` (e.g. a task's head) are traced,
+    so every call with the same shapes shares one compilation.
+    """
     if len(inputs) != len(labels):
         raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
     if len(labels) == 0:
         raise ValueError("accuracy of an empty evaluation set")
-    fn = jit_predict or jax.jit(lambda p, x: jnp.argmax(predict(p, x), axis=-1))
-    bs = min(batch_size, len(labels))
+    bs = batch_size  # fixed (last batch padded): every set size shares one compilation
     correct = 0
     for s, e in _batches(len(labels), bs):
-        pred = np.asarray(fn(params, _padded(inputs[s:e], bs)))[: e - s]
-        correct += int((pred == labels[s:e]).sum())
+        valid = np.arange(bs) < (e - s)
+        correct += int(_correct(predict, params, _padded(inputs[s:e], bs), _padded(labels[s:e], bs), valid,
+                                tuple(predict_args)))
     return correct / len(labels)
 
 
@@ -55,30 +65,35 @@ def unstack_tree(tree: Any) -> list[Any]:
 
 
 def accuracy_of_stack(predict: Predict, stacked_params: Any, inputs: np.ndarray, labels: np.ndarray, *,
-                      batch_size: int = 128, models_per_call: int = 4) -> np.ndarray:
+                      batch_size: int = 128, models_per_call: int = 4, predict_args: tuple = ()) -> np.ndarray:
     """Accuracy of each of M models (``stacked_params`` has a leading axis M) on one data
     set: ``models_per_call`` models are vmapped in one compiled call, so sweeps over many
     merged models amortize dispatch; returns float[M]."""
     m = jax.tree.leaves(stacked_params)[0].shape[0]
     chunk = max(1, min(models_per_call, m))
-    bs = min(batch_size, len(labels))
-
-    @jax.jit
-    def correct_counts(params_chunk, x, y, valid):
-        logits = jax.vmap(lambda p: predict(p, x))(params_chunk)
-        return jnp.sum((jnp.argmax(logits, -1) == y[None]) & valid[None], axis=1)
-
+    bs = batch_size
     out = np.zeros(m, np.int64)
     for ms in range(0, m, chunk):
         me = min(ms + chunk, m)
-        params_chunk = jax.tree.map(lambda x: _padded(x[ms:me], chunk) if isinstance(x, np.ndarray)
-                                    else jnp.concatenate([x[ms:me], jnp.repeat(x[me - 1:me], chunk - (me - ms), 0)])
-                                    if me - ms < chunk else x[ms:me], stacked_params)
+        params_chunk = jax.tree.map(lambda x: _pad_models(x[ms:me], chunk), stacked_params)
         for s, e in _batches(len(labels), bs):
             valid = np.arange(bs) < (e - s)
-            counts = correct_counts(params_chunk, _padded(inputs[s:e], bs), _padded(labels[s:e], bs), valid)
+            counts = _correct_stack(predict, params_chunk, _padded(inputs[s:e], bs), _padded(labels[s:e], bs), valid,
+                                    tuple(predict_args))
             out[ms:me] += np.asarray(counts)[: me - ms]
     return out / len(labels)
+
+
+def _pad_models(x, size):
+    if x.shape[0] == size:
+        return x
+    return jnp.concatenate([jnp.asarray(x), jnp.repeat(jnp.asarray(x)[-1:], size - x.shape[0], 0)])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _correct_stack(predict, params_chunk, x, y, valid, args):
+    logits = jax.vmap(lambda p: predict(p, x, *args))(params_chunk)
+    return jnp.sum((jnp.argmax(logits, -1) == y[None]) & valid[None], axis=1)
 
 
 def normalized_accuracy(acc: Mapping[str, float], finetuned_acc: Mapping[str, float]) -> dict[str, float]:

