@@ -26,7 +26,8 @@ def subset_curves(curves: Mapping[str, Mapping[int, float]], path: str, *, title
     for name, curve in curves.items():
         ks = sorted(int(k) for k in curve)
         ax.plot(ks, [100 * curve[k] if k in curve else 100 * curve[str(k)] for k in ks], marker="o", label=name)
-    ax.set_xlabel("number of merged tasks")
+    ax.set_xticks(sorted({int(k) for c in curves.values() for k in c}))
+    ax.set_xlabel("number of merged tasks (0 = pretrained)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -44,13 +45,14 @@ def cosine_heatmaps(matrices: Mapping[str, np.ndarray], tasks: Sequence[str], pa
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
     vmax = max(float(np.max(np.abs(m - np.eye(len(m))))) for m in matrices.values()) or 1.0
     for ax, (name, m) in zip(axes[0], matrices.items()):
-        im = ax.imshow(m, vmin=-vmax, vmax=vmax, cmap="coolwarm")
+        shown = np.where(np.eye(len(m), dtype=bool), np.nan, m)  # the diagonal (1) would swamp the scale
+        im = ax.imshow(shown, vmin=-vmax, vmax=vmax, cmap="coolwarm")
         ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(tasks)), tasks, fontsize=7)
         for i in range(len(tasks)):
             for j in range(len(tasks)):
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6)
-        ax.set_title(name)
+        ax.set_title(f"{name}: cos(τi, τj)")
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
