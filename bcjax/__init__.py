@@ -3,7 +3,7 @@
 The core (this namespace) is pure functions over pytrees; see ../shared/SPEC.md for the
 exact semantics every function follows.
 """
-from bcjax import errors, evaluate
+from bcjax import errors
 from bcjax.masks import breadcrumbs_from_mergekit, breadcrumbs_from_official, breadcrumbs_mask
 from bcjax.merging import MergeMethod, get_method, map_merged_leaves, merge, methods, register_method
 from bcjax.tree import (apply_task_vector, keystr, leaf_paths, make_leaf_filter, task_vector,

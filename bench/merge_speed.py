@@ -108,7 +108,7 @@ def main(argv=None):
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
         print(f"{impl:24s} {rows[-1]['median_s']:8.3f} s   peak RSS {rows[-1]['peak_rss_bytes'] / 2**30:6.2f} GiB", flush=True)
     ta = next((r["median_s"] for r in rows if r["impl"] == "bcjax_task_arithmetic"), None)
-    lines = [f"| implementation | median (s) | × task arithmetic | peak RSS (GiB) | peak − inputs (models) |",
+    lines = ["| implementation | median (s) | × task arithmetic | peak RSS (GiB) | peak − inputs (models) |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
         ratio = f"{r['median_s'] / ta:.1f}" if ta else "–"

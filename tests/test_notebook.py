@@ -1,5 +1,4 @@
 """The notebook executes end to end in quick mode (it reuses the quick demo's cache)."""
-import os
 import pathlib
 
 import nbformat

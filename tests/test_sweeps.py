@@ -1,5 +1,4 @@
 """Subset contraction equals per-subset merges from the core API; curves; cosine similarity."""
-import jax
 import numpy as np
 import pytest
 
