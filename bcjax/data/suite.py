@@ -75,6 +75,7 @@ Public API: :class:`Task`, :data:`SUITE_TASKS`, :data:`TASK_INFO`, :func:`load_t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -814,10 +815,8 @@ def _write_cache(path: Path, arrays: dict, meta: str) -> None:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is not secret
         os.replace(tmp, path)
     except BaseException as e:
-        try:
+        with contextlib.suppress(OSError):  # best-effort removal of the partial temp file
             os.unlink(tmp)
-        except OSError:
-            pass
         if isinstance(e, OSError):  # e.g. disk full: the data are fine, only not cached
             warnings.warn(f"bcjax.data: cannot write cache file {path} ({e}); not caching",
                           RuntimeWarning, stacklevel=3)
