@@ -38,6 +38,7 @@ __all__ = [
     "linear_count",
     "breadcrumbs_counts",
     "breadcrumbs_threshold_bits",
+    "mask_from_counts",
     "breadcrumbs_leaf_mask",
     "breadcrumbs_row_mask",
     "breadcrumbs_mask",
@@ -134,15 +135,20 @@ def breadcrumbs_threshold_bits(bits: jax.Array, n_bot, n_top):
     return lo, hi
 
 
+def mask_from_counts(tau: jax.Array, n_bot, n_top) -> jax.Array:
+    """keep ⇔ lo ≤ |τ| < hi for one non-empty leaf, given its SPEC §2 counts (traceable)."""
+    bits = order_stats.magnitude_bits(tau)
+    lo, hi = breadcrumbs_threshold_bits(bits, n_bot, n_top)
+    return (bits >= lo) & (bits < hi)
+
+
 def breadcrumbs_leaf_mask(tau: jax.Array, beta, gamma) -> jax.Array:
     """Boolean mask of one leaf (``granularity="tensor"``, SPEC §2)."""
     tau = jnp.asarray(tau)
     if tau.size == 0:
         return jnp.zeros(tau.shape, bool)
-    bits = order_stats.magnitude_bits(tau)
     n_bot, n_top = breadcrumbs_counts(tau.size, beta, gamma)
-    lo, hi = breadcrumbs_threshold_bits(bits, n_bot, n_top)
-    return (bits >= lo) & (bits < hi)
+    return _jit_mask_from_counts(tau, n_bot, n_top)
 
 
 def breadcrumbs_row_mask(tau: jax.Array, beta, gamma, axis: int) -> jax.Array:
@@ -204,26 +210,14 @@ def breadcrumbs_mask(task_vector: Any, beta, gamma, *, granularity: str = "tenso
         if not keep(p, leaf):
             return jnp.zeros(np.shape(leaf), bool)
         if granularity == "tensor":
-            return _jit_tensor_mask(leaf, beta, gamma)
+            return breadcrumbs_leaf_mask(leaf, beta, gamma)
         ax = axis(p, tuple(np.shape(leaf))) if callable(axis) else axis
         return breadcrumbs_row_mask(leaf, beta, gamma, ax)
 
     return jax.tree_util.tree_map_with_path(one, task_vector)
 
 
-@jax.jit
-def _tensor_mask_from_counts(tau, n_bot, n_top):
-    bits = order_stats.magnitude_bits(tau)
-    lo, hi = breadcrumbs_threshold_bits(bits, n_bot, n_top)
-    return (bits >= lo) & (bits < hi)
-
-
-def _jit_tensor_mask(tau, beta, gamma):
-    tau = jnp.asarray(tau)
-    if tau.size == 0:
-        return jnp.zeros(tau.shape, bool)
-    n_bot, n_top = breadcrumbs_counts(tau.size, beta, gamma)
-    return _tensor_mask_from_counts(tau, n_bot, n_top)
+_jit_mask_from_counts = jax.jit(mask_from_counts)
 
 
 def bernoulli_leaf_mask(key, keep, shape) -> jax.Array:

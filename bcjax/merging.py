@@ -27,9 +27,8 @@ import numpy as np
 
 from bcjax import order_stats
 from bcjax.errors import HyperparameterError, TreeMismatchError, UnknownMethodError
-from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask,
-                         breadcrumbs_threshold_bits, check_beta_gamma, check_fraction,
-                         fraction_count)
+from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask, check_beta_gamma,
+                         check_fraction, fraction_count, mask_from_counts)
 from bcjax.tree import (PyTree, check_finite, compute_dtype, is_tracing, keystr, merged_leaf_flags,
                         validate_models)
 
@@ -177,15 +176,15 @@ def _check_finite_scalar(name, value):
         raise HyperparameterError(f"{name} must be finite, got {np.asarray(value).tolist()}")
 
 
-@functools.partial(jax.jit, static_argnames=())
-def _weighted_task_sum(p0, fts, masks_or_none_scale, alphas):
-    """θ0 + Σt αt · st ⊙ τt with st given (or 1); the shared tail of the TA family."""
+@jax.jit
+def _weighted_task_sum(p0, fts, scales, alphas):
+    """θ0 + Σt αt · st ⊙ τt, ``scales`` stacked per task (None: st = 1); the TA family's kernel."""
     p = _upcast(p0, p0)
     acc = jnp.zeros_like(p)
     for t, ft in enumerate(fts):
         tau = _upcast(ft, p0) - p
-        if masks_or_none_scale is not None:
-            tau = tau * masks_or_none_scale[t]
+        if scales is not None:
+            tau = tau * scales[t]
         acc = acc + alphas[t].astype(p.dtype) * tau
     return (p + acc).astype(p0.dtype)
 
@@ -218,9 +217,7 @@ def _breadcrumbs_tensor_leaf(p0, fts, alphas, n_bot, n_top):
     acc = jnp.zeros_like(p)
     for t, ft in enumerate(fts):
         tau = _upcast(ft, p0) - p
-        bits = order_stats.magnitude_bits(tau)
-        lo, hi = breadcrumbs_threshold_bits(bits, n_bot, n_top)
-        acc = acc + jnp.where((bits >= lo) & (bits < hi), alphas[t].astype(p.dtype) * tau, 0)
+        acc = acc + jnp.where(mask_from_counts(tau, n_bot, n_top), alphas[t].astype(p.dtype) * tau, 0)
     return (p + acc).astype(p0.dtype)
 
 
