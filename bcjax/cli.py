@@ -1,4 +1,4 @@
-"""Command line: ``bcjax demo`` (and friends). The CLI only wires; the work is elsewhere."""
+"""Command line: ``bcjax demo|finetune|eval|sweep|methods``. The CLI only wires; the work is elsewhere."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,51 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _load(args) -> dict:
+    from bcjax.config import load_config
+
+    return load_config(args.config, args.set or ())
+
+
+def _print_summary(summary: dict) -> None:
+    import json
+
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+
+def _cmd_finetune(args) -> int:
+    cfg = _load(args)
+    from bcjax.pipelines import get_pipeline
+
+    _enable_compile_cache(_cache_root(args))
+    _print_summary(get_pipeline(cfg).finetune(cfg, out_dir=args.out, progress=not args.no_progress))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    cfg = _load(args)
+    from bcjax.pipelines import get_pipeline
+
+    _enable_compile_cache(_cache_root(args))
+    _print_summary(get_pipeline(cfg).evaluate(cfg, out_dir=args.out, progress=not args.no_progress))
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    cfg = _load(args)
+    from bcjax.experiments import run_sweep
+
+    _enable_compile_cache(_cache_root(args))
+    _print_summary(run_sweep(cfg, out_dir=args.out, progress=not args.no_progress))
+    return 0
+
+
+def _cache_root(args) -> str:
+    from bcjax.models.dinov2 import default_cache_dir
+
+    return os.path.abspath(args.cache_dir) if args.cache_dir else str(default_cache_dir())
+
+
 def _cmd_methods(args) -> int:
     import bcjax
 
@@ -45,14 +90,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", default=None, help="cache folder (default $BCJAX_CACHE or ~/.cache/bcjax)")
     d.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
     d.set_defaults(fn=_cmd_demo)
+    for name, fn, what in (("finetune", _cmd_finetune, "fine-tune one model per task from a config (CLIP, T5)"),
+                           ("eval", _cmd_eval, "evaluate pretrained / fine-tuned / merged models from a config"),
+                           ("sweep", _cmd_sweep, "run a merging experiment (subsets, grids, ...) from a config")):
+        c = sub.add_parser(name, help=what)
+        c.add_argument("--config", required=True, help="YAML file (see configs/)")
+        c.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config entry, e.g. --set train.steps=100 (repeatable)")
+        c.add_argument("--out", default=f"{name}_out", help="output folder")
+        c.add_argument("--cache-dir", default=None, help="cache folder (default $BCJAX_CACHE or ~/.cache/bcjax)")
+        c.add_argument("--no-progress", action="store_true", help="no progress bars")
+        c.set_defaults(fn=fn)
     m = sub.add_parser("methods", help="list merge methods and their hyper-parameters")
     m.set_defaults(fn=_cmd_methods)
     return p
 
 
 def main(argv=None) -> int:
+    from bcjax.errors import BcjaxError
+
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except BcjaxError as e:  # bad input: one clear line, no traceback
+        print(f"bcjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
