@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["subset_curves", "cosine_heatmaps", "per_task_bars", "grid_heatmap"]
+__all__ = ["subset_curves", "cosine_heatmaps", "per_task_bars", "grid_heatmap", "violins"]
 
 
 def _plt():
@@ -44,7 +44,7 @@ def cosine_heatmaps(matrices: Mapping[str, np.ndarray], tasks: Sequence[str], pa
     n = len(matrices)
     fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
     vmax = max(float(np.max(np.abs(m - np.eye(len(m))))) for m in matrices.values()) or 1.0
-    for ax, (name, m) in zip(axes[0], matrices.items()):
+    for ax, (name, m) in zip(axes[0], matrices.items(), strict=True):
         shown = np.where(np.eye(len(m), dtype=bool), np.nan, m)  # the diagonal (1) would swamp the scale
         im = ax.imshow(shown, vmin=-vmax, vmax=vmax, cmap="coolwarm")
         ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=7)
@@ -83,6 +83,7 @@ def grid_heatmap(values: np.ndarray, rows: Sequence, cols: Sequence, path: str, 
     """Fig. 9-style heatmap of a score over a 2-D hyper-parameter grid."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1 + 0.9 * len(cols), 1 + 0.6 * len(rows)))
+    values = np.asarray(values, float)
     im = ax.imshow(values, cmap="viridis")
     ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
     ax.set_yticks(range(len(rows)), [f"{r:g}" for r in rows])
@@ -90,9 +91,33 @@ def grid_heatmap(values: np.ndarray, rows: Sequence, cols: Sequence, path: str, 
     ax.set_ylabel(row_label)
     for i in range(len(rows)):
         for j in range(len(cols)):
-            ax.text(j, i, f"{100 * values[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w")
+            if np.isfinite(values[i, j]):  # NaN: no such grid point (e.g. beta > gamma)
+                ax.text(j, i, f"{100 * values[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w")
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def violins(distributions: Mapping[str, Sequence[float]], path: str, *, title: str = "",
+            ylabel: str = "avg normalized accuracy (%)") -> str:
+    """Fig. 7-style violins: one per masking variant (or method), the distribution of a score
+    over grid points or subsets; the points themselves are overlaid."""
+    plt = _plt()
+    names = [k for k, v in distributions.items() if len(v)]
+    fig, ax = plt.subplots(figsize=(1.5 + 1.4 * len(names), 4))
+    data = [100 * np.asarray(distributions[k], float) for k in names]
+    multi = [i for i, d in enumerate(data) if len(d) > 1]
+    if multi:
+        ax.violinplot([data[i] for i in multi], positions=multi, showmedians=True)
+    for i, d in enumerate(data):
+        ax.scatter(np.full(len(d), i) + np.linspace(-0.08, 0.08, len(d)), d, s=8, color="k", alpha=0.6, zorder=3)
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
