@@ -1,0 +1,190 @@
+"""Experiments as compiled programs (SPEC §4): subset contraction = core merges, validation-free
+tuning never reads test, resume after a killed sweep, class splits, CLI end to end."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import bcjax
+from bcjax import experiments as E
+from bcjax.evaluate import unstack_tree
+from bcjax.results_store import ResultsStore
+
+SUITE = {"name": "synthetic", "tasks": 4, "steps": 30}
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return E.model_suite({"suite": SUITE}, cache_dir="unused", progress=False)
+
+
+@pytest.fixture(scope="module")
+def split_suite():
+    return E.model_suite({"suite": {"name": "synthetic", "classes": 6, "classes_per_task": 2, "steps": 30}},
+                         cache_dir="unused", progress=False)
+
+
+class Recorder:
+    """Wraps a suite's evaluate: records (split, task, models) and can die after N calls."""
+
+    def __init__(self, evaluate, die_after=None):
+        self.evaluate, self.die_after, self.calls = evaluate, die_after, []
+
+    def __call__(self, stacked, task, split):
+        if self.die_after is not None and len(self.calls) >= self.die_after:
+            raise KeyboardInterrupt("simulated kill")
+        self.calls.append((split, task, jax.tree.leaves(stacked)[0].shape[0]))
+        return self.evaluate(stacked, task, split)
+
+
+def test_fine_tunes_help(suite):
+    from bcjax.evaluate import stack_trees
+
+    for t, ft in zip(suite.tasks, suite.finetuned, strict=True):
+        acc = suite.evaluate(stack_trees([suite.pretrained, ft]), t, "val")
+        assert acc[1] > acc[0] + 0.1, (t, acc)
+
+
+@pytest.mark.parametrize("method,hp", [("breadcrumbs", dict(alpha=0.4, beta=0.8, gamma=0.99)),
+                                       ("task_arithmetic", dict(alpha=0.4)), ("ties", dict(density=0.3, alpha=1.0))])
+def test_subset_builder_equals_core_merges(suite, method, hp):
+    """The merged models the sweep evaluates are the core API's merges of each subset."""
+    from bcjax import sweeps
+
+    ind = sweeps.all_subsets(len(suite.tasks))
+    build = E._method_builder(suite, method, hp, ind)
+    idx = np.array([0, 3, 7, 15])
+    for j, tree in enumerate(unstack_tree(build(idx))):
+        members = [f for f, on in zip(suite.finetuned, ind[idx[j]], strict=True) if on]
+        expect = bcjax.merge(method, suite.pretrained, members, **hp) if members else suite.pretrained
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(expect), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_grid_builder_equals_core_merges_exactly(suite):
+    from bcjax import grids, sweeps
+
+    pairs = grids.beta_gamma_pairs([0.0, 0.7], [0.95, 1.0])
+    points = [(a, b, g) for b, g in pairs for a in (0.5, 1.0)]
+    rows = np.tile(sweeps.all_subsets(4, [2]), (len(points), 1))[: len(points)]
+    build = E._grid_builder(suite, pairs, points, rows, np.arange(len(points)))
+    for j, tree in enumerate(unstack_tree(build(np.arange(len(points))))):
+        a, b, g = points[j]
+        members = [f for f, on in zip(suite.finetuned, rows[j], strict=True) if on]
+        expect = bcjax.merge("breadcrumbs", suite.pretrained, members, alpha=a, beta=b, gamma=g)
+        for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(expect), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_validation_free_never_reads_test(suite):
+    rec = Recorder(suite.evaluate)
+    s = suite.with_evaluate(rec)
+    variants = {"breadcrumbs": {"betas": [0.5, 0.8], "gammas": [0.99]}, "task_arithmetic": {}}
+    # tuning alone with a data source that raises on any test access
+    def no_test(stacked, task, split):
+        if split == "test":
+            raise AssertionError("tuning touched the test split")
+        return suite.evaluate(stacked, task, split)
+
+    tuned = E.tune_validation_free(suite.with_evaluate(no_test), ResultsStore(None), tune_size=2,
+                                   alphas=[0.3, 1.0], betas=[0.5, 0.8], gammas=[0.99], progress=False)
+    assert tuned["beta"] in (0.5, 0.8) and len(tuned["grid"]) == 4
+    # the guard itself: a tuning evaluate asked for test raises
+    guarded = E.guard_splits(suite.evaluate, ("val",), "tuning")
+    with pytest.raises(E.SplitAccessError, match="test"):
+        guarded(jax.tree.map(lambda x: np.asarray(x)[None], suite.pretrained), suite.tasks[0], "test")
+    # the whole experiment: every val read happens before the first test read
+    res = E.validation_free_experiment(s, ResultsStore(None), tune_size=2, variants=variants, alphas=[0.3, 1.0],
+                                       progress=False)
+    splits = [c[0] for c in rec.calls]
+    first_test = splits.index("test")
+    assert "val" not in splits[first_test:] and "test" not in splits[:first_test]
+    bc = res["variants"]["breadcrumbs"]
+    assert bc["hparams"] == {k: tuned[k] for k in ("alpha", "beta", "gamma")}
+    assert sorted(bc["test_curve"]) == [2, 3, 4]
+    assert res["variants"]["task_arithmetic"]["hparams"]["beta"] == 0.0
+    assert res["variants"]["task_arithmetic"]["variant"] == "no mask"
+
+
+def test_resume_after_killed_sweep(suite, tmp_path):
+    path = tmp_path / "results.jsonl"
+    methods = [("breadcrumbs", dict(alpha=0.5, beta=0.8, gamma=0.99))]
+    killed = Recorder(suite.evaluate, die_after=4 + 4 * 2)  # refs (4 tasks) + 2 chunks of 4 tasks
+    with pytest.raises(KeyboardInterrupt):
+        E.subsets_experiment(suite.with_evaluate(killed), ResultsStore(path), methods=methods, chunk=4,
+                             progress=False)
+    done = len(ResultsStore(path))
+    assert done == 4 + 2 * 4  # 4 references + 2 finished chunks of 4 subsets
+    with open(path, "a") as f:
+        f.write('{"key": "cut off')  # a write cut off by the kill
+    rerun = Recorder(suite.evaluate)
+    with pytest.warns(RuntimeWarning, match="corrupt"):
+        store = ResultsStore(path)
+    res = E.subsets_experiment(suite.with_evaluate(rerun), store, methods=methods, chunk=4, progress=False)
+    evaluated = sum(m for _, _, m in rerun.calls) // len(suite.tasks)
+    assert evaluated == 16 - 8  # only the unfinished subsets, no reference recomputed
+    full = E.subsets_experiment(suite, ResultsStore(None), methods=methods, chunk=4, progress=False)
+    assert res["methods"]["breadcrumbs"]["all"] == full["methods"]["breadcrumbs"]["all"]
+    third = Recorder(suite.evaluate)
+    with pytest.warns(RuntimeWarning, match="corrupt"):  # the cut-off line stays, skipped again
+        store = ResultsStore(path)
+    E.subsets_experiment(suite.with_evaluate(third), store, methods=methods, chunk=4, progress=False)
+    assert third.calls == []
+
+
+def test_split_classes_and_subsets():
+    assert E.split_classes(6, 2) == [(0, 1), (2, 3), (4, 5)]
+    assert E.split_classes(4, 2, order=[3, 1, 0, 2]) == [(3, 1), (0, 2)]
+    with pytest.raises(ValueError, match="cannot be split"):
+        E.split_classes(5, 2)
+    with pytest.raises(ValueError, match="permutation"):
+        E.split_classes(4, 2, order=[0, 0, 1, 2])
+    x = np.arange(10)[:, None].astype(np.float32)
+    y = np.array([0, 1, 2, 3, 4, 0, 1, 2, 3, 4])
+    xs, ys = E.class_subset(x, y, (3, 1))
+    assert xs[:, 0].tolist() == [1, 3, 6, 8] and ys.tolist() == [1, 0, 1, 0]
+    assert E.prefix_indicator(3).tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+
+
+def test_class_split_incremental(split_suite):
+    s = split_suite
+    assert s.tasks == ("classes-0-1", "classes-2-3", "classes-4-5")
+    rec = Recorder(s.evaluate)
+    res = E.class_split_experiment(s.with_evaluate(rec), ResultsStore(None),
+                                   methods=[("task_arithmetic", dict(alpha=1.0)), ("ties", dict(density=0.5))],
+                                   chunk=3, progress=False)
+    steps = res["methods"]["task_arithmetic"]["steps"]
+    assert [sorted(st["acc"]) for st in steps] == [["classes-0-1"], ["classes-0-1", "classes-2-3"], list(s.tasks)]
+    # step 1 with alpha = 1 is the first fine-tune itself
+    assert steps[0]["avg_normalized_acc"] == pytest.approx(1.0)
+    assert {c[0] for c in rec.calls} == {"test"}
+    assert len(res["methods"]["ties"]["steps"]) == 3
+
+
+def test_cli_sweep_end_to_end(tmp_path):
+    cfg = tmp_path / "grid.yaml"
+    cfg.write_text("experiment: grid\nsuite: {name: synthetic, tasks: 3, steps: 20}\n"
+                   "alphas: [0.5, 1.0]\nbetas: [0.0, 0.8]\ngammas: [0.99, 1.0]\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "bcjax.cli", "sweep", "--config", str(cfg), "--out", str(out), "--no-progress",
+           "--cache-dir", str(tmp_path / "cache"), "--set", "alphas=[0.5,1.0]"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["experiment"] == "grid" and len(summary["points"]) == 2 * 4
+    assert {p["variant"] for p in summary["points"]} == {"no mask", "bottom-only", "top-only", "breadcrumbs"}
+    for png in ("grid_heatmap.png", "grid_violins.png"):
+        assert (out / png).stat().st_size > 5000
+    assert json.loads(proc.stdout)["best"] == summary["best"]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 3 + 8
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("experiment: nope\nsuite: {name: synthetic}\n")
+    proc = subprocess.run([*cmd[:5], str(bad), "--out", str(out)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "unknown experiment 'nope'" in proc.stderr
