@@ -188,3 +188,14 @@ def test_cli_sweep_end_to_end(tmp_path):
     proc = subprocess.run([*cmd[:5], str(bad), "--out", str(out)], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "unknown experiment 'nope'" in proc.stderr
+
+
+def test_sweep_speed_bench_smoke(tmp_path):
+    """bench/sweep_speed.py runs (tiny MLP) and writes its schema; not a timing test."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench import sweep_speed
+
+    assert sweep_speed.main(["--smoke", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "sweep_speed.json").read_text())
+    assert r["subsets"] == 8 and r["tasks"] == 3 and 0 < r["merge_share_of_sweep"] <= 1
+    assert "sweep total" in (tmp_path / "sweep_speed.md").read_text()
