@@ -63,6 +63,7 @@ def _cmd_sweep(args) -> int:
     from bcjax.experiments import run_sweep
 
     _enable_compile_cache(_cache_root(args))
+    cfg.setdefault("cache_dir", _cache_root(args))  # the model suite's fine-tunes and data live there too
     _print_summary(run_sweep(cfg, out_dir=args.out, progress=not args.no_progress))
     return 0
 

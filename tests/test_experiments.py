@@ -199,3 +199,21 @@ def test_sweep_speed_bench_smoke(tmp_path):
     r = json.loads((tmp_path / "sweep_speed.json").read_text())
     assert r["subsets"] == 8 and r["tasks"] == 3 and 0 < r["merge_share_of_sweep"] <= 1
     assert "sweep total" in (tmp_path / "sweep_speed.md").read_text()
+
+
+@pytest.mark.slow
+def test_dinov2_suite_subsets_and_cosine(demo_cache, tmp_path):
+    """The embedded DINOv2 suite through run_sweep (reuses the quick demo's cached fine-tunes
+    when tests/test_demo.py ran first in the session)."""
+    cfg = {"experiment": "subsets", "suite": {"name": "dinov2_demo", "preset": "quick",
+                                              "eval_examples": {"test": 16}},
+           "cache_dir": demo_cache, "sizes": [0, 1, 3], "models_per_call": 2,
+           "methods": [{"name": "breadcrumbs", "alpha": 0.3, "beta": 0.9, "gamma": 0.99}]}
+    s = E.run_sweep(cfg, out_dir=str(tmp_path / "subsets"), progress=False)
+    curve = s["methods"]["breadcrumbs"]["observed"]
+    assert sorted(curve) == ["0", "1", "3"] and all(0 < v < 1.5 for v in curve.values())
+    assert s["points_stored"] == 3 + 1 + 3 + 1
+    c = E.run_sweep({**cfg, "experiment": "cosine", "settings": [[0.9, 0.99]]}, out_dir=str(tmp_path / "cos"),
+                    progress=False)
+    m = np.array(c["matrices"]["raw task vectors"])
+    assert m.shape == (3, 3) and np.allclose(np.diag(m), 1, atol=1e-4)
