@@ -1,0 +1,326 @@
+"""T5 on GLUE, text-to-text: fine-tuning, evaluation and target-task improvement (SPEC §4–5).
+
+Config (``pipeline: t5``; see ``configs/t5_base_glue.yaml``)::
+
+    model:  {name: google-t5/t5-base, tokenizer: null, from_pt: null, dtype: float32}
+    data:   {tasks: [mrpc, rte, cola, sst2], data_dir: null, download: false, val_size: 0.1,
+             split_seed: 0, max_input_length: 256, truncation: truncate, max_examples: null}
+    train:  {steps, batch_size, learning_rate, weight_decay, warmup_steps, seeds: [0]}
+    eval:   {prediction: rank | generate | both, batch_size: 32, finetuned_dir: null}
+    target_task:   # optional, run by ``bcjax eval`` (paper Table 2)
+      aux_models: [hub names or paths of fine-tunes of the same base]
+      grids: {breadcrumbs: {alpha: [...], beta: [...], gamma: [...]}, task_arithmetic: {alpha: [...]}}
+
+``finetune`` trains one model per (task, seed) with :func:`bcjax.train.finetune` (AdamW,
+warm-up + cosine, jitted data-parallel step, orbax checkpoints with resume; dropout off) on
+the text-to-text cross-entropy, saves it under ``<out>/models/<task>_seed<s>`` and reports
+validation/test metrics. ``evaluate`` scores the pretrained model and those fine-tunes, and,
+with ``target_task``, runs :func:`target_task_experiment`.
+
+Prediction (every report names it): **rank** classification scores each label string by
+its summed token log-likelihood and takes the best; **generate** decodes greedily and maps
+the output to the label word it equals (anything else is wrong, class −1).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bcjax.config import ConfigError, get, require
+from bcjax.data import glue
+from bcjax.merging import merge
+from bcjax.models import t5 as t5m
+from bcjax.tree import apply_task_vector, task_vector
+
+__all__ = ["predict_classes", "evaluate_split", "finetune_task", "target_task_merge", "target_task_experiment",
+           "mean_and_stderr", "finetune", "evaluate"]
+
+PREDICTIONS = ("rank", "generate")
+
+
+# --------------------------------------------------------------------------- prediction
+def _batches(arrays: Mapping[str, np.ndarray], batch_size: int):
+    n = len(next(iter(arrays.values())))
+    for s in range(0, n, batch_size):
+        e = min(s + batch_size, n)
+        pad = batch_size - (e - s)  # fixed shapes: one compilation per split size
+        yield e - s, {k: np.concatenate([v[s:e], np.repeat(v[e - 1:e], pad, 0)]) if pad else v[s:e]
+                      for k, v in arrays.items()}
+
+
+def predict_classes(model, params, encoded: glue.Encoded, choices: tuple[np.ndarray, np.ndarray], *,
+                    method: str = "rank", batch_size: int = 32) -> np.ndarray:
+    """Predicted class index per example (into the task's label words) by ``method``:
+    ``"rank"`` (argmax of the label strings' sequence log-likelihoods, jitted and batched)
+    or ``"generate"`` (greedy decoding matched token-for-token to a label word, else −1)."""
+    if method not in PREDICTIONS:
+        raise ConfigError(f"prediction must be one of {PREDICTIONS}, got {method!r}")
+    fns = t5m.t5_functions(model)
+    choice_ids, choice_mask = (jnp.asarray(c) for c in choices)
+    out = []
+    for n, b in _batches({k: encoded.arrays[k] for k in ("input_ids", "attention_mask")}, batch_size):
+        if method == "rank":
+            scores = t5m.jit_rank_scores(fns, params, b["input_ids"], b["attention_mask"], choice_ids, choice_mask)
+            pred = np.asarray(jnp.argmax(scores, -1))
+        else:
+            gen = np.asarray(t5m.jit_greedy(fns, params, b["input_ids"], b["attention_mask"], choices[0].shape[1]))
+            match = np.all(gen[:, None, :] == np.asarray(choices[0])[None], axis=-1)  # [B, K]
+            pred = np.where(match.any(1), match.argmax(1), -1)
+        out.append(pred[:n])
+    return np.concatenate(out).astype(np.int64)
+
+
+def evaluate_split(model, params, tokenizer, split: glue.GlueSplit, *, prediction: str = "rank",
+                   max_input_length: int = 256, truncation: str = "truncate", batch_size: int = 32) -> dict:
+    """Metrics (×100) of one model on one split, with how it predicted and what it truncated."""
+    enc = glue.encode(split, tokenizer, max_input_length=max_input_length, truncation=truncation)
+    choices = glue.encode_choices(split.task, tokenizer)
+    methods = PREDICTIONS if prediction == "both" else (prediction,)
+    out: dict[str, Any] = {"n": len(split), "truncated": enc.num_truncated}
+    preds = {}
+    for m in methods:
+        preds[m] = predict_classes(model, params, enc, choices, method=m, batch_size=batch_size)
+        out[m] = glue.task_metrics(split.task, preds[m], split)
+    if len(preds) == 2:
+        out["rank_generate_agreement"] = 100 * float(np.mean(preds["rank"] == preds["generate"]))
+    out["prediction"] = prediction
+    return out
+
+
+# --------------------------------------------------------------------------- fine-tuning
+def finetune_task(model, params, tokenizer, train_split: glue.GlueSplit, train_cfg, *, max_input_length: int = 256,
+                  truncation: str = "truncate", checkpoint_dir: str | None = None, progress: bool = True, mesh=None,
+                  stop_after: int | None = None):
+    """Fine-tune on one task's training split (text-to-text cross-entropy) with
+    :func:`bcjax.train.finetune`; returns ``(FinetuneResult, Encoded)``."""
+    from bcjax.train import finetune as train_loop
+
+    enc = glue.encode(train_split, tokenizer, max_input_length=max_input_length, truncation=truncation)
+    data = {k: enc.arrays[k] for k in ("input_ids", "attention_mask", "labels", "label_mask")}
+    fns = t5m.t5_functions(model)
+    res = train_loop(fns.loss, params, data, train_cfg, checkpoint_dir=checkpoint_dir, mesh=mesh, progress=progress,
+                     description=f"t5 {train_split.task.name}", stop_after=stop_after)
+    return res, enc
+
+
+# --------------------------------------------------------------------------- target-task
+def target_task_merge(target: Any, base: Any, auxiliary: Sequence[Any], method: str, **hparams) -> Any:
+    """θ* = θ_target + Σ_aux (method's masked, scaled τ_aux), τ_aux = θ_aux − θ_base (SPEC §4,
+    paper Table 2). Generic over pytrees: the auxiliary task vectors are merged with
+    :func:`bcjax.merge` around a zero tree — so ``breadcrumbs`` gives α Σ m_t ⊙ τ_t and
+    ``task_arithmetic`` α Σ τ_t exactly — and the result is added to the target. With α = 0
+    the target is returned unchanged (bit for bit)."""
+    if not auxiliary:
+        raise glue.GlueDataError("target-task merge needs at least one auxiliary model")
+    taus = [task_vector(a, base) for a in auxiliary]  # validates trees against θ_base
+    zero = jax.tree.map(jnp.zeros_like, taus[0])
+    delta = merge(method, zero, taus, **hparams)
+    return apply_task_vector(target, delta, 1.0)
+
+
+def _grid(spec: Mapping[str, Sequence]) -> list[dict]:
+    keys = sorted(spec)
+    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(list(spec[k]) for k in keys))]
+
+
+def mean_and_stderr(values: Sequence[float]) -> dict:
+    """Mean and standard error (sample std / √n; 0 for one value)."""
+    v = np.asarray(values, np.float64)
+    se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
+    return {"mean": float(v.mean()), "stderr": se, "n": int(v.size), "values": [float(x) for x in v]}
+
+
+def target_task_experiment(base: Any, targets: Sequence[Any], auxiliary: Sequence[Any],
+                           score: Callable[[Any, str], float], grids: Mapping[str, Mapping[str, Sequence]],
+                           progress: Callable[[str], None] | None = None) -> dict:
+    """Paper Table 2 for one target task: for each seed's target model and each method,
+    pick the hyper-parameters maximizing ``score(params, "validation")`` over the grid,
+    then report ``score(params, "test")``; aggregated over seeds as mean ± standard error.
+
+    ``targets`` are the target fine-tunes (one per seed), ``auxiliary`` the auxiliary
+    fine-tunes of the same base. The fine-tuned target itself is the reference row.
+    """
+    rows: dict[str, dict] = {"finetuned": {"test": [], "validation": []}}
+    for m in grids:
+        rows[m] = {"test": [], "validation": [], "chosen": []}
+    for s, target in enumerate(targets):
+        rows["finetuned"]["validation"].append(score(target, "validation"))
+        rows["finetuned"]["test"].append(score(target, "test"))
+        for m, spec in grids.items():
+            best = None
+            for hp in _grid(spec):
+                merged = target_task_merge(target, base, auxiliary, m, **hp)
+                v = score(merged, "validation")
+                if progress:
+                    progress(f"seed {s} {m} {hp}: validation {v:.2f}")
+                if best is None or v > best[0]:
+                    best = (v, hp, merged)
+            rows[m]["validation"].append(best[0])
+            rows[m]["chosen"].append(best[1])
+            rows[m]["test"].append(score(best[2], "test"))
+    out = {}
+    for m, r in rows.items():
+        out[m] = {"test": mean_and_stderr(r["test"]), "validation": mean_and_stderr(r["validation"])}
+        if "chosen" in r:
+            out[m]["chosen"] = r["chosen"]
+    return out
+
+
+# --------------------------------------------------------------------------- config plumbing
+def _settings(config: dict) -> dict:
+    s = {
+        "model": get(config, "model.name", types=str),
+        "tokenizer": get(config, "model.tokenizer", None, types=(str, type(None))),
+        "from_pt": get(config, "model.from_pt", None, types=(bool, type(None))),
+        "dtype": get(config, "model.dtype", "float32", types=str),
+        "tasks": get(config, "data.tasks", types=list),
+        "data_dir": get(config, "data.data_dir", None, types=(str, type(None))),
+        "download": get(config, "data.download", False, types=bool),
+        "val_size": get(config, "data.val_size", 0.1, types=(int, float)),
+        "split_seed": get(config, "data.split_seed", 0, types=int),
+        "max_input_length": get(config, "data.max_input_length", 256, types=int),
+        "truncation": get(config, "data.truncation", "truncate", types=str),
+        "max_examples": get(config, "data.max_examples", None, types=(int, type(None))),
+        "prediction": get(config, "eval.prediction", "rank", types=str),
+        "eval_batch_size": get(config, "eval.batch_size", 32, types=int),
+        "seeds": get(config, "train.seeds", [get(config, "train.seed", 0, types=int)], types=list),
+    }
+    for t in s["tasks"]:
+        if t not in glue.TASKS:
+            raise ConfigError(f"{config.get('_source', '<config>')}: data.tasks: unknown GLUE task {t!r}; "
+                              f"supported: {sorted(glue.TASKS)}")
+    require(s["prediction"] in (*PREDICTIONS, "both"), config, f"eval.prediction must be rank, generate or both, "
+            f"got {s['prediction']!r}")
+    require(s["truncation"] in ("error", "truncate"), config, "data.truncation must be 'error' or 'truncate'")
+    require(s["max_input_length"] >= 2, config, "data.max_input_length must be >= 2")
+    for k in ("model", "data_dir", "tokenizer"):
+        if s[k] and not os.path.isabs(s[k]) and config.get("_source") and os.path.exists(
+                os.path.join(os.path.dirname(config["_source"]), s[k])):
+            s[k] = os.path.join(os.path.dirname(config["_source"]), s[k])  # relative to the config file
+    return s
+
+
+def _train_config(config: dict, seed: int):
+    from bcjax.train import TrainConfig
+
+    fields = {f for f in TrainConfig.__dataclass_fields__} - {"seed"}
+    kwargs = {k: v for k, v in (config.get("train") or {}).items() if k in fields}
+    try:
+        return TrainConfig(seed=seed, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{config.get('_source', '<config>')}: train: {e}") from None
+
+
+def _load(s: dict):
+    model, params = t5m.load_t5(s["model"], from_pt=s["from_pt"], dtype=s["dtype"])
+    return model, params, t5m.load_tokenizer(s["tokenizer"] or s["model"])
+
+
+def _splits(s: dict, task: str):
+    return glue.load_glue(task, data_dir=s["data_dir"], val_size=s["val_size"], seed=s["split_seed"],
+                          download=s["download"], max_examples=s["max_examples"])
+
+
+def _eval_kwargs(s: dict) -> dict:
+    return dict(prediction=s["prediction"], max_input_length=s["max_input_length"], truncation=s["truncation"],
+                batch_size=s["eval_batch_size"])
+
+
+def _model_dir(out_dir: str, task: str, seed: int) -> str:
+    return os.path.join(out_dir, "models", f"{task}_seed{seed}")
+
+
+def _write(out_dir: str, name: str, summary: dict) -> dict:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+    return summary
+
+
+def finetune(config: dict, *, out_dir: str, progress: bool = True) -> dict:
+    """``bcjax finetune``: one fine-tune per (task, seed); saves models and ``finetune.json``."""
+    s = _settings(config)
+    model, params0, tok = _load(s)
+    summary: dict[str, Any] = {"model": s["model"], "prediction": s["prediction"], "tasks": {}}
+    for task in s["tasks"]:
+        splits = _splits(s, task)
+        for seed in s["seeds"]:
+            cfg = _train_config(config, int(seed))
+            res, enc = finetune_task(model, params0, tok, splits["train"], cfg, max_input_length=s["max_input_length"],
+                                     truncation=s["truncation"], progress=progress,
+                                     checkpoint_dir=os.path.join(out_dir, "checkpoints", f"{task}_seed{seed}"))
+            params = jax.device_get(res.params)
+            model.save_pretrained(_model_dir(out_dir, task, seed), params=params)
+            tok.save_pretrained(_model_dir(out_dir, task, seed))
+            summary["tasks"][f"{task}_seed{seed}"] = {
+                "train": {"steps": cfg.steps, "first_loss": res.losses[0] if res.losses else None,
+                          "final_loss": res.losses[-1] if res.losses else None, "resumed_from": res.resumed_from,
+                          "n": len(splits["train"]), "truncated": enc.num_truncated},
+                **{sp: evaluate_split(model, params, tok, splits[sp], **_eval_kwargs(s))
+                   for sp in ("validation", "test")},
+            }
+    return _write(out_dir, "finetune.json", summary)
+
+
+def evaluate(config: dict, *, out_dir: str, progress: bool = True) -> dict:
+    """``bcjax eval``: the pretrained model and every saved fine-tune on validation and test;
+    with a ``target_task`` section, the target-task experiment. Writes ``eval.json``."""
+    s = _settings(config)
+    model, params0, tok = _load(s)
+    ft_dir = get(config, "eval.finetuned_dir", out_dir, types=str)
+    summary: dict[str, Any] = {"model": s["model"], "prediction": s["prediction"], "tasks": {}}
+    say = (lambda msg: print(f"[t5] {msg}", flush=True)) if progress else None
+    aux = _aux_models(config, model, params0)
+    for task in s["tasks"]:
+        splits = _splits(s, task)
+        entry: dict[str, Any] = {"pretrained": {sp: evaluate_split(model, params0, tok, splits[sp], **_eval_kwargs(s))
+                                                for sp in ("validation", "test")}}
+        targets = []
+        for seed in s["seeds"]:
+            path = _model_dir(ft_dir, task, seed)
+            if os.path.isdir(path):
+                _, p = t5m.load_t5(path, from_pt=False)
+                targets.append(p)
+                entry[f"seed{seed}"] = {sp: evaluate_split(model, p, tok, splits[sp], **_eval_kwargs(s))
+                                        for sp in ("validation", "test")}
+        if aux is not None:
+            if not targets:
+                raise ConfigError(f"{config.get('_source', '<config>')}: target_task needs fine-tuned {task} models "
+                                  f"in {os.path.join(ft_dir, 'models')} (run bcjax finetune first)")
+            method = "rank" if s["prediction"] == "both" else s["prediction"]
+            kw = {**_eval_kwargs(s), "prediction": method}
+
+            def score(p, sp, _splits=splits, _kw=kw):
+                return evaluate_split(model, p, tok, _splits[sp], **_kw)[_kw["prediction"]]["main"]
+
+            entry["target_task"] = {"prediction": method, "metric": glue.get_task(task).metrics[0],
+                                    **target_task_experiment(params0, targets, aux["params"], score, aux["grids"],
+                                                             progress=say)}
+        summary["tasks"][task] = entry
+    if aux is not None:
+        summary["aux_models"] = aux["names"]
+    return _write(out_dir, "eval.json", summary)
+
+
+def _aux_models(config: dict, model, params0) -> dict | None:
+    if "target_task" not in config:
+        return None
+    names = get(config, "target_task.aux_models", types=list)
+    grids = get(config, "target_task.grids", types=dict)
+    require(len(names) > 0, config, "target_task.aux_models is empty")
+    for m, spec in grids.items():
+        require(m in ("breadcrumbs", "task_arithmetic"), config,
+                f"target_task.grids: method {m!r} is not breadcrumbs or task_arithmetic")
+        require(isinstance(spec, dict) and all(isinstance(v, list) and v for v in spec.values()), config,
+                f"target_task.grids.{m} must map hyper-parameters to non-empty lists")
+    params = []
+    for name in names:
+        _, p = t5m.load_t5(name)
+        params.append(p)
+    return {"names": names, "params": params, "grids": grids}

@@ -1,0 +1,78 @@
+"""GLUE as text-to-text through tfds by name (no TensorFlow): splits, prompts, tokenization
+errors and truncation, and the numpy metrics against sklearn / scipy."""
+import dataclasses
+import sys
+
+import numpy as np
+import pytest
+from t5_fixtures import t5_loaded, t5_tiny  # noqa: F401  (fixtures)
+
+from bcjax.data import glue
+from bcjax.errors import BcjaxError
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_match_sklearn_and_scipy(seed):
+    from scipy.stats import spearmanr
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    gold = rng.integers(0, 2 + seed % 2, n)
+    pred = np.where(rng.random(n) < 0.6, gold, rng.integers(0, 2, n))
+    assert glue.accuracy(pred, gold) == pytest.approx(np.mean(pred == gold))
+    assert glue.matthews_corrcoef(pred, gold) == pytest.approx(matthews_corrcoef(gold, pred), abs=1e-12)
+    assert glue.f1_binary(pred, gold) == pytest.approx(f1_score(gold, pred, labels=[1], average="micro"), abs=1e-12)
+    x, y = np.round(rng.normal(size=n), 1), np.round(rng.normal(size=n), 1)  # with ties
+    assert glue.spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+    assert glue.matthews_corrcoef(np.ones(5), np.ones(5)) == 0.0  # undefined → 0, as sklearn
+
+
+def test_tasks_are_read_by_name_without_tensorflow(t5_tiny):  # noqa: F811
+    splits = glue.load_glue("mrpc", data_dir=t5_tiny["data_dir"], val_size=16, seed=0)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 48, "validation": 16, "test": 24}
+    assert "tensorflow" not in sys.modules
+    tr, va, te = splits["train"], splits["validation"], splits["test"]
+    assert not set(tr.idx) & set(va.idx) and sorted([*tr.idx, *va.idx]) == list(range(64))
+    assert list(te.idx) == list(range(24))  # GLUE validation is the test split
+    assert tr.inputs[0].startswith("mrpc sentence1: ") and " sentence2: " in tr.inputs[0]
+    assert set(tr.targets) <= {"not_equivalent", "equivalent"} and len(set(tr.labels)) == 2
+    again = glue.load_glue("mrpc", data_dir=t5_tiny["data_dir"], val_size=16, seed=0)
+    assert list(again["validation"].idx) == list(va.idx)  # deterministic
+    other = glue.load_glue("mrpc", data_dir=t5_tiny["data_dir"], val_size=16, seed=1)
+    assert list(other["validation"].idx) != list(va.idx)
+    st = glue.load_glue("stsb", data_dir=t5_tiny["data_dir"], val_size=0.25)["train"]
+    assert st.scores is not None and set(st.targets) <= set(glue.TASKS["stsb"].label_words)
+    np.testing.assert_allclose(st.labels * 0.2, np.round(st.scores / 0.2) * 0.2)
+
+
+def test_unknown_task_and_missing_data_are_clear_errors(tmp_path, t5_tiny):  # noqa: F811
+    with pytest.raises(glue.UnknownTaskError, match="unknown GLUE task 'qnli2'.*supported"):
+        glue.load_glue("qnli2", data_dir=t5_tiny["data_dir"])
+    with pytest.raises(glue.GlueDataError, match="glue/rte split 'train': not available"):
+        glue.load_glue("rte", data_dir=str(tmp_path))
+    with pytest.raises(glue.GlueDataError, match="val_size"):
+        glue.load_glue("rte", data_dir=t5_tiny["data_dir"], val_size=64)
+
+
+def test_encode_label_words_and_truncation(t5_tiny, t5_loaded):  # noqa: F811
+    _, _, tok = t5_loaded
+    split = glue.load_glue("rte", data_dir=t5_tiny["data_dir"], val_size=16)["train"]
+    enc = glue.encode(split, tok, max_input_length=64)
+    assert enc.num_truncated == 0 and enc.arrays["input_ids"].shape == (48, 64)
+    ids, mask = glue.encode_choices(split.task, tok)
+    np.testing.assert_array_equal(enc.arrays["labels"], ids[split.labels])
+    assert (ids[mask.astype(bool)] == tok.eos_token_id).sum() == 2  # every label word ends with </s>
+    short = enc.max_input_tokens - 3
+    with pytest.raises(glue.InputTooLongError, match=f"exceed max_input_length={short}.*example idx"):
+        glue.encode(split, tok, max_input_length=short, truncation="error")
+    cut = glue.encode(split, tok, max_input_length=short, truncation="truncate")
+    assert cut.num_truncated > 0 and cut.arrays["input_ids"].shape[1] == short
+    long_rows = np.flatnonzero(cut.arrays["attention_mask"].sum(1) == short)
+    assert (cut.arrays["input_ids"][long_rows, -1] == tok.eos_token_id).all()  # </s> kept
+    for words, what in ((("", "entailment"), "tokenizes to nothing"), (("@@@", "entailment"), "tokenizes to nothing"),
+                        (("entailment", "entailment"), "tokenize identically")):
+        bad = dataclasses.replace(split.task, label_words=words)
+        with pytest.raises(glue.LabelWordError, match=what):
+            glue.encode_choices(bad, tok)
+    assert issubclass(glue.LabelWordError, BcjaxError) and issubclass(glue.InputTooLongError, BcjaxError)
