@@ -1,0 +1,258 @@
+"""``pipeline: clip`` -- fine-tune CLIP's vision tower per task, then evaluate zero-shot,
+fine-tuned and merged models (SPEC §4–5). Driven by ``bcjax finetune|eval --config``.
+
+Config (see ``configs/clip_vit_b32.yaml``; every key but ``model.name`` and
+``data.tasks`` has a default)::
+
+    pipeline: clip
+    model: {name: openai/clip-vit-base-patch32, dtype: float32}
+    data: {tasks: [cars, dtd, ...], data_dir: null, gtsrb_dir: null, prepare: false, seed: 0,
+           max_train: null, max_eval: null, materialize_mb: 2048}
+    train: {steps: 2000, batch_size: 128, learning_rate: 1.0e-5, weight_decay: 0.1,
+            warmup_steps: 200, grad_clip_norm: 1.0, checkpoint_every: 500, seed: 0}
+    finetuned: {source: local, dir: null, paths: {}}
+    eval: {split: test, batch_size: 128, models_per_call: 2, merges: [...], export: false}
+    cache_dir: null
+
+Layout under ``--out``: ``checkpoints/<task>`` (orbax, resumable), ``finetuned/<task>/flax``
+(the fine-tuned vision tower, HF ``save_pretrained``), ``summary_finetune.json``,
+``summary_eval.json``, ``merged/<i>-<method>/{flax,pytorch}`` when ``eval.export``.
+
+Fine-tuned models for ``bcjax eval``: ``finetuned.source: local`` reads
+``finetuned.dir`` (default ``<out>/finetuned``, i.e. run finetune and eval with the same
+``--out``); ``fusionbench`` imports FusionBench's ``CLIPVisionModel`` fine-tunes from the
+hub; ``paths`` maps a task to any HF CLIPVisionModel folder/hub name (Flax or PyTorch).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bcjax import evaluate as evaluate_lib
+from bcjax.config import ConfigError, get, require
+from bcjax.models import heads as heads_lib
+
+__all__ = ["finetune", "evaluate", "setup", "ClipSetup", "train_config", "default_cache_dir"]
+
+
+def default_cache_dir() -> str:
+    from bcjax.models.dinov2 import default_cache_dir as root
+
+    return str(root() / "clip")
+
+
+def train_config(config: dict):
+    """:class:`bcjax.train.TrainConfig` from ``config["train"]`` (paper defaults, SPEC §5)."""
+    from bcjax.train import TrainConfig
+
+    t = get(config, "train", {}, types=dict)
+    allowed = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(t) - allowed)
+    require(not bad, config, f"train: unknown key(s) {bad}; allowed: {sorted(allowed)}")
+    try:
+        return TrainConfig(**t)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{config.get('_source', '<config>')}: train: {e}") from None
+
+
+@dataclasses.dataclass
+class ClipSetup:
+    """Model, tasks, frozen heads and the shared predict/loss of one config."""
+
+    config: dict
+    clip: object
+    tasks: list
+    heads: dict  # task → (proj_kernel, logit_scale, head_w, head_valid)
+    predict: object
+    loss: object
+
+    @property
+    def names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def task(self, name):
+        return next(t for t in self.tasks if t.name == name)
+
+
+def _log(progress, msg):
+    if progress:
+        print(f"[clip] {msg}", flush=True)
+
+
+def setup(config: dict, *, progress: bool = True) -> ClipSetup:
+    """Load the CLIP (``model.name``), the tasks (``data.*``) and their zero-shot heads
+    (cached per model and data set under ``cache_dir``)."""
+    from bcjax.data import vision
+    from bcjax.models import clip as clip_lib
+
+    name = get(config, "model.name", types=str)
+    dtype = jnp.dtype(get(config, "model.dtype", "float32", types=str))
+    clip = clip_lib.load_clip(name, dtype=dtype)
+    _log(progress, f"model {name}: image size {clip.image_size}")
+    entries = get(config, "data.tasks", types=list)
+    require(len(entries) > 0, config, "data.tasks is empty")
+    common = dict(data_dir=_path(get(config, "data.data_dir", None, types=(str, type(None)))),
+                  image_size=clip.image_size, seed=get(config, "data.seed", 0, types=int),
+                  max_train=get(config, "data.max_train", None, types=(int, type(None))),
+                  max_eval=get(config, "data.max_eval", None, types=(int, type(None))),
+                  prepare=get(config, "data.prepare", False, types=bool),
+                  gtsrb_dir=_path(get(config, "data.gtsrb_dir", None, types=(str, type(None)))))
+    max_bytes = int(get(config, "data.materialize_mb", 2048, types=(int, float)) * 2**20)
+    tasks = [vision.load_task(e, **common).materialize(max_bytes) for e in entries]
+    dup = sorted({t.name for t in tasks if [u.name for u in tasks].count(t.name) > 1})
+    require(not dup, config, f"data.tasks names repeat: {dup}")
+    _log(progress, "tasks " + ", ".join(f"{t.name} {t.sizes}" for t in tasks))
+    cache = _path(get(config, "cache_dir", None, types=(str, type(None)))) or default_cache_dir()
+    cmax = max(t.num_classes for t in tasks)
+    frozen = clip_lib.head_args(clip)
+    heads = {}
+    for t in tasks:
+        w = clip_lib.cached_zero_shot_head(clip, t.name, t.classnames, t.templates, cache_dir=cache)
+        heads[t.name] = tuple(frozen) + tuple(jnp.asarray(a) for a in heads_lib.pad_head(w, cmax))
+    _log(progress, f"zero-shot heads ({len(tasks)} tasks, padded to {cmax} classes) cached in {cache}")
+    predict, loss = clip_lib.make_classifier(clip.config, dtype)
+    return ClipSetup(config, clip, tasks, heads, predict, loss)
+
+
+def _path(p):
+    return os.path.expanduser(p) if p else p
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def finetune(config: dict, *, out_dir: str, progress: bool = True) -> dict:
+    """Fine-tune the vision tower on each task (head frozen; SPEC §5), resuming from
+    ``<out>/checkpoints/<task>``; save each as ``<out>/finetuned/<task>/flax``."""
+    from bcjax.models import clip as clip_lib
+    from bcjax.train import finetune as run_finetune
+
+    cfg = train_config(config)
+    s = setup(config, progress=progress)
+    out = pathlib.Path(out_dir)
+    theta0 = s.clip.vision
+    summary = {"model": s.clip.name, "train": dataclasses.asdict(cfg), "tasks": {}}
+    for t in s.tasks:
+        x, y = t.splits["train"]
+        t0 = time.perf_counter()
+        res = run_finetune(s.loss, theta0, {"x": x, "y": y}, cfg, checkpoint_dir=str(out / "checkpoints" / t.name),
+                           progress=progress, description=f"fine-tune {t.name}", loss_args=s.heads[t.name])
+        saved = clip_lib.export_vision(jax.device_get(res.params), s.clip.config, out / "finetuned" / t.name,
+                                       formats=("flax",))
+        summary["tasks"][t.name] = dict(
+            steps=cfg.steps, train_examples=len(y), resumed_from=res.resumed_from,
+            first_loss=res.losses[0] if res.losses else None, final_loss=res.losses[-1] if res.losses else None,
+            seconds=round(time.perf_counter() - t0, 2), path=saved["flax"])
+        _log(progress, f"{t.name}: loss {summary['tasks'][t.name]['first_loss']} → "
+                       f"{summary['tasks'][t.name]['final_loss']} ({saved['flax']})")
+    _write_json(out / "summary_finetune.json", summary)
+    return summary
+
+
+def _finetuned_models(s: ClipSetup, out: pathlib.Path) -> list:
+    from bcjax.models import clip as clip_lib
+
+    config = s.config
+    source = get(config, "finetuned.source", "local", types=str)
+    paths = get(config, "finetuned.paths", {}, types=dict)
+    ref = s.clip.vision
+    models = []
+    for name in s.names:
+        if name in paths:
+            where = _path(str(paths[name]))
+        elif source == "local":
+            root = pathlib.Path(_path(get(config, "finetuned.dir", None, types=(str, type(None)))) or out / "finetuned")
+            where = str(root / name / "flax")
+            require(os.path.isdir(where), config, f"no fine-tuned model for task {name!r} at {where}: run "
+                    "`bcjax finetune` with the same --out, or set finetuned.dir / finetuned.paths")
+        elif source == "fusionbench":
+            where = clip_lib.fusionbench_name(name, get(config, "model.name", types=str))
+        else:
+            raise ConfigError(f"{config.get('_source', '<config>')}: finetuned.source must be 'local' or "
+                              f"'fusionbench', got {source!r}")
+        models.append(clip_lib.load_vision_finetune(where, ref))
+    return models
+
+
+def _merge_models(s: ClipSetup, finetuned: list) -> list[tuple[str, dict, object]]:
+    from bcjax.merging import merge
+
+    out = []
+    for i, entry in enumerate(get(s.config, "eval.merges", [], types=list)):
+        require(isinstance(entry, dict) and "method" in entry, s.config,
+                f"eval.merges[{i}] must be a mapping with 'method', got {entry!r}")
+        hp = {k: v for k, v in entry.items() if k not in ("method", "label")}
+        method = entry["method"]
+        if method in ("random_sparse", "dare"):
+            hp["key"] = jax.random.key(int(hp.pop("seed", 0)))
+        require(method not in ("fisher", "gradient_matching"), s.config,
+                f"eval.merges[{i}]: {method} needs Fisher information, which the CLIP pipeline does not compute yet")
+        label = entry.get("label") or f"{method}" + "".join(f" {k}={v}" for k, v in sorted(hp.items()) if k != "key")
+        out.append((label, entry, merge(method, s.clip.vision, finetuned, **hp)))
+    return out
+
+
+def evaluate(config: dict, *, out_dir: str, progress: bool = True) -> dict:
+    """Accuracy of the zero-shot θ0, of each fine-tune on its task, and of every merge in
+    ``eval.merges`` on every task (protocol *all*, SPEC §4) with normalized accuracy."""
+    from bcjax.models import clip as clip_lib
+
+    s = setup(config, progress=progress)
+    out = pathlib.Path(out_dir)
+    split = get(config, "eval.split", "test", types=str)
+    require(split in ("val", "test"), config, f"eval.split must be 'val' or 'test', got {split!r}")
+    bs = get(config, "eval.batch_size", 128, types=int)
+    per_call = get(config, "eval.models_per_call", 2, types=int)
+
+    def acc(params, name):
+        x, y = s.task(name).splits[split]
+        return evaluate_lib.accuracy(s.predict, params, x, y, batch_size=bs, predict_args=s.heads[name])
+
+    theta0 = s.clip.vision
+    zero_shot = {n: acc(theta0, n) for n in s.names}
+    _log(progress, "zero-shot " + ", ".join(f"{n} {100 * a:.1f}" for n, a in zero_shot.items()))
+    finetuned = _finetuned_models(s, out)
+    ft_acc = {n: acc(p, n) for n, p in zip(s.names, finetuned, strict=True)}
+    _log(progress, "fine-tuned " + ", ".join(f"{n} {100 * a:.1f}" for n, a in ft_acc.items()))
+    summary = {"model": s.clip.name, "split": split, "tasks": s.names, "zero_shot": zero_shot, "finetuned": ft_acc,
+               "zero_shot_normalized": _safe_norm(zero_shot, ft_acc), "merges": {}}
+    merged = _merge_models(s, finetuned)
+    if merged:
+        stacked = evaluate_lib.stack_trees([m for _, _, m in merged])
+        per_task = {}
+        for n in s.names:
+            x, y = s.task(n).splits[split]
+            per_task[n] = evaluate_lib.accuracy_of_stack(s.predict, stacked, x, y, batch_size=bs,
+                                                         models_per_call=per_call, predict_args=s.heads[n])
+        for i, (label, entry, tree) in enumerate(merged):
+            a = {n: float(per_task[n][i]) for n in s.names}
+            norm = _safe_norm(a, ft_acc)
+            rec = {"hparams": {k: v for k, v in entry.items() if k != "label"}, "accuracy": a,
+                   "avg_accuracy": float(np.mean(list(a.values()))), "normalized": norm,
+                   "avg_normalized": float(np.mean(list(norm.values()))) if norm else None}
+            if get(config, "eval.export", False, types=bool):
+                rec["export"] = clip_lib.export_vision(jax.device_get(tree), s.clip.config,
+                                                       out / "merged" / f"{i}-{entry['method']}")
+            summary["merges"][label] = rec
+            an = rec["avg_normalized"]
+            _log(progress, f"{label}: avg acc {100 * rec['avg_accuracy']:.1f}, avg normalized "
+                           + ("n/a" if an is None else f"{100 * an:.1f}"))
+    _write_json(out / "summary_eval.json", summary)
+    return summary
+
+
+def _safe_norm(acc: dict, ref: dict) -> dict:
+    """Normalized accuracy (SPEC §4) for tasks whose fine-tuned accuracy is > 0."""
+    return evaluate_lib.normalized_accuracy({k: v for k, v in acc.items() if ref[k] > 0},
+                                            {k: v for k, v in ref.items() if v > 0})
