@@ -192,7 +192,7 @@ def test_split_sizes_match_spec():
     assert not np.array_equal(vision.carve(100, [10], 3)[0], vision.carve(100, [10], 4)[0])
 
 
-def test_tfds_task_by_name_without_tensorflow(tiny):
+def test_tfds_task_by_name_without_tensorflow(tiny, tmp_path):
     import importlib.util
 
     assert importlib.util.find_spec("tensorflow") is None
@@ -208,6 +208,12 @@ def test_tfds_task_by_name_without_tensorflow(tiny):
     # colours are learnable: class c is the brightest channel
     y = a.splits["train"][1][np.array([0, 5])]
     assert list(x.reshape(2, -1, 3).mean(1).argmax(-1)) == list(y)
+    # too big for memory (max_bytes=0): preprocessed once into memory-mapped .npy files, same pixels
+    cached = a.materialize(0, tmp_path)
+    assert isinstance(cached.splits["train"][0], np.memmap) and len(list(tmp_path.rglob("*.npy"))) == 3
+    np.testing.assert_array_equal(cached.splits["train"][0][np.array([0, 5])], x)
+    np.testing.assert_array_equal(np.asarray(b.materialize(1 << 30).splits["test"][0]), cached.splits["test"][0])
+    assert a.materialize(0).splits["train"][0] is a.splits["train"][0]  # no cache folder: keeps streaming
     with pytest.raises(vision.UnknownDatasetError, match="unknown vision task 'imagenet'"):
         vision.load_task("imagenet")
     with pytest.raises(vision.UnknownDatasetError, match="no data set 'no_such_set'"):
@@ -304,6 +310,15 @@ def test_cli_finetune_then_eval(tiny, tmp_path, monkeypatch, capsys):
     for rec in ev["merges"].values():
         assert set(rec["accuracy"]) == set(clip_tiny.TINY_TASKS) and 0 <= rec["avg_accuracy"] <= 1
         assert os.path.isfile(os.path.join(rec["export"]["pytorch"], "model.safetensors"))
+    # the sweeps' ModelSuite over the same fine-tunes agrees with `bcjax eval`
+    from bcjax.experiments import model_suite
+    from bcjax.evaluate import stack_trees
+
+    suite = model_suite({"suite": {"name": "clip", "config": str(cfg_path), "out": out}}, progress=False)
+    assert suite.tasks == tuple(clip_tiny.TINY_TASKS) and len(suite.finetuned) == 3
+    t = suite.tasks[1]
+    accs = suite.evaluate(stack_trees([suite.pretrained, suite.finetuned[1]]), t, "test")
+    np.testing.assert_allclose(accs, [ev["zero_shot"][t], ev["finetuned"][t]])
     capsys.readouterr()
     # bad inputs: one clear line, exit code 2
     bad = dict(tiny, data={**tiny["data"], "tasks": ["imagenet"]})

@@ -41,6 +41,7 @@ MNIST/SVHN. Templates are stored as format strings with ``{c}``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import pathlib
@@ -238,8 +239,10 @@ class ImageArray:
     :func:`bcjax.evaluate.accuracy` can stream from disk. :meth:`materialize` reads all.
     """
 
-    def __init__(self, source: Sequence, indices: np.ndarray, size: int, image_key: str | None = "image"):
+    def __init__(self, source: Sequence, indices: np.ndarray, size: int, image_key: str | None = "image",
+                 ident: str | None = None):
         self.source, self.indices, self.size, self.image_key = source, np.asarray(indices, np.int64), size, image_key
+        self.ident = ident  # names the source for the on-disk cache (None: not cacheable)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -264,6 +267,8 @@ class ImageArray:
         sel = self.indices[idx]
         if len(sel) == 0:
             return np.zeros((0, self.size, self.size, 3), np.uint8)
+        if len(sel) >= 16:  # Pillow releases the GIL while decoding and resizing
+            return np.stack(list(_pool().map(self._one, sel)))
         return np.stack([self._one(i) for i in sel])
 
     def __array__(self, dtype=None, copy=None):
@@ -272,6 +277,43 @@ class ImageArray:
 
     def materialize(self) -> np.ndarray:
         return self[:]
+
+    def cache_key(self) -> str | None:
+        if self.ident is None:
+            return None
+        h = hashlib.sha256(f"{self.ident}|{self.size}|{self.image_key}".encode())
+        h.update(self.indices.tobytes())
+        return h.hexdigest()[:20]
+
+    def to_disk(self, folder: str | os.PathLike, chunk: int = 512) -> np.ndarray:
+        """Preprocess every image once into ``<folder>/<cache_key>.npy`` and return it
+        memory-mapped (later calls just map the file). Written atomically."""
+        key = self.cache_key()
+        if key is None:
+            raise VisionDataError("this image array has no source identity; it cannot be cached on disk")
+        path = pathlib.Path(folder) / f"{key}.npy"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=self.shape)
+            for s in range(0, len(self), chunk):
+                out[s:s + chunk] = self[s:s + chunk]
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        return np.load(path, mmap_mode="r")
+
+
+_POOL = None
+
+
+def _pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+    return _POOL
 
 
 @dataclasses.dataclass
@@ -292,12 +334,19 @@ class VisionTask:
     def sizes(self) -> dict[str, int]:
         return {k: len(v[1]) for k, v in self.splits.items()}
 
-    def materialize(self, max_bytes: int = 2 << 30) -> "VisionTask":
-        """Decode lazy splits into memory when all of them fit in ``max_bytes``."""
+    def materialize(self, max_bytes: int = 2 << 30, cache_dir: str | os.PathLike | None = None) -> "VisionTask":
+        """Decode lazy splits into memory when all of them fit in ``max_bytes``; otherwise,
+        with ``cache_dir``, preprocess them once into memory-mapped ``.npy`` files there
+        (keyed by source, indices and size), else keep streaming from the source."""
         total = sum(int(np.prod(x.shape)) for x, _ in self.splits.values())
-        if total > max_bytes:
+        if total <= max_bytes:
+            conv = np.asarray
+        elif cache_dir is not None:
+            def conv(x):
+                return x.to_disk(pathlib.Path(cache_dir) / "images" / self.name) if x.cache_key() else x
+        else:
             return self
-        splits = {k: (np.asarray(x) if isinstance(x, ImageArray) else x, y) for k, (x, y) in self.splits.items()}
+        splits = {k: (conv(x) if isinstance(x, ImageArray) else x, y) for k, (x, y) in self.splits.items()}
         return dataclasses.replace(self, splits=splits)
 
 
@@ -351,13 +400,13 @@ def _read_labels(source: Sequence, label_key: str) -> np.ndarray:
 
 
 def _finish(spec: TaskSpec, classnames, templates, train_src, test_src, *, size, seed, max_train, max_eval,
-            label_key, image_key) -> VisionTask:
+            label_key, image_key, train_ident=None, test_ident=None) -> VisionTask:
     y_pool = _read_labels(train_src, label_key)
     cuts = ([spec.test_size] if spec.test_size else []) + [spec.unused_size, spec.val_size]
     parts = carve(len(y_pool), cuts, seed)
     if spec.test_size:
         test_idx, _, val_idx, train_idx = parts
-        test_src, y_test_all = train_src, y_pool
+        test_src, y_test_all, test_ident = train_src, y_pool, train_ident
     else:
         _, val_idx, train_idx = parts
         if test_src is None:
@@ -371,9 +420,9 @@ def _finish(spec: TaskSpec, classnames, templates, train_src, test_src, *, size,
         raise VisionDataError(f"task {spec.name!r}: labels span [{ys.min()}, {ys.max()}] but there are "
                               f"{len(classnames)} class names")
     splits = {
-        "train": (ImageArray(train_src, train_idx, size, image_key), y_pool[train_idx]),
-        "val": (ImageArray(train_src, val_idx, size, image_key), y_pool[val_idx]),
-        "test": (ImageArray(test_src, test_idx, size, image_key), y_test_all[test_idx]),
+        "train": (ImageArray(train_src, train_idx, size, image_key, train_ident), y_pool[train_idx]),
+        "val": (ImageArray(train_src, val_idx, size, image_key, train_ident), y_pool[val_idx]),
+        "test": (ImageArray(test_src, test_idx, size, image_key, test_ident), y_test_all[test_idx]),
     }
     return VisionTask(spec.name, list(classnames), tuple(templates), splits)
 
@@ -426,7 +475,9 @@ def load_tfds_task(spec: TaskSpec | str, *, data_dir: str | None = None, image_s
     test_src = builder.as_data_source(spec.test_split, decoders=decoders) if spec.test_split else None
     return _finish(spec, classnames, templates or TEMPLATES.get(spec.name, TEMPLATES["default"]), train_src,
                    test_src, size=image_size, seed=seed, max_train=max_train, max_eval=max_eval,
-                   label_key=spec.label_key, image_key=spec.image_key)
+                   label_key=spec.label_key, image_key=spec.image_key,
+                   train_ident=f"tfds:{builder.info.full_name}:{data_dir}:{'+'.join(spec.train_splits)}",
+                   test_ident=f"tfds:{builder.info.full_name}:{data_dir}:{spec.test_split}")
 
 
 _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -435,6 +486,11 @@ _IMAGE_EXT = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".gif", ".webp", ".tif", 
 class _Files:
     def __init__(self, files):
         self.files = list(files)
+        h = hashlib.sha256()
+        for f in self.files:
+            st = os.stat(f)
+            h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        self.ident = "files:" + h.hexdigest()[:20]
 
     def __len__(self):
         return len(self.files)
@@ -490,9 +546,10 @@ def load_folder_task(root: str | os.PathLike, name: str | None = None, *, image_
         tr, va = np.arange(len(train_files)), np.arange(len(val_files))
         tr, va, te = _limit(tr, max_train, seed), _limit(va, max_eval, seed), _limit(np.arange(len(test_files)),
                                                                                    max_eval, seed)
-        splits = {"train": (ImageArray(_Files(train_files), tr, image_size, None), y_train[tr]),
-                  "val": (ImageArray(_Files(val_files), va, image_size, None), y_val[va]),
-                  "test": (ImageArray(_Files(test_files), te, image_size, None), y_test[te])}
+        ftr, fva, fte = _Files(train_files), _Files(val_files), _Files(test_files)
+        splits = {"train": (ImageArray(ftr, tr, image_size, None, ftr.ident), y_train[tr]),
+                  "val": (ImageArray(fva, va, image_size, None, fva.ident), y_val[va]),
+                  "test": (ImageArray(fte, te, image_size, None, fte.ident), y_test[te])}
         return VisionTask(name, names, tpl, splits)
     n_val = int(round(val_size * len(train_files))) if isinstance(val_size, float) else int(val_size)
     spec = TaskSpec(name, None, val_size=n_val)
@@ -506,9 +563,9 @@ def _finish_files(spec, names, tpl, train_files, y_train, test_files, y_test, si
     test_idx = _limit(np.arange(len(y_test)), max_eval, seed)
     tr, te = _Files(train_files), _Files(test_files)
     return VisionTask(spec.name, list(names), tuple(tpl), {
-        "train": (ImageArray(tr, train_idx, size, None), y_train[train_idx]),
-        "val": (ImageArray(tr, val_idx, size, None), y_train[val_idx]),
-        "test": (ImageArray(te, test_idx, size, None), y_test[test_idx]),
+        "train": (ImageArray(tr, train_idx, size, None, tr.ident), y_train[train_idx]),
+        "val": (ImageArray(tr, val_idx, size, None, tr.ident), y_train[val_idx]),
+        "test": (ImageArray(te, test_idx, size, None, te.ident), y_test[test_idx]),
     })
 
 

@@ -124,6 +124,15 @@ def load_tokenizer(name_or_path: str):
         return None
 
 
+def _from_pretrained(cls, path, from_pt: bool, dtype):
+    """(model, params). Flax weights load without a random init (``_do_init=False``: no
+    compilation); transformers' PyTorch conversion needs the initialized model."""
+    if from_pt:
+        model = cls.from_pretrained(path, from_pt=True, dtype=dtype)
+        return model, model.params
+    return cls.from_pretrained(path, dtype=dtype, _do_init=False)
+
+
 def load_clip(name_or_path: str, *, dtype=jnp.float32, from_pt: bool | None = None, tokenizer: bool = True) -> Clip:
     """Load a CLIP by hub name (or a :data:`HUB_NAMES` shorthand) or local folder.
 
@@ -135,13 +144,13 @@ def load_clip(name_or_path: str, *, dtype=jnp.float32, from_pt: bool | None = No
     if from_pt is None:
         has_flax = _has_flax_weights(path)
         from_pt = has_flax is False
-    try:  # _do_init=False: no random init (and no compilation) before the weights are read
-        model, params = FlaxCLIPModel.from_pretrained(path, from_pt=from_pt, dtype=dtype, _do_init=False)
+    try:
+        model, params = _from_pretrained(FlaxCLIPModel, path, from_pt, dtype)
     except OSError as e:
         if from_pt or _has_flax_weights(path) is not None:
             raise ClipModelError(f"cannot load CLIP {name_or_path!r}: {e}") from None
         try:  # a hub repo with PyTorch weights only
-            model, params = FlaxCLIPModel.from_pretrained(path, from_pt=True, dtype=dtype, _do_init=False)
+            model, params = _from_pretrained(FlaxCLIPModel, path, True, dtype)
         except OSError as e2:
             raise ClipModelError(f"cannot load CLIP {name_or_path!r}: {e2}") from None
     tok = load_tokenizer(path) if tokenizer else None
@@ -356,7 +365,7 @@ def load_vision_finetune(name_or_path: str, reference: Mapping | None = None, *,
         has_flax = _has_flax_weights(name_or_path)
         from_pt = has_flax is not True
     try:
-        _, params = FlaxCLIPVisionModel.from_pretrained(name_or_path, from_pt=from_pt, dtype=dtype, _do_init=False)
+        _, params = _from_pretrained(FlaxCLIPVisionModel, name_or_path, from_pt, dtype)
     except OSError as e:
         raise ClipModelError(f"cannot load CLIP vision fine-tune {name_or_path!r}: {e}") from None
     vision = {"vision_model": jax.tree.map(jnp.asarray, params["vision_model"])}

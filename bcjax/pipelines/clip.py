@@ -7,12 +7,16 @@ Config (see ``configs/clip_vit_b32.yaml``; every key but ``model.name`` and
     pipeline: clip
     model: {name: openai/clip-vit-base-patch32, dtype: float32}
     data: {tasks: [cars, dtd, ...], data_dir: null, gtsrb_dir: null, prepare: false, seed: 0,
-           max_train: null, max_eval: null, materialize_mb: 2048}
+           max_train: null, max_eval: null, materialize_mb: 2048, cache_images: true}
     train: {steps: 2000, batch_size: 128, learning_rate: 1.0e-5, weight_decay: 0.1,
             warmup_steps: 200, grad_clip_norm: 1.0, checkpoint_every: 500, seed: 0}
     finetuned: {source: local, dir: null, paths: {}}
     eval: {split: test, batch_size: 128, models_per_call: 2, merges: [...], export: false}
     cache_dir: null
+
+Images: a task whose preprocessed splits fit in ``data.materialize_mb`` is decoded into
+memory; a larger one is preprocessed once into memory-mapped ``.npy`` files under
+``<cache_dir>/images`` (``data.cache_images: false``: decode on the fly every batch).
 
 Layout under ``--out``: ``checkpoints/<task>`` (orbax, resumable), ``finetuned/<task>/flax``
 (the fine-tuned vision tower, HF ``save_pretrained``), ``summary_finetune.json``,
@@ -22,10 +26,16 @@ Fine-tuned models for ``bcjax eval``: ``finetuned.source: local`` reads
 ``finetuned.dir`` (default ``<out>/finetuned``, i.e. run finetune and eval with the same
 ``--out``); ``fusionbench`` imports FusionBench's ``CLIPVisionModel`` fine-tunes from the
 hub; ``paths`` maps a task to any HF CLIPVisionModel folder/hub name (Flax or PyTorch).
+
+Sweeps (``bcjax sweep``, :mod:`bcjax.experiments`): :func:`model_suite` builds the
+``ModelSuite`` from a sweep config with ``suite: {name: clip, config: <clip yaml>, out:
+<the finetune --out>, set: [key=value, ...]}`` (or the CLIP keys at the sweep config's top
+level).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -39,7 +49,7 @@ from bcjax import evaluate as evaluate_lib
 from bcjax.config import ConfigError, get, require
 from bcjax.models import heads as heads_lib
 
-__all__ = ["finetune", "evaluate", "setup", "ClipSetup", "train_config", "default_cache_dir"]
+__all__ = ["finetune", "evaluate", "model_suite", "setup", "ClipSetup", "train_config", "default_cache_dir"]
 
 
 def default_cache_dir() -> str:
@@ -105,11 +115,12 @@ def setup(config: dict, *, progress: bool = True) -> ClipSetup:
                   prepare=get(config, "data.prepare", False, types=bool),
                   gtsrb_dir=_path(get(config, "data.gtsrb_dir", None, types=(str, type(None)))))
     max_bytes = int(get(config, "data.materialize_mb", 2048, types=(int, float)) * 2**20)
-    tasks = [vision.load_task(e, **common).materialize(max_bytes) for e in entries]
+    cache = _path(get(config, "cache_dir", None, types=(str, type(None)))) or default_cache_dir()
+    disk = cache if get(config, "data.cache_images", True, types=bool) else None
+    tasks = [vision.load_task(e, **common).materialize(max_bytes, disk) for e in entries]
     dup = sorted({t.name for t in tasks if [u.name for u in tasks].count(t.name) > 1})
     require(not dup, config, f"data.tasks names repeat: {dup}")
     _log(progress, "tasks " + ", ".join(f"{t.name} {t.sizes}" for t in tasks))
-    cache = _path(get(config, "cache_dir", None, types=(str, type(None)))) or default_cache_dir()
     cmax = max(t.num_classes for t in tasks)
     frozen = clip_lib.head_args(clip)
     heads = {}
@@ -256,3 +267,50 @@ def _safe_norm(acc: dict, ref: dict) -> dict:
     """Normalized accuracy (SPEC §4) for tasks whose fine-tuned accuracy is > 0."""
     return evaluate_lib.normalized_accuracy({k: v for k, v in acc.items() if ref[k] > 0},
                                             {k: v for k, v in ref.items() if v > 0})
+
+
+def _tree_checksum(trees) -> str:
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(trees):
+        a = np.asarray(leaf)
+        h.update(str(a.shape).encode())
+        h.update(a.reshape(-1)[:: max(1, a.size // 512)].astype(np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_suite(config: dict, *, cache_dir: str | None = None, progress: bool = True):
+    """A :class:`bcjax.experiments.ModelSuite` over the CLIP vision towers: θ0, the
+    fine-tunes (as in ``bcjax eval``) and ``evaluate(stacked, task, split)`` by
+    :func:`bcjax.evaluate.accuracy_of_stack` with each task's frozen zero-shot head.
+
+    ``suite.config`` (a CLIP pipeline YAML, with ``suite.set`` overrides) or the sweep config
+    itself supplies the model/data/finetuned/eval keys; ``suite.out`` is where
+    ``bcjax finetune`` wrote the fine-tunes (default: the current folder)."""
+    from bcjax.config import load_config
+    from bcjax.experiments import ModelSuite
+
+    src = get(config, "suite.config", None, types=(str, type(None)))
+    clip_cfg = load_config(src, get(config, "suite.set", [], types=list)) if src else dict(config)
+    if "cache_dir" not in clip_cfg and cache_dir:
+        clip_cfg["cache_dir"] = os.path.join(cache_dir, "clip")
+    s = setup(clip_cfg, progress=progress)
+    out = pathlib.Path(_path(get(config, "suite.out", ".", types=str)))
+    finetuned = _finetuned_models(s, out)
+    bs = get(clip_cfg, "eval.batch_size", 128, types=int)
+    per_call = get(clip_cfg, "eval.models_per_call", 2, types=int)
+
+    def evaluate(stacked, task, split):
+        if split not in ("val", "test"):
+            raise ConfigError(f"CLIP suite: split must be 'val' or 'test', got {split!r}")
+        x, y = s.task(task).splits[split]
+        return evaluate_lib.accuracy_of_stack(s.predict, stacked, x, y, batch_size=bs, models_per_call=per_call,
+                                              predict_args=s.heads[task])
+
+    data_keys = {k: clip_cfg.get("data", {}).get(k) for k in ("tasks", "seed", "max_train", "max_eval")}
+    fingerprint = hashlib.sha256(json.dumps(dict(model=s.clip.name, data=data_keys, theta0=_tree_checksum(
+        s.clip.vision), finetuned=_tree_checksum(finetuned), sizes={t.name: t.sizes for t in s.tasks}),
+        sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return ModelSuite(name=f"CLIP {s.clip.name}", tasks=tuple(s.names), pretrained=s.clip.vision,
+                      finetuned=tuple(finetuned), evaluate=evaluate, fingerprint=fingerprint,
+                      heads={n: s.heads[n][2] for n in s.names}, models_per_call=per_call,
+                      info={"model": s.clip.name, "sizes": {t.name: t.sizes for t in s.tasks}})
