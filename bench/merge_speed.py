@@ -1,43 +1,112 @@
-"""Merge speed and peak memory: bcjax Breadcrumbs vs task arithmetic (the memory-bandwidth
-floor) vs an exact numpy-partition Breadcrumbs, on task vectors shaped like real models.
+"""Merge speed and peak memory: bcjax (SPEC §2–3) against its peers, side by side, on
+identical task vectors shaped like real models' vision towers (bench/shapes.py).
 
-Each implementation runs in its own process (fresh allocator, honest peak RSS); the time
-is the median of --repeats runs after one warm-up (compilation excluded).
+Implementations (``--impls``; each runs in its own process, fresh allocator, honest RSS):
 
-    python bench/merge_speed.py --model vit_b_32 --tasks 8 --repeats 3 --out bench/results
+    bcjax_task_arithmetic  bcjax_breadcrumbs  bcjax_breadcrumbs_row  bcjax_ties   (.venv)
+    numpy_breadcrumbs      exact np.partition, SPEC §2 tensor granularity        (.venv)
+    torch_task_arithmetic  torch_kthvalue  torch_official_row                     (.venv-bench)
+    mergekit_breadcrumbs   mergekit_ties                                          (.venv-bench)
+
+The peers (bench/peers.py) run with the peer venv's python (bench/setup_peers.sh makes it;
+override with $BCJAX_BENCH_PEER_PYTHON); without it they are reported as skipped. torch
+uses its default thread count unless $BCJAX_BENCH_TORCH_THREADS is set (on a loaded
+machine, 2 spinning OpenMP threads on 2 shared cores are 3–10× slower than 1). The parent
+generates θ0 and [θt] once (``random_models``, fixed seed) into a temporary folder, one
+.npy per model, and every child loads the same files: identical inputs for every peer.
+
+Timing: a warm-up call (compilation for bcjax), then up to --repeats timed calls while
+their total stays under --budget-s (at least one); the median is reported. For an eager
+implementation (numpy, torch, mergekit: nothing to compile) whose warm-up already took
+--slow-s or more, the warm-up is the one sample (``runs`` says so), to keep the suite's
+runtime bounded (mergekit takes ~1.5 min per ViT-B/32 × 8 merge).
+Memory: the process's RSS high-water mark (VmHWM) is reset after the inputs are loaded
+(after the warm-up for bcjax, whose compilation memory is not the merge's) and read after
+the last run; ``merge_overhead_in_models`` = (peak − RSS before merging) / one model.
+
+    python bench/merge_speed.py --model vit_b_32 --tasks 8 --out bench/results
+    python bench/merge_speed.py --model vit_b_32 --tasks 8 --scale 0.1 --repeats 1   # quick
     python bench/merge_speed.py --smoke          # tiny shapes, seconds; used by the tests
 
-Writes JSON and a markdown table; BENCHMARKS.md records the numbers for this machine.
+Writes ``{model}_{tasks}.json`` and ``.md`` to --out; bench/report.py turns the results
+into BENCHMARKS.md's tables; bench/run_all.sh runs everything.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.shapes import VIT_B_32, VIT_L_14, num_params, random_models  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.shapes import VIT_B_32, VIT_L_14, clip_vision_shapes, num_params, random_models  # noqa: E402
 
 MODELS = {"vit_b_32": VIT_B_32, "vit_l_14": VIT_L_14,
           "smoke": {"a/w": (256, 64), "a/b": (64,), "b/w": (64, 300), "c": (10,)}}
-IMPLS = ["bcjax_task_arithmetic", "bcjax_breadcrumbs", "bcjax_ties", "numpy_breadcrumbs"]
 BETA, GAMMA, ALPHA = 0.9, 0.99, 0.3
+TIES_DENSITY, TIES_ALPHA = 0.2, 1.0
+
+# name -> (venv, compiled?, what it computes)
+IMPL_INFO = {
+    "bcjax_task_arithmetic": ("bcjax", True, "bcjax task arithmetic (bandwidth floor)"),
+    "bcjax_breadcrumbs": ("bcjax", True, "bcjax Breadcrumbs, tensor granularity (exact)"),
+    "bcjax_breadcrumbs_row": ("bcjax", True, "bcjax Breadcrumbs, row granularity (official semantics)"),
+    "bcjax_ties": ("bcjax", True, "bcjax TIES (global trim threshold per task)"),
+    "numpy_breadcrumbs": ("bcjax", False, "numpy np.partition Breadcrumbs, tensor (exact)"),
+    "torch_task_arithmetic": ("peer", False, "torch task arithmetic (bandwidth floor)"),
+    "torch_kthvalue": ("peer", False, "torch.kthvalue thresholds, tensor (exact)"),
+    "torch_official_row": ("peer", False, "official code's per-row top-k semantics (torch.topk)"),
+    "mergekit_breadcrumbs": ("peer", False, "mergekit 0.1.5 breadcrumbs (per-tensor full sort)"),
+    "mergekit_ties": ("peer", False, "mergekit 0.1.5 TIES (per-tensor trim)"),
+}
+IMPLS = list(IMPL_INFO)
+DEFAULT_IMPLS = [i for i in IMPLS if i != "bcjax_breadcrumbs_row"]
 
 
-def numpy_breadcrumbs(pre, fts):
+def peer_python() -> str | None:
+    """The peer venv's python (bench/setup_peers.sh), or None when it is not installed."""
+    exe = os.environ.get("BCJAX_BENCH_PEER_PYTHON") or os.path.join(ROOT, ".venv-bench", "bin", "python")
+    return exe if os.path.exists(exe) else None
+
+
+def model_shapes(model: str, scale: float = 1.0) -> dict[str, tuple]:
+    """Shapes of ``model``: a name in MODELS or ``vit-w{width}-l{layers}`` (a ViT-B/32-like
+    tower of that width and depth). ``scale`` ≠ 1 scales the width by √scale (rounded to a
+    multiple of 16), so the parameter count scales by ≈ scale; for quick development runs."""
+    if model.startswith("vit-w"):
+        w, layers = (int(x[1:]) for x in model[4:].split("-"))
+        base = dict(width=w, layers=layers, patch=32, grid=7, embed=512)
+    elif model in ("vit_b_32", "vit_l_14") and scale != 1.0:
+        base = {"vit_b_32": dict(width=768, layers=12, patch=32, grid=7, embed=512),
+                "vit_l_14": dict(width=1024, layers=24, patch=14, grid=16, embed=768)}[model]
+    elif model in MODELS:
+        if scale != 1.0:
+            raise SystemExit(f"--scale is for the ViT models, not {model!r}")
+        return MODELS[model]
+    else:
+        raise SystemExit(f"unknown model {model!r}: one of {sorted(MODELS)} or vit-w<width>-l<layers>")
+    if scale != 1.0:
+        base["width"] = max(16, int(round(base["width"] * math.sqrt(scale) / 16)) * 16)
+    return clip_vision_shapes(**base)
+
+
+def numpy_breadcrumbs(pre, fts, alpha=ALPHA, beta=BETA, gamma=GAMMA):
     """Exact SPEC §2 Breadcrumbs with np.partition (two selections per leaf and task)."""
     out = {}
     for k, p in pre.items():
         acc = np.zeros_like(p)
         n = p.size
-        n_bot, n_top = int(np.floor(BETA * n + 1e-6)), int(np.floor((1 - GAMMA) * n + 1e-6))
+        n_bot, n_top = int(np.floor(beta * n + 1e-6)), int(np.floor((1 - gamma) * n + 1e-6))
         for ft in fts:
             tau = ft[k] - p
             a = np.abs(tau).ravel()
@@ -47,47 +116,111 @@ def numpy_breadcrumbs(pre, fts):
             hi = part[n - n_top] if n_top >= 1 else np.inf
             m = (np.abs(tau) >= lo) & (np.abs(tau) < hi)
             acc += np.where(m, tau, 0)
-        out[k] = p + ALPHA * acc
+        out[k] = p + alpha * acc
     return out
 
 
-def run_one(impl: str, model: str, tasks: int, repeats: int) -> dict:
-    shapes = MODELS[model]
-    pre, fts = random_models(shapes, tasks)
-    input_bytes = sum(x.nbytes for x in pre.values()) * (tasks + 1)
+# ------------------------------------------------------------------------------ inputs
+def write_inputs(shapes, tasks: int, folder: str, seed: int = 0) -> None:
+    """θ0 and [θt] (``random_models(shapes, tasks, seed)``) as model_{i}.npy, i = 0 for θ0,
+    each the concatenation of the flattened leaves in ``shapes`` order."""
+    pre, fts = random_models(shapes, tasks, seed=seed)
+    for i, m in enumerate([pre, *fts]):
+        np.save(os.path.join(folder, f"model_{i}.npy"), np.concatenate([m[k].ravel() for k in shapes]))
+    del pre, fts
+
+
+def read_model(shapes, folder: str, i: int) -> dict[str, np.ndarray]:
+    """Model i from ``write_inputs``: a dict of views into one loaded buffer."""
+    flat = np.load(os.path.join(folder, f"model_{i}.npy"))
+    out, off = {}, 0
+    for k, s in shapes.items():
+        n = int(np.prod(s))
+        out[k] = flat[off:off + n].reshape(s)
+        off += n
+    return out
+
+
+# ------------------------------------------------------------------------------ one implementation
+def build(impl: str, shapes, tasks: int, folder: str):
+    """Load the inputs for ``impl`` and return (merge function, inputs) — the function
+    returns the merged dict (arrays/tensors, computation finished)."""
     if impl.startswith("bcjax"):
         import jax
 
         import bcjax
-        def to_device(tree):  # leaf by leaf, freeing each numpy leaf: the RSS high-water mark stays ≈ inputs
-            for k in list(tree):
-                tree[k] = jax.device_put(tree[k])
-            return tree
 
-        pre, fts = to_device(pre), [to_device(f) for f in fts]
-        method, hp = {"bcjax_task_arithmetic": ("task_arithmetic", dict(alpha=ALPHA)),
-                      "bcjax_breadcrumbs": ("breadcrumbs", dict(alpha=ALPHA, beta=BETA, gamma=GAMMA)),
-                      "bcjax_ties": ("ties", dict(density=0.2, alpha=1.0))}[impl]
-        fn = lambda: jax.block_until_ready(bcjax.merge(method, pre, fts, validate=False, **hp))  # noqa: E731
-    else:
-        fn = lambda: numpy_breadcrumbs(pre, fts)  # noqa: E731
+        def load(i):  # leaf by leaf onto the device; the numpy buffer is freed after
+            return {k: jax.device_put(v) for k, v in read_model(shapes, folder, i).items()}
+
+        pre, fts = load(0), [load(i + 1) for i in range(tasks)]
+        method, hp = {
+            "bcjax_task_arithmetic": ("task_arithmetic", dict(alpha=ALPHA)),
+            "bcjax_breadcrumbs": ("breadcrumbs", dict(alpha=ALPHA, beta=BETA, gamma=GAMMA)),
+            "bcjax_breadcrumbs_row": ("breadcrumbs", dict(alpha=ALPHA, beta=BETA, gamma=GAMMA,
+                                                          granularity="row", axis=-1)),
+            "bcjax_ties": ("ties", dict(density=TIES_DENSITY, alpha=TIES_ALPHA)),
+        }[impl]
+        return (lambda: jax.block_until_ready(bcjax.merge(method, pre, fts, validate=False, **hp))), pre
+    pre, fts = read_model(shapes, folder, 0), [read_model(shapes, folder, i + 1) for i in range(tasks)]
+    if impl == "numpy_breadcrumbs":
+        return (lambda: numpy_breadcrumbs(pre, fts)), pre
+    import torch
+
+    from bench import peers
+
+    if os.environ.get("BCJAX_BENCH_TORCH_THREADS"):  # default: torch's own (one per core)
+        torch.set_num_threads(int(os.environ["BCJAX_BENCH_TORCH_THREADS"]))
+
+    pre = {k: torch.from_numpy(v) for k, v in pre.items()}  # zero-copy views of the same buffers
+    fts = [{k: torch.from_numpy(v) for k, v in ft.items()} for ft in fts]
+    if impl.startswith("mergekit"):
+        import mergekit.merge_methods  # noqa: F401  (import time and memory are not the merge's)
+    fn = getattr(peers, impl)
+    hp = dict(density=TIES_DENSITY, alpha=TIES_ALPHA) if impl == "mergekit_ties" else \
+        dict(alpha=ALPHA) if impl == "torch_task_arithmetic" else dict(alpha=ALPHA, beta=BETA, gamma=GAMMA)
+    return (lambda: fn(pre, fts, **hp)), pre
+
+
+def run_one(impl: str, shapes, tasks: int, folder: str, repeats: int, budget_s: float, slow_s: float,
+            dump: str | None = None) -> dict:
+    """Time and measure ``impl`` in this process (see the module docstring for the rules)."""
+    load0 = os.getloadavg()[0]
+    fn, pre = build(impl, shapes, tasks, folder)
+    compiled = IMPL_INFO[impl][1]
+    one_model = 4 * num_params(shapes)
+    input_bytes = one_model * (tasks + 1)
+    rss_before = 0 if compiled else _reset_high_water_mark()
     t0 = time.perf_counter()
-    fn()  # warm-up: compilation (its memory is not the merge's)
+    out = fn()  # warm-up: compilation for bcjax (its memory is not the merge's)
     warmup = time.perf_counter() - t0
-    rss_before = _reset_high_water_mark()
+    if dump:
+        np.savez(dump, **{k: np.asarray(v) for k, v in out.items()})
+    del out
     times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-        del out
+    if not compiled and warmup >= slow_s:
+        times, warmup_counted = [warmup], True
+    else:
+        warmup_counted = False
+        rss_before = _reset_high_water_mark()  # after the warm-up: a clean merge's memory
+        while len(times) < max(1, repeats) and (not times or sum(times) < budget_s):
+            t0 = time.perf_counter()
+            out = fn()
+            times.append(time.perf_counter() - t0)
+            del out
     peak = _status_bytes("VmHWM") if rss_before else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    one_model = input_bytes // (tasks + 1)
-    return {"impl": impl, "model": model, "tasks": tasks, "params_per_model": num_params(shapes),
-            "median_s": float(np.median(times)), "times_s": times, "warmup_s": warmup,
+    extra = {}
+    if impl.startswith(("torch", "mergekit")):
+        import torch
+        extra["torch_threads"] = torch.get_num_threads()
+        extra["torch_version"] = torch.__version__
+    return {"impl": impl, "tasks": tasks, "params_per_model": num_params(shapes),
+            "median_s": float(np.median(times)), "times_s": times, "runs": len(times),
+            "warmup_s": warmup, "warmup_counted": warmup_counted,
             "peak_rss_bytes": peak, "input_bytes": input_bytes, "rss_before_merge_bytes": rss_before,
             "peak_over_inputs_in_models": (peak - input_bytes) / one_model,
-            "merge_overhead_in_models": (peak - rss_before) / one_model}
+            "merge_overhead_in_models": (peak - rss_before) / one_model if rss_before else float("nan"),
+            "loadavg_1m_start": load0, "loadavg_1m_end": os.getloadavg()[0], **extra}
 
 
 def _status_bytes(field: str) -> int:
@@ -102,7 +235,14 @@ def _status_bytes(field: str) -> int:
 
 
 def _reset_high_water_mark() -> int:
-    """Reset VmHWM (Linux ``clear_refs``) after the warm-up; return the RSS now (0 if unsupported)."""
+    """Return freed heap memory to the OS (glibc ``malloc_trim``: else memory the warm-up
+    freed stays resident and a later run reuses it unseen), reset VmHWM (Linux
+    ``clear_refs``); return the RSS now (0 if unsupported)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -111,46 +251,150 @@ def _reset_high_water_mark() -> int:
     return _status_bytes("VmRSS")
 
 
+# ------------------------------------------------------------------------------ driver
+def machine_info() -> dict:
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
+            "numpy": np.__version__}
+
+
+def run_child(impl, model, scale, tasks, folder, args) -> dict:
+    """Run one implementation in a fresh process with the right venv; a row (or a skip row)."""
+    venv = IMPL_INFO[impl][0]
+    exe = sys.executable if venv == "bcjax" else peer_python()
+    if exe is None:
+        return {"impl": impl, "tasks": tasks, "skipped": "peer venv missing: run bash bench/setup_peers.sh"}
+    cmd = [exe, os.path.abspath(__file__), "--model", model, "--scale", str(scale), "--tasks", str(tasks),
+           "--repeats", str(args.repeats), "--budget-s", str(args.budget_s), "--slow-s", str(args.slow_s),
+           "--data-dir", folder, "--_child", impl]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    if res.returncode != 0:
+        raise SystemExit(f"{impl} failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def dump_merged(impl: str, model: str, tasks: int, folder: str, path: str) -> bool:
+    """Run ``impl`` once in its own process on the inputs in ``folder`` (``write_inputs``)
+    and save its merged model to ``path`` (.npz); False if its venv is missing."""
+    exe = sys.executable if IMPL_INFO[impl][0] == "bcjax" else peer_python()
+    if exe is None:
+        return False
+    cmd = [exe, os.path.abspath(__file__), "--model", model, "--tasks", str(tasks), "--repeats", "1",
+           "--slow-s", "0", "--data-dir", folder, "--_child", impl, "--_dump", path]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
+    if res.returncode != 0:
+        raise RuntimeError(f"{impl} failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
+    return True
+
+
+def markdown_table(rows, title: str) -> str:
+    """One workload's table: time, ratios to the task-arithmetic floor and to bcjax Breadcrumbs, memory."""
+    by = {r["impl"]: r for r in rows if "median_s" in r}
+    tas = [by[k]["median_s"] for k in ("bcjax_task_arithmetic", "torch_task_arithmetic") if k in by]
+    floor = min(tas) if tas else None
+    bc = by.get("bcjax_breadcrumbs", {}).get("median_s")
+    threads = sorted({r["torch_threads"] for r in rows if "torch_threads" in r})
+    if threads:
+        title += f"; torch threads: {', '.join(map(str, threads))}"
+    lines = [title, "",
+             "| implementation | what it computes | median (s) | runs | × TA floor | bcjax Breadcrumbs faster by "
+             "| peak RSS (GiB) | merge's peak above its inputs (models) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        what = IMPL_INFO.get(r["impl"], ("", False, ""))[2]
+        if "median_s" not in r:
+            lines.append(f"| {r['impl']} | {what} | skipped: {r.get('skipped', '?')} | | | | | |")
+            continue
+        ratio = f"{r['median_s'] / floor:.1f}" if floor else "–"
+        speed = f"{r['median_s'] / bc:.1f}×" if bc and r["impl"] != "bcjax_breadcrumbs" else "–"
+        runs = f"{r['runs']}" + (" (no warm-up)" if r.get("warmup_counted") else "")
+        ovh = r["merge_overhead_in_models"]
+        lines.append(f"| {r['impl']} | {what} | {r['median_s']:.3f} | {runs} | {ratio} | {speed} | "
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} | {'–' if ovh != ovh else f'{ovh:.2f}'} |")
+    return "\n".join(lines)
+
+
+def run_workload(model: str, tasks: int, impls, args, scale: float = 1.0) -> list[dict]:
+    """Generate the inputs once, run every implementation on them; the rows."""
+    shapes = model_shapes(model, scale)
+    folder = tempfile.mkdtemp(prefix="bcjax_bench_", dir=args.data_dir)
+    try:
+        t0 = time.perf_counter()
+        write_inputs(shapes, tasks, folder)
+        print(f"[{model} ×{tasks}, {num_params(shapes) / 1e6:.1f}M params/model] inputs in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+        rows = []
+        for impl in impls:
+            r = run_child(impl, model, scale, tasks, folder, args)
+            r["model"] = model
+            rows.append(r)
+            if "median_s" in r:
+                print(f"  {impl:24s} {r['median_s']:8.3f} s ×{r['runs']}  "
+                      f"peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB"
+                      f"  (+{r['merge_overhead_in_models']:.2f} models)  load {r['loadavg_1m_start']:.1f}", flush=True)
+            else:
+                print(f"  {impl:24s} skipped: {r['skipped']}", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="vit_b_32", choices=sorted(MODELS))
+    ap.add_argument("--model", default="vit_b_32", help="vit_b_32 | vit_l_14 | smoke | vit-w<width>-l<layers>")
+    ap.add_argument("--scale", type=float, default=1.0, help="≈ parameter-count factor for quick runs")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--impls", default=",".join(IMPLS))
-    ap.add_argument("--out", default=None, help="folder for results.json / results.md")
+    ap.add_argument("--budget-s", type=float, default=25.0, help="stop repeating once timed runs took this long")
+    ap.add_argument("--slow-s", type=float, default=15.0, help="eager impls this slow: the warm-up is the sample")
+    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS))
+    ap.add_argument("--out", default=None, help="folder for {model}_{tasks}.json / .md")
+    ap.add_argument("--data-dir", default=None, help="where the inputs are written (default: the temp dir)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat")
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_dump", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
-        args.model, args.tasks, args.repeats = "smoke", 3, 1
+        args.model, args.tasks, args.repeats, args.scale = "smoke", 3, 1, 1.0
     if args._child:
-        print(json.dumps(run_one(args._child, args.model, args.tasks, args.repeats)))
-        return
-    rows = []
-    for impl in args.impls.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--tasks", str(args.tasks),
-               "--repeats", str(args.repeats), "--_child", impl]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if res.returncode != 0:
-            raise SystemExit(f"{impl} failed:\n{res.stderr[-3000:]}")
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        print(f"{impl:24s} {rows[-1]['median_s']:8.3f} s   peak RSS {rows[-1]['peak_rss_bytes'] / 2**30:6.2f} GiB", flush=True)
-    ta = next((r["median_s"] for r in rows if r["impl"] == "bcjax_task_arithmetic"), None)
-    lines = ["| implementation | median (s) | × task arithmetic | peak RSS (GiB) | merge's peak above its inputs (models) |",
-             "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        ratio = f"{r['median_s'] / ta:.1f}" if ta else "–"
-        lines.append(f"| {r['impl']} | {r['median_s']:.3f} | {ratio} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-                     f"{r['merge_overhead_in_models']:.2f} |")
-    header = (f"{args.model}, {args.tasks} tasks, {rows[0]['params_per_model'] / 1e6:.1f}M params per model; "
-              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; median of {args.repeats}")
-    table = header + "\n\n" + "\n".join(lines)
+        shapes = model_shapes(args.model, args.scale)
+        print(json.dumps(run_one(args._child, shapes, args.tasks, args.data_dir, args.repeats, args.budget_s,
+                                 args.slow_s, dump=args._dump)))
+        return None
+    impls = args.impls.split(",")
+    unknown = sorted(set(impls) - set(IMPL_INFO))
+    if unknown:
+        raise SystemExit(f"unknown --impls {unknown}; known: {IMPLS}")
+    rows = run_workload(args.model, args.tasks, impls, args, args.scale)
+    shapes = model_shapes(args.model, args.scale)
+    name = args.model if args.scale == 1.0 else f"{args.model}@{args.scale:g}"
+    title = (f"**{name} × {args.tasks} tasks**, {num_params(shapes) / 1e6:.1f}M params per model "
+             f"({4 * num_params(shapes) / 2**20:.0f} MiB); median of up to {args.repeats} after a warm-up")
+    table = markdown_table(rows, title)
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"{args.model}_{args.tasks}.json"), "w") as f:
-            json.dump(rows, f, indent=2)
-        with open(os.path.join(args.out, f"{args.model}_{args.tasks}.md"), "w") as f:
+        stem = f"{args.model}_{args.tasks}" if args.scale == 1.0 else f"{args.model}@{args.scale:g}_{args.tasks}"
+        with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+            json.dump({"model": args.model, "scale": args.scale, "tasks": args.tasks,
+                       "params_per_model": num_params(shapes), "repeats": args.repeats,
+                       "budget_s": args.budget_s, "slow_s": args.slow_s,
+                       "hparams": {"alpha": ALPHA, "beta": BETA, "gamma": GAMMA,
+                                   "ties_density": TIES_DENSITY, "ties_alpha": TIES_ALPHA},
+                       "machine": machine_info(), "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "rows": rows}, f, indent=2)
+        with open(os.path.join(args.out, f"{stem}.md"), "w") as f:
             f.write(table + "\n")
     return rows
 
