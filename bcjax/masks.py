@@ -124,21 +124,35 @@ def breadcrumbs_counts(n: int, beta, gamma):
     return linear_count(n, 0.0, [(1.0, beta)]), linear_count(n, 1.0, [(-1.0, gamma)])
 
 
-def breadcrumbs_threshold_bits(bits: jax.Array, n_bot, n_top):
-    """(lo, hi) as magnitude bits for one leaf given its ``bits`` and the SPEC §2 counts;
-    ``NO_THRESHOLD`` stands for +∞. One coarse and one fine histogram pass for both."""
-    n = bits.size
+def _threshold_bits(select, n: int, n_bot, n_top):
+    """(lo, hi) magnitude bits from the SPEC §2 counts, ``select(ranks)`` giving order
+    statistics; ``NO_THRESHOLD`` stands for +∞ (nothing dropped on that side)."""
     ranks = jnp.stack([jnp.clip(n_bot, 0, n - 1), jnp.clip(n - n_top, 0, n - 1)]).astype(jnp.int32)
-    lo_hi = order_stats.select_bits([bits], ranks)
+    lo_hi = select(ranks)
     lo = jnp.where(n_bot < n, lo_hi[0], order_stats.NO_THRESHOLD)
     hi = jnp.where(n_top >= 1, lo_hi[1], order_stats.NO_THRESHOLD)
     return lo, hi
+
+
+def breadcrumbs_threshold_bits(bits: jax.Array, n_bot, n_top):
+    """(lo, hi) as magnitude bits for one leaf given its ``bits`` and the SPEC §2 counts;
+    ``NO_THRESHOLD`` stands for +∞. One selection pass for both."""
+    return _threshold_bits(lambda r: order_stats.select_bits([bits], r), bits.size, n_bot, n_top)
 
 
 def mask_from_counts(tau: jax.Array, n_bot, n_top) -> jax.Array:
     """keep ⇔ lo ≤ |τ| < hi for one non-empty leaf, given its SPEC §2 counts (traceable)."""
     bits = order_stats.magnitude_bits(tau)
     lo, hi = breadcrumbs_threshold_bits(bits, n_bot, n_top)
+    return (bits >= lo) & (bits < hi)
+
+
+def diff_mask_from_counts(finetuned: jax.Array, pretrained: jax.Array, n_bot, n_top) -> jax.Array:
+    """:func:`mask_from_counts` of τ = finetuned − pretrained, without writing τ to memory
+    for the selection where the native CPU kernel applies (same result everywhere)."""
+    lo, hi = _threshold_bits(lambda r: order_stats.select_diff_bits(finetuned, pretrained, r),
+                             finetuned.size, n_bot, n_top)
+    bits = order_stats.magnitude_bits(finetuned - pretrained)
     return (bits >= lo) & (bits < hi)
 
 

@@ -28,7 +28,7 @@ import numpy as np
 from bcjax import order_stats
 from bcjax.errors import HyperparameterError, TreeMismatchError, UnknownMethodError
 from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask, check_beta_gamma,
-                         check_fraction, fraction_count, mask_from_counts)
+                         check_fraction, diff_mask_from_counts, fraction_count)
 from bcjax.tree import (PyTree, check_finite, compute_dtype, is_tracing, keystr, merged_leaf_flags,
                         validate_models)
 
@@ -216,8 +216,9 @@ def _breadcrumbs_tensor_leaf(p0, fts, alphas, n_bot, n_top):
     p = _upcast(p0, p0)
     acc = jnp.zeros_like(p)
     for t, ft in enumerate(fts):
-        tau = _upcast(ft, p0) - p
-        acc = acc + jnp.where(mask_from_counts(tau, n_bot, n_top), alphas[t].astype(p.dtype) * tau, 0)
+        ft = _upcast(ft, p0)
+        tau = ft - p
+        acc = acc + jnp.where(diff_mask_from_counts(ft, p, n_bot, n_top), alphas[t].astype(p.dtype) * tau, 0)
     return (p + acc).astype(p0.dtype)
 
 

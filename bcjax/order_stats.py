@@ -20,6 +20,13 @@ coarse pass and one fine pass (K rows), which is how a (β, γ) grid reuses a si
 leaf. Counts are int32: a selection covers at most 2^31 − 1 elements.
 
 Tiny inputs (≤ ``SORT_BELOW`` elements) are sorted instead; the result is identical.
+
+On the CPU backend a single array is selected by a native kernel instead
+(:mod:`bcjax._native`: one vectorised streaming pass, sample → bracket → count → select,
+about 10× faster than XLA:CPU's element-at-a-time scatter), with identical results. The
+choice is made per backend at lowering time (``lax.platform_dependent``), so the same
+jitted program runs the histogram path on GPU/TPU. Set ``BCJAX_NATIVE=0`` to force the
+portable path everywhere.
 """
 from __future__ import annotations
 
@@ -29,6 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bcjax import _native
+
 __all__ = [
     "magnitude_bits",
     "bits_to_float",
@@ -37,6 +46,7 @@ __all__ = [
     "fine_histogram",
     "resolve_fine",
     "select_bits",
+    "select_diff_bits",
     "kth_smallest_magnitude",
     "NO_THRESHOLD",
     "SORT_BELOW",
@@ -124,6 +134,29 @@ def select_bits(arrays: Sequence[jax.Array], ranks: jax.Array) -> jax.Array:
         raise ValueError(f"select_bits: {total} elements exceed the int32 count limit {_MAX_COUNT}")
     if total <= SORT_BELOW:
         return jnp.sort(jnp.concatenate(arrays))[ranks]
+    if len(arrays) == 1 and _native.available():
+        return lax.platform_dependent(arrays[0], ranks, cpu=_native.select_bits,
+                                      default=lambda a, r: _histogram_select(a, ranks=r))
+    return _histogram_select(*arrays, ranks=ranks)
+
+
+def select_diff_bits(a: jax.Array, b: jax.Array, ranks: jax.Array) -> jax.Array:
+    """``select_bits([magnitude_bits(a − b)], ranks)`` without materializing ``a − b`` where
+    the native CPU kernel applies (float32 ``a`` and ``b``); identical results everywhere."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    if a.shape != b.shape:
+        raise ValueError(f"select_diff_bits: shapes differ, {a.shape} vs {b.shape}")
+    ranks = jnp.atleast_1d(jnp.asarray(ranks, jnp.int32))
+    if (a.size > SORT_BELOW and a.dtype == jnp.float32 and b.dtype == jnp.float32
+            and a.size <= _MAX_COUNT and _native.available()):
+        return lax.platform_dependent(
+            a, b, ranks, cpu=_native.select_diff_bits,
+            default=lambda x, y, r: select_bits([magnitude_bits(x - y)], r))
+    return select_bits([magnitude_bits(a - b)], ranks)
+
+
+def _histogram_select(*arrays: jax.Array, ranks: jax.Array) -> jax.Array:
+    """The portable path: one coarse and one fine additive histogram pass."""
     hist1 = sum(coarse_histogram(a) for a in arrays)
     bins, below, rep = locate_coarse(hist1, ranks)
     hist2 = sum(fine_histogram(a, bins) for a in arrays)

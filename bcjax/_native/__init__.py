@@ -1,0 +1,150 @@
+"""Optional native CPU kernels, compiled on first use (XLA FFI custom calls).
+
+``select_bits.cc`` is an exact order-statistics kernel for the CPU backend: one streaming
+pass (sample → bracket → count → select inside the bracket) instead of the portable
+path's two scatter-add histogram passes, which XLA:CPU executes one element at a time.
+Its results equal the portable path's exactly (tests/test_native.py); it only changes
+speed. On GPU/TPU, or where no C++ compiler is found, bcjax uses the portable path.
+
+The shared library is built with the system C++ compiler (``$CXX`` or ``g++``) against
+the FFI headers shipped in jaxlib, once per (source, jaxlib, compiler) into
+``$BCJAX_CACHE/native`` (default ``~/.cache/bcjax/native``), with an atomic rename so
+concurrent processes never load a half-written file. ``BCJAX_NATIVE=0`` disables it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["DIFF_TARGET", "TARGET", "available", "library_path", "select_bits", "select_diff_bits",
+           "unavailable_reason"]
+
+TARGET = "bcjax_select_bits"
+DIFF_TARGET = "bcjax_select_diff_bits"
+_SOURCE = Path(__file__).with_name("select_bits.cc")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("BCJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bcjax")
+    return Path(root) / "native"
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX") or "g++"
+    return shutil.which(cxx)
+
+
+def _build(cxx: str) -> Path:
+    include = jax.ffi.include_dir()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256(_SOURCE.read_bytes() + include.encode() + jax.__version__.encode()
+                         + version.encode()).hexdigest()[:16]
+    out = _cache_dir() / f"bcjax_select_bits_{key}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}", str(_SOURCE), "-o", tmp,
+           "-pthread"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load() -> None:
+    """Build (if needed), load and register the kernel once per process."""
+    with _lock:
+        if "ok" in _state:
+            return
+        if os.environ.get("BCJAX_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+            _state.update(ok=False, reason="disabled by BCJAX_NATIVE=0")
+            return
+        cxx = _compiler()
+        if cxx is None:
+            _state.update(ok=False, reason="no C++ compiler found (set $CXX or install g++)")
+        else:
+            try:
+                path = _build(cxx)
+                lib = ctypes.cdll.LoadLibrary(str(path))
+                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.BcjaxSelectBits), platform="cpu")
+                jax.ffi.register_ffi_target(DIFF_TARGET, jax.ffi.pycapsule(lib.BcjaxSelectDiffBits),
+                                            platform="cpu")
+                _state.update(ok=True, reason=None, path=path, lib=lib)
+            except (OSError, RuntimeError, AttributeError) as e:
+                _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
+        if not _state["ok"] and "disabled" not in _state["reason"]:
+            warnings.warn(f"bcjax: native CPU selection kernel unavailable ({_state['reason']}); "
+                          "using the portable XLA path (exact, slower)", RuntimeWarning, stacklevel=3)
+
+
+def available() -> bool:
+    """True when the native kernel is built and registered for the CPU backend."""
+    _load()
+    return bool(_state["ok"])
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`available` is False (None when it is True)."""
+    _load()
+    return _state["reason"]
+
+
+def library_path() -> Path | None:
+    _load()
+    return _state.get("path")
+
+
+@functools.cache
+def _threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+#: Bracket margin in binomial standard deviations of the sample rank. Only speed depends on
+#: it (a miss falls back to an exact full selection); tests set 0 to exercise that path.
+DEFAULT_SIGMAS = 3.5
+
+
+def select_bits(bits: jax.Array, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
+    """int32[K]: the ``ranks``-th smallest of the non-negative int32 ``bits`` (flattened).
+
+    CPU only; call through :func:`bcjax.order_stats.select_bits`, which picks this kernel
+    on the CPU backend and the portable path elsewhere. Traceable and vmappable (vmap
+    runs the kernel once per batch element).
+    """
+    bits = jnp.ravel(jnp.asarray(bits, jnp.int32))
+    ranks = jnp.asarray(ranks, jnp.int32)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
+    return call(bits, ranks, threads=_threads(), sigmas=np.float32(sigmas))
+
+
+def select_diff_bits(a: jax.Array, b: jax.Array, ranks: jax.Array, *,
+                     sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
+    """int32[K]: the ``ranks``-th smallest magnitude bits of ``a − b`` (float32, same shape),
+    computed on the fly with XLA:CPU's denormal semantics, so the difference is never
+    materialized. CPU only; see :func:`bcjax.order_stats.select_diff_bits`."""
+    a = jnp.ravel(jnp.asarray(a, jnp.float32))
+    b = jnp.ravel(jnp.asarray(b, jnp.float32))
+    ranks = jnp.asarray(ranks, jnp.int32)
+    call = jax.ffi.ffi_call(DIFF_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
+    return call(a, b, ranks, threads=_threads(), sigmas=np.float32(sigmas))

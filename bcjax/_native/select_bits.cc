@@ -1,0 +1,361 @@
+// Exact order statistics of float32 magnitudes as XLA FFI custom calls (CPU backend).
+// bcjax/order_stats.py documents the contract; these kernels return exactly what its
+// portable radix-select returns, only faster.
+//
+// Keys are the int32 bit patterns of |x| (monotone in |x|). Two handlers:
+//   bcjax_select_bits(bits, ranks)          keys given (non-negative int32)
+//   bcjax_select_diff_bits(a, b, ranks)     keys of |a − b| computed on the fly (float32),
+//       with XLA:CPU's denormal semantics (inputs and results flushed to zero), so the
+//       task vector τ = θt − θ0 is never written to memory.
+//
+// Algorithm ("sample, bracket, count, select"), for n keys and K ranks:
+//   1. a sample of m keys from random contiguous blocks (fixed seed);
+//   2. per rank r, a bracket [lo, hi] of sample order statistics around r·m/n, with a
+//      margin of ``sigmas`` (default 3.5) binomial standard deviations;
+//   3. one streaming pass (AVX2 where available): below[k] = #{key < lo[k]}, and the keys
+//      inside [lo[k], hi[k]] are compacted into a buffer;
+//   4. if below[k] ≤ r < below[k] + |inside[k]|, the answer is the (r − below[k])-th
+//      smallest inside key (std::nth_element on a few percent of n); otherwise (the
+//      sample missed) the rank is selected exactly from a full copy of the keys.
+// The result never depends on the sample, only the speed does: exact and deterministic.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define BCJAX_X86 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kSortBelow = 4096;
+constexpr int64_t kBlock = 256;          // contiguous keys per sample block
+constexpr int64_t kThreadChunk = 1 << 21;  // keys per thread, at least
+
+inline uint64_t SplitMix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+// --- key sources --------------------------------------------------------------------
+struct BitsKeys {
+  const int32_t* x;
+  inline uint32_t operator()(int64_t i) const { return static_cast<uint32_t>(x[i]); }
+};
+
+inline uint32_t FlushedBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x7f800000u) == 0 ? (u & 0x80000000u) : u;  // denormal → ±0
+}
+
+struct DiffKeys {
+  const float* a;
+  const float* b;
+  inline uint32_t operator()(int64_t i) const {
+    uint32_t ua = FlushedBits(a[i]), ub = FlushedBits(b[i]);
+    float fa, fb;
+    std::memcpy(&fa, &ua, 4);
+    std::memcpy(&fb, &ub, 4);
+    uint32_t d = FlushedBits(fa - fb) & 0x7fffffffu;
+    return d;
+  }
+};
+
+// XLA:CPU runs with denormals-are-zero and flush-to-zero; the kernels set the same mode
+// for their own arithmetic (and restore the caller's), so |a − b| matches XLA bit for bit.
+class ScopedFlushDenormals {
+ public:
+  ScopedFlushDenormals() {
+#ifdef BCJAX_X86
+    saved_ = _mm_getcsr();
+    _mm_setcsr(saved_ | 0x8040u);  // FTZ | DAZ
+#endif
+  }
+  ~ScopedFlushDenormals() {
+#ifdef BCJAX_X86
+    _mm_setcsr(saved_);
+#endif
+  }
+
+ private:
+  unsigned saved_ = 0;
+};
+
+// --- scan: counts below lo[k] and collects keys in [lo[k], lo[k] + span[k]] ----------
+struct Partial {
+  std::vector<int64_t> below;
+  std::vector<std::vector<int32_t>> inside;
+};
+
+template <class Keys>
+void ScanScalar(const Keys& keys, int64_t begin, int64_t end, int64_t kk, const uint32_t* lo,
+                const uint32_t* span, Partial& p) {
+  for (int64_t i = begin; i < end; ++i) {
+    const uint32_t v = keys(i);
+    for (int64_t k = 0; k < kk; ++k) {
+      p.below[k] += v < lo[k];
+      if (v - lo[k] <= span[k]) p.inside[k].push_back(static_cast<int32_t>(v));
+    }
+  }
+}
+
+#ifdef BCJAX_X86
+// perm[m] moves the lanes whose bit is CLEAR in m (the keys inside a bracket, m being the
+// "outside" mask) to the front.
+struct CompactTable {
+  alignas(32) int32_t perm[256][8];
+  CompactTable() {
+    for (int m = 0; m < 256; ++m) {
+      int j = 0;
+      for (int b = 0; b < 8; ++b)
+        if (!(m & (1 << b))) perm[m][j++] = b;
+      for (; j < 8; ++j) perm[m][j] = 0;
+    }
+  }
+};
+const CompactTable kCompact;
+
+#define BCJAX_AVX2 __attribute__((target("avx2,popcnt")))
+
+BCJAX_AVX2 inline __m256i Load8(const BitsKeys& keys, int64_t i) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keys.x + i));
+}
+
+// Requires DAZ/FTZ set (see ScopedFlushDenormals): then this is XLA:CPU's |a − b|.
+BCJAX_AVX2 inline __m256i Load8(const DiffKeys& keys, int64_t i) {
+  const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(keys.a + i), _mm256_loadu_ps(keys.b + i));
+  return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7fffffff));
+}
+
+// A growable buffer with the hot fields in registers.
+struct Sink {
+  std::vector<int32_t>* vec;
+  int32_t* data;
+  int64_t len, cap;
+};
+
+// 8 keys per step: counting is a compare and a subtract; the keys inside a bracket are
+// compacted with a permutation looked up from the 8-bit mask (no data-dependent branch).
+template <int K, class Keys>
+BCJAX_AVX2 void ScanAvx2(const Keys& keys, int64_t begin, int64_t end, const uint32_t* lo, const uint32_t* span,
+                         Partial& p) {
+  __m256i vlo[K], vhi[K], below[K];
+  Sink sink[K];
+  for (int k = 0; k < K; ++k) {
+    vlo[k] = _mm256_set1_epi32(static_cast<int32_t>(lo[k]));
+    vhi[k] = _mm256_set1_epi32(static_cast<int32_t>(lo[k] + span[k]));
+    below[k] = _mm256_setzero_si256();
+    auto& v = p.inside[k];
+    v.resize(std::max<size_t>(v.capacity(), 64));
+    sink[k] = Sink{&v, v.data(), 0, static_cast<int64_t>(v.size()) - 8};
+  }
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m256i v = Load8(keys, i);
+    for (int k = 0; k < K; ++k) {
+      const __m256i lt = _mm256_cmpgt_epi32(vlo[k], v);
+      below[k] = _mm256_sub_epi32(below[k], lt);
+      const __m256i outside = _mm256_or_si256(lt, _mm256_cmpgt_epi32(v, vhi[k]));
+      const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(outside)));
+      Sink& s = sink[k];
+      if (s.len > s.cap) {
+        s.vec->resize(s.vec->size() * 2);
+        s.data = s.vec->data();
+        s.cap = static_cast<int64_t>(s.vec->size()) - 8;
+      }
+      const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompact.perm[mask]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.data + s.len), _mm256_permutevar8x32_epi32(v, perm));
+      s.len += 8 - _mm_popcnt_u32(mask);
+    }
+  }
+  for (int k = 0; k < K; ++k) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), below[k]);
+    int64_t b = 0;
+    for (int j = 0; j < 8; ++j) b += static_cast<uint32_t>(lanes[j]);
+    p.below[k] = b;
+    p.inside[k].resize(static_cast<size_t>(sink[k].len));
+  }
+  ScanScalar(keys, i, end, K, lo, span, p);  // the < 8 tail
+}
+
+bool HasAvx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+  return ok;
+}
+#endif
+
+template <class Keys>
+void Scan(const Keys& keys, int64_t begin, int64_t end, int64_t kk, const uint32_t* lo, const uint32_t* span,
+          Partial& p) {
+  ScopedFlushDenormals flush;
+#ifdef BCJAX_X86
+  // lanes count at most (end − begin)/8 < 2^31 keys each: int32 lanes cannot overflow
+  if (HasAvx2()) {
+    switch (kk) {
+      case 1: return ScanAvx2<1>(keys, begin, end, lo, span, p);
+      case 2: return ScanAvx2<2>(keys, begin, end, lo, span, p);
+      case 3: return ScanAvx2<3>(keys, begin, end, lo, span, p);
+      case 4: return ScanAvx2<4>(keys, begin, end, lo, span, p);
+      default: break;
+    }
+  }
+#endif
+  ScanScalar(keys, begin, end, kk, lo, span, p);
+}
+
+// --- selection ----------------------------------------------------------------------
+template <class Keys>
+std::vector<int32_t> Materialize(const Keys& keys, int64_t n) {
+  std::vector<int32_t> v(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<int32_t>(keys(i));
+  return v;
+}
+
+template <class Keys>
+void Select(const Keys& keys, int64_t n, const int32_t* ranks, int64_t kk, int32_t* out, int threads,
+            double sigmas) {
+  if (kk > 4 && n > kSortBelow) {  // the vectorised scan takes up to 4 brackets per pass
+    for (int64_t k0 = 0; k0 < kk; k0 += 4) {
+      Select(keys, n, ranks + k0, std::min<int64_t>(4, kk - k0), out + k0, threads, sigmas);
+    }
+    return;
+  }
+  if (n <= kSortBelow) {
+    std::vector<int32_t> v = Materialize(keys, n);
+    std::sort(v.begin(), v.end());
+    for (int64_t k = 0; k < kk; ++k) out[k] = v[ranks[k]];
+    return;
+  }
+  // 1. sample: random contiguous blocks (cache friendly), m keys in all
+  const int64_t m = std::min<int64_t>(8192, std::max<int64_t>(1024, n / 128)) / kBlock * kBlock;
+  std::vector<int32_t> sample(m);
+  uint64_t state = 0x5eedb1c5ULL ^ static_cast<uint64_t>(n);
+  for (int64_t blk = 0; blk < m / kBlock; ++blk) {
+    const int64_t start = static_cast<int64_t>(SplitMix64(state) % static_cast<uint64_t>(n - kBlock + 1));
+    for (int64_t j = 0; j < kBlock; ++j) sample[blk * kBlock + j] = static_cast<int32_t>(keys(start + j));
+  }
+  std::sort(sample.begin(), sample.end());
+
+  // 2. brackets
+  std::vector<uint32_t> lo(kk), span(kk);
+  std::vector<int64_t> expected(kk);
+  for (int64_t k = 0; k < kk; ++k) {
+    const double q = (static_cast<double>(ranks[k]) + 0.5) / static_cast<double>(n);
+    const double pos = q * static_cast<double>(m);
+    const double margin = sigmas * (std::sqrt(static_cast<double>(m) * q * (1.0 - q)) + 2.0);
+    const int64_t a = static_cast<int64_t>(std::floor(pos - margin));
+    const int64_t b = static_cast<int64_t>(std::ceil(pos + margin));
+    const uint32_t l = a < 0 ? 0u : static_cast<uint32_t>(sample[a]);
+    const uint32_t h = b >= m ? 0x7fffffffu : static_cast<uint32_t>(sample[b]);
+    lo[k] = l;
+    span[k] = h - l;
+    expected[k] = (std::min<int64_t>(b, m - 1) - std::max<int64_t>(a, 0) + 1) * (n / m + 1);
+  }
+
+  // 3. one pass, split over threads for large inputs (partial results are additive)
+  const int nt = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, n / kThreadChunk)));
+  std::vector<Partial> parts(nt);
+  for (auto& p : parts) {
+    p.below.assign(kk, 0);
+    p.inside.resize(kk);
+    for (int64_t k = 0; k < kk; ++k) p.inside[k].reserve(expected[k] * 5 / 4 / nt + 64);
+  }
+  if (nt == 1) {
+    Scan(keys, 0, n, kk, lo.data(), span.data(), parts[0]);
+  } else {
+    std::vector<std::thread> pool;
+    for (int t = 0; t < nt; ++t) {
+      const int64_t begin = n * t / nt, end = n * (t + 1) / nt;
+      pool.emplace_back([&, t, begin, end] { Scan(keys, begin, end, kk, lo.data(), span.data(), parts[t]); });
+    }
+    for (auto& th : pool) th.join();
+  }
+
+  // 4. select inside the bracket (or exactly from a full copy if the sample missed)
+  for (int64_t k = 0; k < kk; ++k) {
+    int64_t below = 0;
+    std::vector<int32_t> inside = std::move(parts[0].inside[k]);
+    for (int t = 0; t < nt; ++t) {
+      below += parts[t].below[k];
+      if (t > 0) inside.insert(inside.end(), parts[t].inside[k].begin(), parts[t].inside[k].end());
+    }
+    const int64_t r = static_cast<int64_t>(ranks[k]) - below;
+    if (r >= 0 && r < static_cast<int64_t>(inside.size())) {
+      std::nth_element(inside.begin(), inside.begin() + r, inside.end());
+      out[k] = inside[r];
+    } else {
+      std::vector<int32_t> all = Materialize(keys, n);
+      std::nth_element(all.begin(), all.begin() + ranks[k], all.end());
+      out[k] = all[ranks[k]];
+    }
+  }
+}
+
+ffi::Error CheckRanks(const int32_t* r, int64_t kk, int64_t n, int64_t out_count) {
+  if (out_count != kk) return ffi::Error::InvalidArgument("bcjax select: output size must equal the number of ranks");
+  if (n == 0) return ffi::Error::InvalidArgument("bcjax select: no elements to select from");
+  for (int64_t k = 0; k < kk; ++k) {
+    if (r[k] < 0 || r[k] >= n) return ffi::Error::InvalidArgument("bcjax select: rank out of range");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error SelectBitsImpl(ffi::Buffer<ffi::S32> bits, ffi::Buffer<ffi::S32> ranks, ffi::ResultBuffer<ffi::S32> out,
+                          int64_t threads, float sigmas) {
+  const int64_t n = static_cast<int64_t>(bits.element_count());
+  const int64_t kk = static_cast<int64_t>(ranks.element_count());
+  ffi::Error err = CheckRanks(ranks.typed_data(), kk, n, static_cast<int64_t>(out->element_count()));
+  if (err.failure()) return err;
+  const int32_t* x = bits.typed_data();
+  for (int64_t i = 0; i < n; i += 4096) {  // spot check: magnitude bits are never negative
+    if (x[i] < 0) return ffi::Error::InvalidArgument("bcjax_select_bits: keys must be non-negative");
+  }
+  Select(BitsKeys{x}, n, ranks.typed_data(), kk, out->typed_data(), static_cast<int>(std::max<int64_t>(1, threads)),
+         sigmas);
+  return ffi::Error::Success();
+}
+
+ffi::Error SelectDiffBitsImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> ranks,
+                              ffi::ResultBuffer<ffi::S32> out, int64_t threads, float sigmas) {
+  const int64_t n = static_cast<int64_t>(a.element_count());
+  if (static_cast<int64_t>(b.element_count()) != n) {
+    return ffi::Error::InvalidArgument("bcjax_select_diff_bits: a and b must have the same size");
+  }
+  const int64_t kk = static_cast<int64_t>(ranks.element_count());
+  ffi::Error err = CheckRanks(ranks.typed_data(), kk, n, static_cast<int64_t>(out->element_count()));
+  if (err.failure()) return err;
+  Select(DiffKeys{a.typed_data(), b.typed_data()}, n, ranks.typed_data(), kk, out->typed_data(),
+         static_cast<int>(std::max<int64_t>(1, threads)), sigmas);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectBits, SelectBitsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<float>("sigmas"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectDiffBits, SelectDiffBitsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<float>("sigmas"));

@@ -1,0 +1,173 @@
+"""The native CPU selection kernels (bcjax/_native) against the portable histogram path and
+a numpy sort: they must be identical for every input, only faster."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bcjax
+from bcjax import _native, order_stats
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason=f"native kernel: {_native.unavailable_reason()}")
+
+_portable = jax.jit(lambda b, r: order_stats._histogram_select(b, ranks=r))
+_native_bits = jax.jit(_native.select_bits, static_argnames="sigmas")
+_native_diff = jax.jit(_native.select_diff_bits, static_argnames="sigmas")
+
+
+def _np_bits(x):
+    """Magnitude bits as XLA:CPU computes them (denormals flushed to zero)."""
+    return np.asarray(order_stats.magnitude_bits(jnp.asarray(x)))
+
+
+def _sorted_ranks(bits, ranks):
+    return np.sort(bits.ravel())[np.asarray(ranks)]
+
+
+def _values(rng, n, kind):
+    x = rng.standard_t(3, n).astype(np.float32)
+    if kind == "ties":
+        x = np.round(x * 2) / 2
+    elif kind == "zeros":
+        x[: n * 9 // 10] = 0
+    elif kind == "denormal":
+        x[::3] = rng.uniform(-1, 1, x[::3].shape).astype(np.float32) * np.float32(1e-39)
+    elif kind == "constant":
+        x[:] = 1.5
+    return x
+
+
+@pytest.mark.parametrize("n", [4097, 10_001, 65_536, 300_007])
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "denormal", "constant"])
+def test_native_select_equals_sort_and_portable(n, kind):
+    rng = np.random.default_rng(n)
+    bits = _np_bits(_values(rng, n, kind))
+    ranks = np.array([0, int(0.9 * n), n - 1 - int(0.01 * n), n - 1, int(0.5 * n), 7], np.int32)
+    for k in (1, 2, 4, 6):  # 6 ranks: two passes of the 4-bracket scan
+        r = jnp.asarray(ranks[:k])
+        want = _sorted_ranks(bits, ranks[:k])
+        np.testing.assert_array_equal(np.asarray(_native_bits(bits, r)), want)
+        np.testing.assert_array_equal(np.asarray(_portable(jnp.asarray(bits), r)), want)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "denormal"])
+def test_native_fallback_path_is_exact(kind):
+    """sigmas=0 makes the sample brackets miss most ranks: the exact fallback must answer."""
+    rng = np.random.default_rng(1)
+    n = 50_001
+    bits = _np_bits(_values(rng, n, kind))
+    ranks = jnp.asarray(rng.integers(0, n, 4), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(_native_bits(bits, ranks, sigmas=0.0)),
+                                  _sorted_ranks(bits, np.asarray(ranks)))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "denormal"])
+@pytest.mark.parametrize("n", [4099, 100_003])
+def test_native_diff_matches_xla_difference(kind, n):
+    """|a − b| computed inside the kernel equals XLA's, denormal flushing included."""
+    rng = np.random.default_rng(n + len(kind))
+    b = _values(rng, n, kind)
+    a = b + _values(rng, n, kind) * np.float32(0.01)
+    if kind == "denormal":  # differences that land in the subnormal range
+        a[::5], b[::5] = np.float32(3e-39), np.float32(0)  # subnormal input: XLA reads it as 0
+        a[1::7] = np.float32(2e-38)
+        b[1::7] = np.float32(1e-38)
+    bits = np.asarray(jax.jit(lambda x, y: order_stats.magnitude_bits(x - y))(a, b))
+    ranks = jnp.asarray([0, int(0.9 * n), n - 1 - int(0.01 * n), n - 1], jnp.int32)
+    want = _sorted_ranks(bits, np.asarray(ranks))
+    np.testing.assert_array_equal(np.asarray(_native_diff(a, b, ranks)), want)
+    np.testing.assert_array_equal(np.asarray(order_stats.select_diff_bits(a, b, ranks)), want)
+    np.testing.assert_array_equal(np.asarray(_native_diff(a, b, ranks, sigmas=0.0)), want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=hnp.arrays(np.float32, st.integers(4097, 20_000),
+                    elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=True)),
+       qs=st.lists(st.floats(0, 1), min_size=1, max_size=5))
+def test_native_select_property(x, qs):
+    bits = _np_bits(x)
+    n = bits.size
+    ranks = np.array([min(int(q * n), n - 1) for q in qs], np.int32)
+    np.testing.assert_array_equal(np.asarray(_native_bits(bits, jnp.asarray(ranks))), _sorted_ranks(bits, ranks))
+
+
+def test_native_kernel_vmaps_over_ranks():
+    rng = np.random.default_rng(3)
+    bits = _np_bits(_values(rng, 20_000, "normal"))
+    ranks = jnp.asarray([[1, 2], [100, 19_999], [5_000, 5_000]], jnp.int32)
+    got = jax.vmap(lambda r: _native.select_bits(bits, r))(ranks)
+    want = np.stack([_sorted_ranks(bits, np.asarray(r)) for r in ranks])
+    np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_breadcrumbs_merge_lowers_to_the_native_kernel_on_cpu():
+    """The CPU lowering of a Breadcrumbs merge uses the fused |θt − θ0| selection kernel."""
+    from bcjax import merging
+
+    p0 = jnp.zeros((64, 80), jnp.float32)
+    fts = (p0 + 1.0, p0 + 2.0)
+    text = merging._breadcrumbs_tensor_leaf.lower(p0, fts, jnp.ones(2), jnp.int32(10), jnp.int32(5)).as_text()
+    assert _native.DIFF_TARGET in text
+
+
+def _merge_script(extra_env_note: str) -> str:
+    return textwrap.dedent(f"""
+        # {extra_env_note}
+        import warnings, numpy as np, bcjax
+        rng = np.random.default_rng(0)
+        p0 = {{"w": rng.standard_normal((96, 70)).astype(np.float32), "b": rng.standard_normal(40).astype(np.float32)}}
+        fts = [{{k: v + rng.standard_t(3, v.shape).astype(np.float32) * 0.1 for k, v in p0.items()}} for _ in range(3)]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = bcjax.merge("breadcrumbs", p0, fts, alpha=0.5, beta=0.8, gamma=0.97)
+        from bcjax import _native
+        print("NATIVE", _native.available(), "|", _native.unavailable_reason())
+        print("WARN", [str(w.message) for w in caught if "native" in str(w.message)])
+        np.save({{!r}}, np.asarray(out["w"]))
+    """)
+
+
+def test_portable_fallback_gives_identical_merges(tmp_path):
+    """BCJAX_NATIVE=0 and a broken compiler both fall back to the portable path, and the
+    merged parameters are bit-identical to the native ones."""
+    outs = {}
+    for name, env in {"native": {},
+                      "disabled": {"BCJAX_NATIVE": "0"},
+                      "nocompiler": {"CXX": "/bin/false", "BCJAX_CACHE": str(tmp_path / "fresh_cache")}}.items():
+        path = tmp_path / f"{name}.npy"
+        script = _merge_script(name).replace("{!r}", repr(str(path)))
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[name] = (np.load(path), proc.stdout)
+    assert "NATIVE True" in outs["native"][1]
+    assert "NATIVE False | disabled by BCJAX_NATIVE=0" in outs["disabled"][1]
+    assert "NATIVE False" in outs["nocompiler"][1] and "compiling select_bits.cc failed" in outs["nocompiler"][1]
+    assert "portable XLA path" in outs["nocompiler"][1]  # the user is told, once, why it is slower
+    np.testing.assert_array_equal(outs["native"][0], outs["disabled"][0])
+    np.testing.assert_array_equal(outs["native"][0], outs["nocompiler"][0])
+
+
+def test_merge_matches_numpy_reference_on_a_large_leaf():
+    """End to end through bcjax.merge on a leaf big enough for the threaded scan."""
+    import reference as ref
+
+    rng = np.random.default_rng(5)
+    p0 = {"w": rng.standard_normal((2100, 1024)).astype(np.float32)}
+    fts = [{"w": p0["w"] + rng.standard_t(3, p0["w"].shape).astype(np.float32) * 0.01} for _ in range(2)]
+    got = bcjax.merge("breadcrumbs", p0, fts, alpha=0.3, beta=0.9, gamma=0.99)
+    want = ref.breadcrumbs(p0["w"], [f["w"] for f in fts], alpha=0.3, beta=0.9, gamma=0.99)
+    np.testing.assert_allclose(np.asarray(got["w"]), want, rtol=0, atol=1e-6)
+    # the mask itself must be exact: compare kept positions, not just values
+    for f in fts:
+        tau = f["w"] - p0["w"]
+        np.testing.assert_array_equal(np.asarray(bcjax.breadcrumbs_mask({"w": tau}, 0.9, 0.99)["w"]),
+                                      ref.breadcrumbs_mask(tau, 0.9, 0.99))
