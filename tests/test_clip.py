@@ -83,7 +83,7 @@ def _to_openclip(sd, layers):
     return out
 
 
-def test_openclip_state_dict_maps_onto_flax(pt_dir):
+def test_openclip_state_dict_maps_onto_flax(pt_dir, tmp_path):
     from safetensors.numpy import load_file
 
     clip = clip_lib.load_clip(pt_dir, tokenizer=False)
@@ -96,6 +96,12 @@ def test_openclip_state_dict_maps_onto_flax(pt_dir):
     assert flat.keys() == flat_ref.keys()
     for k in flat_ref:
         np.testing.assert_allclose(np.asarray(flat[k]), np.asarray(flat_ref[k]), atol=1e-6, err_msg=str(k))
+    import torch
+
+    torch.save({"state_dict": {k: torch.tensor(v) for k, v in oc.items()}}, tmp_path / "ft.pt")
+    from_file = clip_lib.load_openclip_checkpoint(tmp_path / "ft.pt", reference=ref)
+    for a, b in zip(jax.tree.leaves(from_file), jax.tree.leaves(mapped), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(clip_lib.ClipModelError, match="attnpool"):
         clip_lib.openclip_visual_to_flax({**oc, "visual.attnpool.c_proj.weight": np.zeros((2, 2))})
     with pytest.raises(clip_lib.ClipModelError, match="no 'visual"):

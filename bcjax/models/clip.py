@@ -21,7 +21,10 @@ Imports
       :func:`load_vision_finetune` (``from_pt``), checked against the pretrained tree.
     * open_clip state dicts (the task-vectors checkpoints of Ilharco et al.; those are
       pickled ``ImageEncoder`` modules whose ``state_dict()`` keys start ``model.visual.``):
-      :func:`openclip_visual_to_flax`, mapping documented at :data:`OPENCLIP_MAPPING`.
+      :func:`openclip_visual_to_flax` / :func:`load_openclip_checkpoint`, mapping documented
+      at :data:`OPENCLIP_MAPPING`. Use the HF ``openai/clip-vit-*`` model of the same
+      architecture as θ0 and for the heads (same OpenAI weights); only the fine-tuned
+      image towers need the mapping.
 
 Exports
     :func:`export_vision` writes a merged vision tower as HF Flax (``save_pretrained`` of
@@ -56,7 +59,8 @@ __all__ = [
     "CLIP_MEAN", "CLIP_STD", "HUB_NAMES", "FUSIONBENCH_TASKS", "OPENCLIP_MAPPING", "Clip", "ClipModelError",
     "load_clip", "load_tokenizer", "vision_params", "with_vision", "head_args", "normalize_pixels",
     "image_embeds", "clip_logits", "make_classifier", "zero_shot_head", "cached_zero_shot_head",
-    "fusionbench_name", "load_vision_finetune", "openclip_visual_to_flax", "flax_vision_to_torch_state",
+    "fusionbench_name", "load_vision_finetune", "openclip_visual_to_flax", "load_openclip_checkpoint",
+    "flax_vision_to_torch_state",
     "export_vision", "check_vision_tree",
 ]
 
@@ -465,6 +469,31 @@ def openclip_visual_to_flax(state_dict: Mapping[str, Any], *, reference: Mapping
         check_vision_tree(out, ref, "open_clip state dict")
         out = jax.tree.map(lambda x, r: jnp.asarray(x, r.dtype), out, ref)
     return out
+
+
+def load_openclip_checkpoint(path: str | os.PathLike, reference: Mapping | None = None) -> dict:
+    """:func:`openclip_visual_to_flax` of a checkpoint file: a ``.safetensors`` state dict,
+    or a ``torch.save`` file holding a state dict or a module (the task-vectors
+    checkpoints are pickled ``ImageEncoder`` modules: unpickling them needs ``open_clip``
+    and the task-vectors ``src`` package importable -- torch's rule, not ours; only load
+    files you trust). With the pretrained HF model of the same architecture as
+    ``reference`` (its ``vision_model`` and ``visual_projection``), the fine-tune becomes a
+    Flax tree ready to merge."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        state = load_file(path)
+    else:
+        import torch
+
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        state = obj.state_dict() if hasattr(obj, "state_dict") else obj
+        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+            state = state["state_dict"]  # open_clip training checkpoints
+    if not isinstance(state, Mapping):
+        raise ClipModelError(f"{path}: expected a state dict or a module, got {type(state).__name__}")
+    return openclip_visual_to_flax(state, reference=reference)
 
 
 # ----------------------------------------------------------------------------- exports
