@@ -122,3 +122,21 @@ def test_merge_lora_checkpoint_imports_into_flax(pt_checkpoint, tmp_path):
     flat, flat_base = jax.tree_util.tree_leaves_with_path(p), jax.tree.leaves(p_base)
     changed = [jax.tree_util.keystr(k) for (k, x), y in zip(flat, flat_base, strict=True) if not np.array_equal(x, y)]
     assert changed == ["['encoder']['block']['0']['layer']['0']['SelfAttention']['q']['kernel']"]
+
+
+def test_pytorch_bin_checkpoint_and_bfloat16_compute(pt_checkpoint, tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    T5ForConditionalGeneration.from_pretrained(pt_checkpoint).save_pretrained(tmp_path, safe_serialization=False)
+    assert "pytorch_model.bin" in os.listdir(tmp_path)
+    _, p_bin = t5m.load_t5(str(tmp_path))
+    model, p_st = t5m.load_t5(pt_checkpoint)
+    jax.tree.map(np.testing.assert_array_equal, p_bin, p_st)
+    # bfloat16 computation (parameters stay float32): the shimmed bucketing runs, logits stay close
+    model16, p16 = t5m.load_t5(pt_checkpoint, dtype="bfloat16")
+    assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype("float32")}
+    ids = np.arange(2, 42).reshape(2, 20)
+    mask, dec = np.ones_like(ids), ids[:, :6]
+    f32 = np.asarray(jax.jit(t5m.t5_functions(model).logits)(p_st, ids, mask, dec))
+    b16 = np.asarray(jax.jit(t5m.t5_functions(model16).logits)(p16, ids, mask, dec), np.float32)
+    assert np.isfinite(b16).all() and np.abs(b16 - f32).max() < 0.1 * np.abs(f32).max()

@@ -203,7 +203,7 @@ def encode_choices(task: GlueTask, tokenizer) -> tuple[np.ndarray, np.ndarray]:
         body = tuple(i for i in t if i != eos)
         if not body or all(i == tokenizer.unk_token_id for i in body):
             raise LabelWordError(f"task {task.name}: label word {word!r} tokenizes to nothing "
-                                 f"(ids {t}); choose words the tokenizer knows")
+                                 f"but </s> or unknown tokens (ids {t}); choose words the tokenizer knows")
         if body in seen:
             raise LabelWordError(f"task {task.name}: label words {seen[body]!r} and {word!r} tokenize identically")
         seen[body] = word

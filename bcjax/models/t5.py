@@ -141,6 +141,8 @@ def load_t5(name_or_path: str, *, from_pt: bool | None = None, dtype: str = "flo
 
     if from_pt is None:
         from_pt = _detect_from_pt(os.fspath(name_or_path))
+    if from_pt and os.path.isdir(name_or_path) and _single_pt_file(name_or_path):
+        return _load_pt_folder(os.fspath(name_or_path), dtype)
     kwargs = dict(dtype=getattr(jnp, dtype))
     if local_only is not None:
         kwargs["local_files_only"] = local_only
@@ -156,6 +158,51 @@ def load_t5(name_or_path: str, *, from_pt: bool | None = None, dtype: str = "flo
         except (OSError, ValueError, ImportError, EnvironmentError) as e:
             errors.append(f"from_pt={pt}: {type(e).__name__}: {e}")
     raise T5LoadError(f"cannot load T5 {name_or_path!r} (no network? not a T5 checkpoint?): " + " | ".join(errors))
+
+
+def _single_pt_file(folder: str) -> str | None:
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
+
+
+def _load_pt_folder(folder: str, dtype: str):
+    """PyTorch weights of a local folder → Flax params without the random initialisation
+    transformers' ``from_pt`` does first (minutes for T5-large on a CPU): the parameter
+    shapes come from ``jax.eval_shape`` and transformers' own key/layout conversion is used.
+    Entries absent from the Flax tree (tied ``lm_head`` / ``embed_tokens`` copies) are
+    dropped; a missing or mis-shaped entry is a :class:`T5LoadError` naming it."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    from transformers import FlaxT5ForConditionalGeneration, T5Config
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    path = _single_pt_file(folder)
+    try:
+        config = T5Config.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise T5LoadError(f"{folder}: no usable config.json: {e}") from None
+    model = FlaxT5ForConditionalGeneration(config, dtype=getattr(jnp, dtype), _do_init=False)
+    shapes = flatten_dict(model.params_shape_tree)
+    if path.endswith(".safetensors"):
+        from safetensors.flax import load_file
+
+        state = dict(load_file(path))
+    else:
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    stand_in = types.SimpleNamespace(params=unflatten_dict(shapes), base_model_prefix=model.base_model_prefix)
+    flat = flatten_dict(convert_pytorch_state_dict_to_flax(state, stand_in))
+    out = {}
+    for key, spec in shapes.items():
+        if key not in flat:
+            raise T5LoadError(f"{path}: no weight for Flax parameter {'/'.join(key)}")
+        value = jnp.asarray(flat[key])
+        if value.shape != spec.shape:
+            raise T5LoadError(f"{path}: {'/'.join(key)} has shape {value.shape}, the model expects {spec.shape}")
+        out[key] = value
+    return model, unflatten_dict(out)
 
 
 def load_tokenizer(name_or_path: str):
