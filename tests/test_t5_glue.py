@@ -76,3 +76,21 @@ def test_encode_label_words_and_truncation(t5_tiny, t5_loaded):  # noqa: F811
         with pytest.raises(glue.LabelWordError, match=what):
             glue.encode_choices(bad, tok)
     assert issubclass(glue.LabelWordError, BcjaxError) and issubclass(glue.InputTooLongError, BcjaxError)
+
+
+def test_task_metrics_per_task():
+    task = glue.TASKS["stsb"]
+    scores = np.array([0.0, 1.0, 2.4, 3.0, 5.0])
+    labels = np.round(scores / 0.2).astype(np.int64)
+    split = glue.GlueSplit(task, "test", ["x"] * 5, [task.label_words[i] for i in labels], labels, scores,
+                           np.arange(5))
+    perfect = glue.task_metrics(task, labels, split)
+    assert perfect["main_metric"] == "spearman" and perfect["spearman"] == pytest.approx(100.0)
+    unparseable = glue.task_metrics(task, np.array([0, 5, -1, 15, 25]), split)  # −1 → the middle of the scale
+    assert unparseable["spearman"] == pytest.approx(100.0)
+    cola = glue.TASKS["cola"]
+    y = np.array([0, 1, 1, 0, 1, 1])
+    split = glue.GlueSplit(cola, "test", ["x"] * 6, [cola.label_words[i] for i in y], y, None, np.arange(6))
+    m = glue.task_metrics(cola, np.array([0, 1, 1, 1, 1, -1]), split)
+    assert m["main_metric"] == "matthews" and m["accuracy"] == pytest.approx(100 * 4 / 6)
+    assert m["matthews"] == pytest.approx(100 * glue.matthews_corrcoef(np.array([0, 1, 1, 1, 1, -1]), y))

@@ -131,3 +131,20 @@ def test_cli_finetune_then_eval_with_target_task(t5_tiny, tmp_path, capsys):  # 
     capsys.readouterr()
     assert main(["eval", "--config", str(path), "--out", str(out)]) == 2
     assert "unknown GLUE task 'nope'" in capsys.readouterr().err
+
+
+def test_interrupted_finetuning_resumes_from_its_checkpoint(t5_loaded, mrpc, tmp_path):  # noqa: F811
+    model, params0, tok = t5_loaded
+    cfg = TrainConfig(steps=6, batch_size=16, learning_rate=3e-3, weight_decay=0.0, warmup_steps=1,
+                      checkpoint_every=3)
+    full, _ = pipe.finetune_task(model, params0, tok, mrpc["train"], cfg, max_input_length=32, progress=False)
+    ckpt = str(tmp_path / "ckpt")
+    first, _ = pipe.finetune_task(model, params0, tok, mrpc["train"], cfg, max_input_length=32, progress=False,
+                                  checkpoint_dir=ckpt, stop_after=3)
+    assert len(first.losses) == 3 and first.resumed_from is None
+    resumed, _ = pipe.finetune_task(model, params0, tok, mrpc["train"], cfg, max_input_length=32, progress=False,
+                                    checkpoint_dir=ckpt)
+    assert resumed.resumed_from == 3 and len(resumed.losses) == 3
+    np.testing.assert_allclose(resumed.losses, full.losses[3:], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
+                 resumed.params, full.params)
