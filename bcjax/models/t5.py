@@ -53,6 +53,9 @@ __all__ = [
     "merge_lora_checkpoint",
     "T5Functions",
     "t5_functions",
+    "jit_loss",
+    "jit_rank_scores",
+    "jit_greedy",
 ]
 
 
@@ -155,7 +158,7 @@ def load_t5(name_or_path: str, *, from_pt: bool | None = None, dtype: str = "flo
                                                                     _do_init=pt, **kwargs)
             model, params = (loaded, loaded.params) if pt else loaded
             return model, jax.tree.map(jnp.asarray, params)
-        except (OSError, ValueError, ImportError, EnvironmentError) as e:
+        except (OSError, ValueError, ImportError) as e:
             errors.append(f"from_pt={pt}: {type(e).__name__}: {e}")
     raise T5LoadError(f"cannot load T5 {name_or_path!r} (no network? not a T5 checkpoint?): " + " | ".join(errors))
 

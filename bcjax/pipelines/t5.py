@@ -77,9 +77,11 @@ def predict_classes(model, params, encoded: glue.Encoded, choices: tuple[np.ndar
 
 
 def evaluate_split(model, params, tokenizer, split: glue.GlueSplit, *, prediction: str = "rank",
-                   max_input_length: int = 256, truncation: str = "truncate", batch_size: int = 32) -> dict:
-    """Metrics (×100) of one model on one split, with how it predicted and what it truncated."""
-    enc = glue.encode(split, tokenizer, max_input_length=max_input_length, truncation=truncation)
+                   max_input_length: int = 256, truncation: str = "truncate", batch_size: int = 32,
+                   encoded: glue.Encoded | None = None) -> dict:
+    """Metrics (×100) of one model on one split, with how it predicted and what it truncated
+    (``encoded``: the split already tokenized with these settings, to skip re-tokenizing)."""
+    enc = encoded or glue.encode(split, tokenizer, max_input_length=max_input_length, truncation=truncation)
     choices = glue.encode_choices(split.task, tokenizer)
     methods = PREDICTIONS if prediction == "both" else (prediction,)
     out: dict[str, Any] = {"n": len(split), "truncated": enc.num_truncated}
@@ -295,9 +297,11 @@ def evaluate(config: dict, *, out_dir: str, progress: bool = True) -> dict:
                                   f"in {os.path.join(ft_dir, 'models')} (run bcjax finetune first)")
             method = "rank" if s["prediction"] == "both" else s["prediction"]
             kw = {**_eval_kwargs(s), "prediction": method}
+            encoded = {sp: glue.encode(splits[sp], tok, max_input_length=s["max_input_length"],
+                                       truncation=s["truncation"]) for sp in ("validation", "test")}
 
-            def score(p, sp, _splits=splits, _kw=kw):
-                return evaluate_split(model, p, tok, _splits[sp], **_kw)[_kw["prediction"]]["main"]
+            def score(p, sp, _splits=splits, _kw=kw, _enc=encoded):
+                return evaluate_split(model, p, tok, _splits[sp], encoded=_enc[sp], **_kw)[_kw["prediction"]]["main"]
 
             entry["target_task"] = {"prediction": method, "metric": glue.get_task(task).metrics[0],
                                     **target_task_experiment(params0, targets, aux["params"], score, aux["grids"],
