@@ -140,3 +140,20 @@ def test_pytorch_bin_checkpoint_and_bfloat16_compute(pt_checkpoint, tmp_path):
     f32 = np.asarray(jax.jit(t5m.t5_functions(model).logits)(p_st, ids, mask, dec))
     b16 = np.asarray(jax.jit(t5m.t5_functions(model16).logits)(p16, ids, mask, dec), np.float32)
     assert np.isfinite(b16).all() and np.abs(b16 - f32).max() < 0.1 * np.abs(f32).max()
+
+
+def test_flan_t5_architecture_imports_exactly(tmp_path):
+    """T5 v1.1 / Flan-T5: gated-GELU feed-forward and an untied LM head."""
+    from transformers import T5ForConditionalGeneration
+
+    make_tiny_t5(str(tmp_path), vocab_size=90, seed=5, pytorch=True, feed_forward_proj="gated-gelu",
+                 tie_word_embeddings=False)
+    model, params = t5m.load_t5(str(tmp_path))
+    assert "lm_head" in params and "wi_0" in params["encoder"]["block"]["0"]["layer"]["1"]["DenseReluDense"]
+    pt = T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    ids = np.arange(3, 33).reshape(2, 15) % 90
+    dec = ids[:, :5]
+    with torch.no_grad():
+        ref = pt(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(dec)).logits.numpy()
+    got = np.asarray(jax.jit(t5m.t5_functions(model).logits)(params, ids, np.ones_like(ids), dec))
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)

@@ -89,14 +89,16 @@ def train_tiny_tokenizer(out_dir: str, vocab_size: int = 200) -> str:
     return out_dir
 
 
-def make_tiny_t5(out_dir: str, vocab_size: int, *, seed: int = 0, pytorch: bool = False) -> str:
+def make_tiny_t5(out_dir: str, vocab_size: int, *, seed: int = 0, pytorch: bool = False, **config) -> str:
     """Save a random T5 (d_model 32, 2 layers, 2 heads) to ``out_dir``: Flax weights, or
-    PyTorch ``model.safetensors`` with ``pytorch=True`` (needs torch)."""
+    PyTorch ``model.safetensors`` with ``pytorch=True`` (needs torch). ``config`` overrides
+    ``T5Config`` fields (e.g. Flan-T5's ``feed_forward_proj="gated-gelu"``,
+    ``tie_word_embeddings=False``)."""
     from transformers import T5Config
 
     cfg = T5Config(vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
                    relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+                   decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **config)
     if pytorch:
         import torch
         from transformers import T5ForConditionalGeneration
