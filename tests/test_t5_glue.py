@@ -94,3 +94,35 @@ def test_task_metrics_per_task():
     m = glue.task_metrics(cola, np.array([0, 1, 1, 1, 1, -1]), split)
     assert m["main_metric"] == "matthews" and m["accuracy"] == pytest.approx(100 * 4 / 6)
     assert m["matthews"] == pytest.approx(100 * glue.matthews_corrcoef(np.array([0, 1, 1, 1, 1, -1]), y))
+
+
+def test_tfds_own_glue_parser_prepares_official_tsv_files_without_tensorflow(tmp_path):
+    """tfds' real GLUE example generator (only the download step replaced by local files in
+    the official RTE TSV format) prepares ArrayRecord data that load_glue reads by name."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core import registered
+    from tensorflow_datasets.text import glue as tfds_glue
+
+    rows = {"train": [("A man walks.", "A person walks.", "entailment"), ("It rains.", "It is dry.", "not_entailment"),
+                      ("Cats purr.", "Animals purr.", "entailment"), ("Sun is up.", "It is night.", "not_entailment")],
+            "dev": [("Birds fly.", "Some animals fly.", "entailment"), ("He ate.", "He starved.", "not_entailment")],
+            "test": [("Fish swim.", "Fish move.", None)]}
+    for split, items in rows.items():
+        lines = ["index\tsentence1\tsentence2" + ("\tlabel" if split != "test" else "")]
+        lines += [f"{i}\t{a}\t{b}" + (f"\t{y}" if y else "") for i, (a, b, y) in enumerate(items)]
+        (tmp_path / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+
+    with registered.skip_registration():
+        class Glue(tfds_glue.Glue):
+            def _split_generators(self, dl_manager):
+                return [tfds.core.SplitGenerator(name=name, gen_kwargs={"data_file": str(tmp_path / f"{f}.tsv"),
+                                                                        "split": f})
+                        for name, f in (("train", "train"), ("validation", "dev"), ("test", "test"))]
+
+    Glue(config="rte", data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    splits = glue.load_glue("rte", data_dir=str(tmp_path / "tfds"), val_size=1)
+    assert "tensorflow" not in sys.modules
+    assert len(splits["train"]) == 3 and len(splits["validation"]) == 1
+    assert splits["test"].inputs == ["rte sentence1: Birds fly. sentence2: Some animals fly.",
+                                     "rte sentence1: He ate. sentence2: He starved."]
+    assert splits["test"].targets == ["entailment", "not_entailment"]
