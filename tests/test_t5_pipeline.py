@@ -125,10 +125,12 @@ def test_cli_finetune_then_eval_with_target_task(t5_tiny, tmp_path, capsys):  # 
     assert set(tt) >= {"finetuned", "breadcrumbs", "task_arithmetic"}
     assert tt["finetuned"]["test"]["values"] == [ev["tasks"]["mrpc"]["seed0"]["test"]["rank"]["main"]]
     assert tt["breadcrumbs"]["validation"]["mean"] >= tt["finetuned"]["validation"]["mean"]  # α = 0 is in the grid
-    # bad config: a clear one-line error, exit code 2
+    # bad configs: a clear one-line error, exit code 2
+    capsys.readouterr()
+    assert main(["finetune", "--config", str(path), "--out", str(out), "--set", "train.lr=0.1"]) == 2
+    assert "train: unknown key(s) ['lr']" in capsys.readouterr().err
     cfg["data"]["tasks"] = ["nope"]
     path.write_text(yaml.safe_dump(cfg))
-    capsys.readouterr()
     assert main(["eval", "--config", str(path), "--out", str(out)]) == 2
     assert "unknown GLUE task 'nope'" in capsys.readouterr().err
 

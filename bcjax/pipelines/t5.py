@@ -212,7 +212,12 @@ def _train_config(config: dict, seed: int):
     from bcjax.train import TrainConfig
 
     fields = {f for f in TrainConfig.__dataclass_fields__} - {"seed"}
-    kwargs = {k: v for k, v in (config.get("train") or {}).items() if k in fields}
+    train = config.get("train") or {}
+    unknown = sorted(set(train) - fields - {"seed", "seeds"})
+    if unknown:
+        raise ConfigError(f"{config.get('_source', '<config>')}: train: unknown key(s) {unknown}; "
+                          f"known: {sorted(fields | {'seed', 'seeds'})}")
+    kwargs = {k: v for k, v in train.items() if k in fields}
     try:
         return TrainConfig(seed=seed, **kwargs)
     except (TypeError, ValueError) as e:
@@ -248,6 +253,7 @@ def _write(out_dir: str, name: str, summary: dict) -> dict:
 def finetune(config: dict, *, out_dir: str, progress: bool = True) -> dict:
     """``bcjax finetune``: one fine-tune per (task, seed); saves models and ``finetune.json``."""
     s = _settings(config)
+    _train_config(config, 0)  # config errors before any loading
     model, params0, tok = _load(s)
     summary: dict[str, Any] = {"model": s["model"], "prediction": s["prediction"], "tasks": {}}
     for task in s["tasks"]:
@@ -324,7 +330,10 @@ def _aux_models(config: dict, model, params0) -> dict | None:
         require(isinstance(spec, dict) and all(isinstance(v, list) and v for v in spec.values()), config,
                 f"target_task.grids.{m} must map hyper-parameters to non-empty lists")
     params = []
+    base_dir = os.path.dirname(config["_source"]) if config.get("_source") else None
     for name in names:
+        if base_dir and not os.path.isabs(name) and os.path.isdir(os.path.join(base_dir, name)):
+            name = os.path.join(base_dir, name)  # a folder relative to the config file
         _, p = t5m.load_t5(name)
         params.append(p)
     return {"names": names, "params": params, "grids": grids}
