@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import types
 from typing import Any, Callable, Mapping
 
 import jax
@@ -48,10 +49,17 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
 
 
-@functools.lru_cache(maxsize=32)
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine decay to 0 (cached per config, so runs with
-    the same config share one compiled step)."""
+    """AdamW with linear warm-up then cosine decay to 0. Cached on the optimizer's own
+    fields only (not the seed or checkpointing), so every run with the same schedule —
+    other seeds and tasks included — shares one compiled train step."""
+    return _optimizer(cfg.steps, cfg.learning_rate, cfg.weight_decay, cfg.warmup_steps, cfg.grad_clip_norm)
+
+
+@functools.lru_cache(maxsize=32)
+def _optimizer(steps, learning_rate, weight_decay, warmup_steps, grad_clip_norm) -> optax.GradientTransformation:
+    cfg = types.SimpleNamespace(steps=steps, learning_rate=learning_rate, weight_decay=weight_decay,
+                                warmup_steps=warmup_steps, grad_clip_norm=grad_clip_norm)
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1), cfg.steps)
     chain = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm else []
     return optax.chain(*chain, optax.adamw(schedule, weight_decay=cfg.weight_decay))
