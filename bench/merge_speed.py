@@ -306,7 +306,8 @@ def markdown_table(rows, title: str) -> str:
     bc = by.get("bcjax_breadcrumbs", {}).get("median_s")
     threads = sorted({r["torch_threads"] for r in rows if "torch_threads" in r})
     if threads:
-        title += f"; torch threads: {', '.join(map(str, threads))}"
+        title = title.replace("\n\n", f"; torch threads: {', '.join(map(str, threads))}\n\n", 1) \
+            if "\n\n" in title else title + f"; torch threads: {', '.join(map(str, threads))}"
     lines = [title, "",
              "| implementation | what it computes | median (s) | runs | × TA floor | bcjax Breadcrumbs faster by "
              "| peak RSS (GiB) | merge's peak above its inputs (models) |",
@@ -317,7 +318,8 @@ def markdown_table(rows, title: str) -> str:
             lines.append(f"| {r['impl']} | {what} | skipped: {r.get('skipped', '?')} | | | | | |")
             continue
         ratio = f"{r['median_s'] / floor:.1f}" if floor else "–"
-        speed = f"{r['median_s'] / bc:.1f}×" if bc and r["impl"] != "bcjax_breadcrumbs" else "–"
+        speed = "–" if not bc or r["impl"] == "bcjax_breadcrumbs" or "task_arithmetic" in r["impl"] \
+            else f"{r['median_s'] / bc:.1f}×"
         runs = f"{r['runs']}" + (" (no warm-up)" if r.get("warmup_counted") else "")
         ovh = r["merge_overhead_in_models"]
         lines.append(f"| {r['impl']} | {what} | {r['median_s']:.3f} | {runs} | {ratio} | {speed} | "

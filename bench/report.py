@@ -40,7 +40,8 @@ def targets(rows) -> list[dict]:
         met = value >= goal if higher_is_better else value <= goal
         if unit == "×":
             missed = None if met else (goal / value if higher_is_better else value / goal)
-            text = f"{value:.1f}× — " + ("met" if met else f"missed by {missed:.1f}×")
+            text = (f"{value:.2f}×" if value < 10 else f"{value:.1f}×") + " — " + \
+                ("met" if met else f"missed by {missed:.2f}×")
         else:
             missed = None if met else value - goal
             text = f"{value:.2f} models — " + ("met" if met else f"missed by {missed:.2f} models")
@@ -91,6 +92,10 @@ def workload_tables(results: str) -> tuple[str, str, dict | None]:
         load = f"; 1-min load average during the runs {min(loads):.1f}–{max(loads):.1f}" if loads else ""
         title = (f"**{label}** ({p / 1e6:.1f}M parameters per model, {4 * p / 2**20:.0f} MiB; "
                  f"measured {data.get('time', '?')}{load})")
+        cores = (data.get("machine") or {}).get("cores") or os.cpu_count()
+        if loads and max(loads) > 0.75 * cores:
+            title += (f"\n\n> ⚠ Measured on a busy machine (1-min load average up to {max(loads):.1f} on {cores} "
+                      "cores, other jobs running): timings are inflated and noisy; rerun on a quiet machine.")
         tables.append(ms.markdown_table(rows, title))
         for t in targets(rows):
             tgt_rows.append(f"| {t['target']} | {label} | {t['text']} |")

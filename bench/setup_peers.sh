@@ -12,10 +12,13 @@ command -v "$PY" >/dev/null || PY=python3
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 CONS="$(mktemp)"; trap 'rm -f "$CONS"' EXIT
 echo "torch==2.13.0" > "$CONS"
-"$VENV/bin/python" -m pip install -q --upgrade pip
+pip_q() {  # quiet pip, minus the local-index "Location ... is ignored" noise
+  "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+}
+pip_q --upgrade pip
 # 1. torch first (CPU wheel), 2. mergekit and its deps, never moving torch.
-"$VENV/bin/python" -m pip install -q "torch==2.13.0" numpy
-"$VENV/bin/python" -m pip install -q -c "$CONS" "mergekit==0.1.5"
+pip_q "torch==2.13.0" numpy
+pip_q -c "$CONS" "mergekit==0.1.5"
 "$VENV/bin/python" - <<'PY'
 import torch, mergekit.merge_methods as mm
 assert torch.__version__.split("+")[0] == "2.13.0", torch.__version__
