@@ -124,14 +124,22 @@ def breadcrumbs_counts(n: int, beta, gamma):
     return linear_count(n, 0.0, [(1.0, beta)]), linear_count(n, 1.0, [(-1.0, gamma)])
 
 
-def _threshold_bits(select, n: int, n_bot, n_top):
-    """(lo, hi) magnitude bits from the SPEC §2 counts, ``select(ranks)`` giving order
-    statistics; ``NO_THRESHOLD`` stands for +∞ (nothing dropped on that side)."""
-    ranks = jnp.stack([jnp.clip(n_bot, 0, n - 1), jnp.clip(n - n_top, 0, n - 1)]).astype(jnp.int32)
-    lo_hi = select(ranks)
-    lo = jnp.where(n_bot < n, lo_hi[0], order_stats.NO_THRESHOLD)
-    hi = jnp.where(n_top >= 1, lo_hi[1], order_stats.NO_THRESHOLD)
+def _threshold_ranks(n: int, n_bot, n_top) -> jax.Array:
+    """The two order-statistic ranks behind the SPEC §2 thresholds (clipped into range)."""
+    return jnp.stack([jnp.clip(n_bot, 0, n - 1), jnp.clip(n - n_top, 0, n - 1)]).astype(jnp.int32)
+
+
+def _thresholds_from(lo_hi, n: int, n_bot, n_top):
+    """(lo, hi) from the selected order statistics; ``NO_THRESHOLD`` stands for +∞ (nothing
+    dropped on that side)."""
+    lo = jnp.where(n_bot < n, lo_hi[..., 0], order_stats.NO_THRESHOLD)
+    hi = jnp.where(n_top >= 1, lo_hi[..., 1], order_stats.NO_THRESHOLD)
     return lo, hi
+
+
+def _threshold_bits(select, n: int, n_bot, n_top):
+    """(lo, hi) magnitude bits from the SPEC §2 counts, ``select(ranks)`` giving order statistics."""
+    return _thresholds_from(select(_threshold_ranks(n, n_bot, n_top)), n, n_bot, n_top)
 
 
 def breadcrumbs_threshold_bits(bits: jax.Array, n_bot, n_top):
@@ -154,6 +162,19 @@ def diff_mask_from_counts(finetuned: jax.Array, pretrained: jax.Array, n_bot, n_
                              finetuned.size, n_bot, n_top)
     bits = order_stats.magnitude_bits(finetuned - pretrained)
     return (bits >= lo) & (bits < hi)
+
+
+def diff_masks_from_counts(finetuned, pretrained: jax.Array, n_bot, n_top) -> list[jax.Array]:
+    """:func:`diff_mask_from_counts` for every task of one leaf, the order statistics of all
+    tasks from one pass over the leaf where the native CPU kernel applies."""
+    n = pretrained.size
+    ranks = jnp.broadcast_to(_threshold_ranks(n, n_bot, n_top), (len(finetuned), 2))
+    lo, hi = _thresholds_from(order_stats.select_diff_bits_multi(pretrained, finetuned, ranks), n, n_bot, n_top)
+    masks = []
+    for t, ft in enumerate(finetuned):
+        bits = order_stats.magnitude_bits(ft - pretrained)
+        masks.append((bits >= lo[t]) & (bits < hi[t]))
+    return masks
 
 
 def breadcrumbs_leaf_mask(tau: jax.Array, beta, gamma) -> jax.Array:

@@ -28,7 +28,7 @@ import numpy as np
 from bcjax import order_stats
 from bcjax.errors import HyperparameterError, TreeMismatchError, UnknownMethodError
 from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask, check_beta_gamma,
-                         check_fraction, diff_mask_from_counts, fraction_count)
+                         check_fraction, diff_masks_from_counts, fraction_count)
 from bcjax.tree import (PyTree, check_finite, compute_dtype, is_tracing, keystr, merged_leaf_flags,
                         validate_models)
 
@@ -215,10 +215,10 @@ def simple_average(pretrained, finetuned, flags):
 def _breadcrumbs_tensor_leaf(p0, fts, alphas, n_bot, n_top):
     p = _upcast(p0, p0)
     acc = jnp.zeros_like(p)
+    fts = [_upcast(ft, p0) for ft in fts]
+    masks = diff_masks_from_counts(fts, p, n_bot, n_top)  # all tasks' thresholds in one pass
     for t, ft in enumerate(fts):
-        ft = _upcast(ft, p0)
-        tau = ft - p
-        acc = acc + jnp.where(diff_mask_from_counts(ft, p, n_bot, n_top), alphas[t].astype(p.dtype) * tau, 0)
+        acc = acc + jnp.where(masks[t], alphas[t].astype(p.dtype) * (ft - p), 0)
     return (p + acc).astype(p0.dtype)
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "resolve_fine",
     "select_bits",
     "select_diff_bits",
+    "select_diff_bits_multi",
     "kth_smallest_magnitude",
     "NO_THRESHOLD",
     "SORT_BELOW",
@@ -153,6 +154,28 @@ def select_diff_bits(a: jax.Array, b: jax.Array, ranks: jax.Array) -> jax.Array:
             a, b, ranks, cpu=_native.select_diff_bits,
             default=lambda x, y, r: select_bits([magnitude_bits(x - y)], r))
     return select_bits([magnitude_bits(a - b)], ranks)
+
+
+def select_diff_bits_multi(pretrained: jax.Array, finetuned: Sequence[jax.Array], ranks: jax.Array) -> jax.Array:
+    """int32[T, K]: row t is ``select_diff_bits(finetuned[t], pretrained, ranks[t])``. On the
+    CPU backend (float32 leaves) one cache-blocked native pass serves all T tasks and reads
+    θ0 once; identical results everywhere."""
+    p0 = jnp.asarray(pretrained)
+    fts = [jnp.asarray(f) for f in finetuned]
+    ranks = jnp.asarray(ranks, jnp.int32)
+    if ranks.ndim != 2 or ranks.shape[0] != len(fts):
+        raise ValueError(f"select_diff_bits_multi: ranks must have shape ({len(fts)}, K), got {ranks.shape}")
+    if any(f.shape != p0.shape for f in fts):
+        raise ValueError("select_diff_bits_multi: every fine-tuned array must have the pretrained shape")
+
+    def portable(p, r, *fs):
+        return jnp.stack([select_bits([magnitude_bits(f - p)], r[t]) for t, f in enumerate(fs)])
+
+    if (p0.size > SORT_BELOW and p0.dtype == jnp.float32 and all(f.dtype == jnp.float32 for f in fts)
+            and p0.size <= _MAX_COUNT and _native.available()):
+        return lax.platform_dependent(
+            p0, ranks, *fts, cpu=lambda p, r, *fs: _native.select_diff_bits_multi(p, fs, r), default=portable)
+    return portable(p0, ranks, *fts)
 
 
 def _histogram_select(*arrays: jax.Array, ranks: jax.Array) -> jax.Array:

@@ -361,6 +361,9 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=25.0, help="stop repeating once timed runs took this long")
     ap.add_argument("--slow-s", type=float, default=15.0, help="eager impls this slow: the warm-up is the sample")
     ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS))
+    ap.add_argument("--update", action="store_true",
+                    help="replace only these implementations' rows in the existing JSON under --out "
+                         "(then rerun bench/report.py); the other rows are kept")
     ap.add_argument("--out", default=None, help="folder for {model}_{tasks}.json / .md")
     ap.add_argument("--data-dir", default=None, help="where the inputs are written (default: the temp dir)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 1 repeat")
@@ -380,6 +383,12 @@ def main(argv=None):
         raise SystemExit(f"unknown --impls {unknown}; known: {IMPLS}")
     rows = run_workload(args.model, args.tasks, impls, args, args.scale)
     shapes = model_shapes(args.model, args.scale)
+    stem = f"{args.model}_{args.tasks}" if args.scale == 1.0 else f"{args.model}@{args.scale:g}_{args.tasks}"
+    if args.update and args.out and os.path.exists(os.path.join(args.out, f"{stem}.json")):
+        with open(os.path.join(args.out, f"{stem}.json")) as f:
+            old = json.load(f)["rows"]
+        fresh = {r["impl"]: r for r in rows}
+        rows = [fresh.pop(r["impl"], r) for r in old] + list(fresh.values())
     name = args.model if args.scale == 1.0 else f"{args.model}@{args.scale:g}"
     title = (f"**{name} × {args.tasks} tasks**, {num_params(shapes) / 1e6:.1f}M params per model "
              f"({4 * num_params(shapes) / 2**20:.0f} MiB); median of up to {args.repeats} after a warm-up")
@@ -387,7 +396,6 @@ def main(argv=None):
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = f"{args.model}_{args.tasks}" if args.scale == 1.0 else f"{args.model}@{args.scale:g}_{args.tasks}"
         with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
             json.dump({"model": args.model, "scale": args.scale, "tasks": args.tasks,
                        "params_per_model": num_params(shapes), "repeats": args.repeats,

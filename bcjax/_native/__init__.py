@@ -28,11 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DIFF_TARGET", "TARGET", "available", "library_path", "select_bits", "select_diff_bits",
+__all__ = ["DIFF_TARGET", "MULTI_TARGET", "TARGET", "select_diff_bits_multi", "available", "library_path", "select_bits", "select_diff_bits",
            "unavailable_reason"]
 
 TARGET = "bcjax_select_bits"
 DIFF_TARGET = "bcjax_select_diff_bits"
+MULTI_TARGET = "bcjax_select_diff_bits_multi"
 _SOURCE = Path(__file__).with_name("select_bits.cc")
 _lock = threading.Lock()
 _state: dict = {}
@@ -89,6 +90,8 @@ def _load() -> None:
                 lib = ctypes.cdll.LoadLibrary(str(path))
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.BcjaxSelectBits), platform="cpu")
                 jax.ffi.register_ffi_target(DIFF_TARGET, jax.ffi.pycapsule(lib.BcjaxSelectDiffBits),
+                                            platform="cpu")
+                jax.ffi.register_ffi_target(MULTI_TARGET, jax.ffi.pycapsule(lib.BcjaxSelectDiffBitsMulti),
                                             platform="cpu")
                 _state.update(ok=True, reason=None, path=path, lib=lib)
             except (OSError, RuntimeError, AttributeError) as e:
@@ -148,3 +151,15 @@ def select_diff_bits(a: jax.Array, b: jax.Array, ranks: jax.Array, *,
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(DIFF_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(a, b, ranks, threads=_threads(), sigmas=np.float32(sigmas))
+
+
+def select_diff_bits_multi(pretrained: jax.Array, finetuned, ranks: jax.Array, *,
+                           sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
+    """int32[T, K]: row t holds the ``ranks[t]``-th smallest magnitude bits of
+    ``finetuned[t] − pretrained`` (float32), for all T tasks of a leaf in one cache-blocked
+    pass that reads θ0 once. CPU only; see :func:`bcjax.order_stats.select_diff_bits_multi`."""
+    p0 = jnp.ravel(jnp.asarray(pretrained, jnp.float32))
+    fts = [jnp.ravel(jnp.asarray(f, jnp.float32)) for f in finetuned]
+    ranks = jnp.asarray(ranks, jnp.int32)
+    call = jax.ffi.ffi_call(MULTI_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
+    return call(p0, ranks, *fts, threads=_threads(), sigmas=np.float32(sigmas))

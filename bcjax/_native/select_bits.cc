@@ -7,6 +7,8 @@
 //   bcjax_select_diff_bits(a, b, ranks)     keys of |a − b| computed on the fly (float32),
 //       with XLA:CPU's denormal semantics (inputs and results flushed to zero), so the
 //       task vector τ = θt − θ0 is never written to memory.
+//   bcjax_select_diff_bits_multi(p0, ranks[T, K], ft_1 … ft_T)   the same for all T tasks of
+//       a leaf in one cache-blocked pass (θ0 read once).
 //
 // Algorithm ("sample, bracket, count, select"), for n keys and K ranks:
 //   1. a sample of m keys from random contiguous blocks (fixed seed);
@@ -15,8 +17,9 @@
 //   3. one streaming pass (AVX2 where available): below[k] = #{key < lo[k]}, and the keys
 //      inside [lo[k], hi[k]] are compacted into a buffer;
 //   4. if below[k] ≤ r < below[k] + |inside[k]|, the answer is the (r − below[k])-th
-//      smallest inside key (std::nth_element on a few percent of n); otherwise (the
-//      sample missed) the rank is selected exactly from a full copy of the keys.
+//      smallest inside key (a histogram pass on a few percent of n, then nth_element on
+//      one bin); otherwise (the sample missed) the rank is selected exactly from a full
+//      copy of the keys.
 // The result never depends on the sample, only the speed does: exact and deterministic.
 #include <algorithm>
 #include <cmath>
@@ -93,9 +96,23 @@ class ScopedFlushDenormals {
 };
 
 // --- scan: counts below lo[k] and collects keys in [lo[k], lo[k] + span[k]] ----------
+// An append-only key buffer: ``data`` is the storage (grown by doubling, never shrunk, so
+// chunked scans don't re-initialise it), ``len`` the keys in use.
+struct KeyBuffer {
+  std::vector<int32_t> data;
+  int64_t len = 0;
+  void Reserve(int64_t cap) {
+    if (static_cast<int64_t>(data.size()) < cap) data.resize(std::max<size_t>(cap, data.size() * 2));
+  }
+  void Push(int32_t v) {
+    if (len == static_cast<int64_t>(data.size())) data.resize(std::max<size_t>(64, data.size() * 2));
+    data[len++] = v;
+  }
+};
+
 struct Partial {
   std::vector<int64_t> below;
-  std::vector<std::vector<int32_t>> inside;
+  std::vector<KeyBuffer> inside;
 };
 
 template <class Keys>
@@ -105,7 +122,7 @@ void ScanScalar(const Keys& keys, int64_t begin, int64_t end, int64_t kk, const 
     const uint32_t v = keys(i);
     for (int64_t k = 0; k < kk; ++k) {
       p.below[k] += v < lo[k];
-      if (v - lo[k] <= span[k]) p.inside[k].push_back(static_cast<int32_t>(v));
+      if (v - lo[k] <= span[k]) p.inside[k].Push(static_cast<int32_t>(v));
     }
   }
 }
@@ -138,27 +155,22 @@ BCJAX_AVX2 inline __m256i Load8(const DiffKeys& keys, int64_t i) {
   return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7fffffff));
 }
 
-// A growable buffer with the hot fields in registers.
-struct Sink {
-  std::vector<int32_t>* vec;
-  int32_t* data;
-  int64_t len, cap;
-};
-
 // 8 keys per step: counting is a compare and a subtract; the keys inside a bracket are
 // compacted with a permutation looked up from the 8-bit mask (no data-dependent branch).
+// The caller guarantees room for (end − begin) + 8 more keys in every buffer, so the loop
+// keeps all its state in registers.
 template <int K, class Keys>
-BCJAX_AVX2 void ScanAvx2(const Keys& keys, int64_t begin, int64_t end, const uint32_t* lo, const uint32_t* span,
+BCJAX_AVX2 void ScanAvx2(const Keys keys, int64_t begin, int64_t end, const uint32_t* lo, const uint32_t* span,
                          Partial& p) {
   __m256i vlo[K], vhi[K], below[K];
-  Sink sink[K];
+  int32_t* out[K];
+  int64_t len[K];
   for (int k = 0; k < K; ++k) {
     vlo[k] = _mm256_set1_epi32(static_cast<int32_t>(lo[k]));
     vhi[k] = _mm256_set1_epi32(static_cast<int32_t>(lo[k] + span[k]));
     below[k] = _mm256_setzero_si256();
-    auto& v = p.inside[k];
-    v.resize(std::max<size_t>(v.capacity(), 64));
-    sink[k] = Sink{&v, v.data(), 0, static_cast<int64_t>(v.size()) - 8};
+    out[k] = p.inside[k].data.data();
+    len[k] = p.inside[k].len;
   }
   int64_t i = begin;
   for (; i + 8 <= end; i += 8) {
@@ -168,15 +180,9 @@ BCJAX_AVX2 void ScanAvx2(const Keys& keys, int64_t begin, int64_t end, const uin
       below[k] = _mm256_sub_epi32(below[k], lt);
       const __m256i outside = _mm256_or_si256(lt, _mm256_cmpgt_epi32(v, vhi[k]));
       const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(outside)));
-      Sink& s = sink[k];
-      if (s.len > s.cap) {
-        s.vec->resize(s.vec->size() * 2);
-        s.data = s.vec->data();
-        s.cap = static_cast<int64_t>(s.vec->size()) - 8;
-      }
       const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompact.perm[mask]));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(s.data + s.len), _mm256_permutevar8x32_epi32(v, perm));
-      s.len += 8 - _mm_popcnt_u32(mask);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[k] + len[k]), _mm256_permutevar8x32_epi32(v, perm));
+      len[k] += 8 - _mm_popcnt_u32(mask);
     }
   }
   for (int k = 0; k < K; ++k) {
@@ -184,8 +190,8 @@ BCJAX_AVX2 void ScanAvx2(const Keys& keys, int64_t begin, int64_t end, const uin
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), below[k]);
     int64_t b = 0;
     for (int j = 0; j < 8; ++j) b += static_cast<uint32_t>(lanes[j]);
-    p.below[k] = b;
-    p.inside[k].resize(static_cast<size_t>(sink[k].len));
+    p.below[k] += b;
+    p.inside[k].len = len[k];
   }
   ScanScalar(keys, i, end, K, lo, span, p);  // the < 8 tail
 }
@@ -202,14 +208,19 @@ void Scan(const Keys& keys, int64_t begin, int64_t end, int64_t kk, const uint32
   ScopedFlushDenormals flush;
 #ifdef BCJAX_X86
   // lanes count at most (end − begin)/8 < 2^31 keys each: int32 lanes cannot overflow
-  if (HasAvx2()) {
-    switch (kk) {
-      case 1: return ScanAvx2<1>(keys, begin, end, lo, span, p);
-      case 2: return ScanAvx2<2>(keys, begin, end, lo, span, p);
-      case 3: return ScanAvx2<3>(keys, begin, end, lo, span, p);
-      case 4: return ScanAvx2<4>(keys, begin, end, lo, span, p);
-      default: break;
+  if (HasAvx2() && kk <= 4) {
+    constexpr int64_t kScanChunk = 1 << 16;  // room for a whole chunk is reserved up front
+    for (int64_t c = begin; c < end; c += kScanChunk) {
+      const int64_t c_end = std::min(c + kScanChunk, end);
+      for (int64_t k = 0; k < kk; ++k) p.inside[k].Reserve(p.inside[k].len + (c_end - c) + 8);
+      switch (kk) {
+        case 1: ScanAvx2<1>(keys, c, c_end, lo, span, p); break;
+        case 2: ScanAvx2<2>(keys, c, c_end, lo, span, p); break;
+        case 3: ScanAvx2<3>(keys, c, c_end, lo, span, p); break;
+        default: ScanAvx2<4>(keys, c, c_end, lo, span, p); break;
+      }
     }
+    return;
   }
 #endif
   ScanScalar(keys, begin, end, kk, lo, span, p);
@@ -221,6 +232,116 @@ std::vector<int32_t> Materialize(const Keys& keys, int64_t n) {
   std::vector<int32_t> v(n);
   for (int64_t i = 0; i < n; ++i) v[i] = static_cast<int32_t>(keys(i));
   return v;
+}
+
+struct Brackets {
+  std::vector<uint32_t> lo, span;
+  std::vector<int64_t> expected;
+};
+
+// Steps 1-2: a sample of m keys from random contiguous blocks, and one bracket per rank.
+template <class Keys>
+Brackets MakeBrackets(const Keys& keys, int64_t n, const int32_t* ranks, int64_t kk, double sigmas) {
+  const int64_t m = std::min<int64_t>(8192, std::max<int64_t>(1024, n / 128)) / kBlock * kBlock;
+  std::vector<int32_t> sample(m);
+  uint64_t state = 0x5eedb1c5ULL ^ static_cast<uint64_t>(n);
+  for (int64_t blk = 0; blk < m / kBlock; ++blk) {
+    const int64_t start = static_cast<int64_t>(SplitMix64(state) % static_cast<uint64_t>(n - kBlock + 1));
+    for (int64_t j = 0; j < kBlock; ++j) sample[blk * kBlock + j] = static_cast<int32_t>(keys(start + j));
+  }
+  // Only the sample order statistics at the bracket ends are needed: partial selection,
+  // ascending, each nth_element on what is left to the right of the previous one.
+  std::vector<int64_t> lo_pos(kk), hi_pos(kk), wanted;
+  for (int64_t k = 0; k < kk; ++k) {
+    const double q = (static_cast<double>(ranks[k]) + 0.5) / static_cast<double>(n);
+    const double pos = q * static_cast<double>(m);
+    const double margin = sigmas * (std::sqrt(static_cast<double>(m) * q * (1.0 - q)) + 2.0);
+    lo_pos[k] = static_cast<int64_t>(std::floor(pos - margin));
+    hi_pos[k] = static_cast<int64_t>(std::ceil(pos + margin));
+    if (lo_pos[k] >= 0) wanted.push_back(lo_pos[k]);
+    if (hi_pos[k] < m) wanted.push_back(hi_pos[k]);
+  }
+  std::sort(wanted.begin(), wanted.end());
+  wanted.erase(std::unique(wanted.begin(), wanted.end()), wanted.end());
+  int64_t done = 0;
+  for (int64_t w : wanted) {
+    std::nth_element(sample.begin() + done, sample.begin() + w, sample.end());
+    done = w + 1;
+  }
+  Brackets br{std::vector<uint32_t>(kk), std::vector<uint32_t>(kk), std::vector<int64_t>(kk)};
+  for (int64_t k = 0; k < kk; ++k) {
+    const int64_t a = lo_pos[k], b = hi_pos[k];
+    const uint32_t l = a < 0 ? 0u : static_cast<uint32_t>(sample[a]);
+    const uint32_t h = b >= m ? 0x7fffffffu : static_cast<uint32_t>(sample[b]);
+    br.lo[k] = l;
+    br.span[k] = h - l;
+    br.expected[k] = (std::min<int64_t>(b, m - 1) - std::max<int64_t>(a, 0) + 1) * (n / m + 1);
+  }
+  return br;
+}
+
+Partial EmptyPartial(const Brackets& br, int64_t kk, int nt) {
+  Partial p;
+  p.below.assign(kk, 0);
+  p.inside.resize(kk);
+  for (int64_t k = 0; k < kk; ++k) p.inside[k].Reserve(br.expected[k] * 5 / 4 / nt + 64);
+  return p;
+}
+
+// The r-th smallest of v (all keys in [lo, lo + span]): one 2^11-bin histogram pass on the
+// top bits of (key − lo) narrows to one bin, then nth_element on that bin's few keys.
+int32_t SelectInside(std::vector<int32_t>& v, int64_t r, uint32_t lo, uint32_t span) {
+  const int64_t s = static_cast<int64_t>(v.size());
+  if (s <= 4096 || span < (1u << 11)) {
+    std::nth_element(v.begin(), v.begin() + r, v.end());
+    return v[r];
+  }
+  int bits = 32 - __builtin_clz(span);  // (key − lo) < 2^bits
+  const int shift = bits - 11;
+  std::vector<int64_t> hist(1 << 11, 0);
+  for (int64_t i = 0; i < s; ++i) ++hist[(static_cast<uint32_t>(v[i]) - lo) >> shift];
+  int64_t bin = 0, before = 0;
+  while (before + hist[bin] <= r) before += hist[bin++];
+  std::vector<int32_t> in_bin;
+  in_bin.reserve(static_cast<size_t>(hist[bin]));
+  for (int64_t i = 0; i < s; ++i)
+    if (((static_cast<uint32_t>(v[i]) - lo) >> shift) == static_cast<uint32_t>(bin)) in_bin.push_back(v[i]);
+  std::nth_element(in_bin.begin(), in_bin.begin() + (r - before), in_bin.end());
+  return in_bin[r - before];
+}
+
+// Step 4: select inside the bracket, or exactly from a full copy if the sample missed.
+template <class Keys>
+void Finish(const Keys& keys, int64_t n, const int32_t* ranks, int64_t kk, const Brackets& br,
+            std::vector<Partial>& parts, int32_t* out) {
+  for (int64_t k = 0; k < kk; ++k) {
+    int64_t below = 0;
+    std::vector<int32_t> inside = std::move(parts[0].inside[k].data);
+    inside.resize(static_cast<size_t>(parts[0].inside[k].len));
+    for (size_t t = 0; t < parts.size(); ++t) {
+      below += parts[t].below[k];
+      if (t > 0) {
+        const KeyBuffer& kb = parts[t].inside[k];
+        inside.insert(inside.end(), kb.data.begin(), kb.data.begin() + kb.len);
+      }
+    }
+    const int64_t r = static_cast<int64_t>(ranks[k]) - below;
+    if (r >= 0 && r < static_cast<int64_t>(inside.size())) {
+      out[k] = SelectInside(inside, r, br.lo[k], br.span[k]);
+    } else {
+      std::vector<int32_t> all = Materialize(keys, n);
+      std::nth_element(all.begin(), all.begin() + ranks[k], all.end());
+      out[k] = all[ranks[k]];
+    }
+  }
+}
+
+template <class Fn>
+void ParallelFor(int nt, Fn fn) {
+  if (nt == 1) return fn(0);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < nt; ++t) pool.emplace_back(fn, t);
+  for (auto& th : pool) th.join();
 }
 
 template <class Keys>
@@ -238,68 +359,47 @@ void Select(const Keys& keys, int64_t n, const int32_t* ranks, int64_t kk, int32
     for (int64_t k = 0; k < kk; ++k) out[k] = v[ranks[k]];
     return;
   }
-  // 1. sample: random contiguous blocks (cache friendly), m keys in all
-  const int64_t m = std::min<int64_t>(8192, std::max<int64_t>(1024, n / 128)) / kBlock * kBlock;
-  std::vector<int32_t> sample(m);
-  uint64_t state = 0x5eedb1c5ULL ^ static_cast<uint64_t>(n);
-  for (int64_t blk = 0; blk < m / kBlock; ++blk) {
-    const int64_t start = static_cast<int64_t>(SplitMix64(state) % static_cast<uint64_t>(n - kBlock + 1));
-    for (int64_t j = 0; j < kBlock; ++j) sample[blk * kBlock + j] = static_cast<int32_t>(keys(start + j));
-  }
-  std::sort(sample.begin(), sample.end());
-
-  // 2. brackets
-  std::vector<uint32_t> lo(kk), span(kk);
-  std::vector<int64_t> expected(kk);
-  for (int64_t k = 0; k < kk; ++k) {
-    const double q = (static_cast<double>(ranks[k]) + 0.5) / static_cast<double>(n);
-    const double pos = q * static_cast<double>(m);
-    const double margin = sigmas * (std::sqrt(static_cast<double>(m) * q * (1.0 - q)) + 2.0);
-    const int64_t a = static_cast<int64_t>(std::floor(pos - margin));
-    const int64_t b = static_cast<int64_t>(std::ceil(pos + margin));
-    const uint32_t l = a < 0 ? 0u : static_cast<uint32_t>(sample[a]);
-    const uint32_t h = b >= m ? 0x7fffffffu : static_cast<uint32_t>(sample[b]);
-    lo[k] = l;
-    span[k] = h - l;
-    expected[k] = (std::min<int64_t>(b, m - 1) - std::max<int64_t>(a, 0) + 1) * (n / m + 1);
-  }
-
-  // 3. one pass, split over threads for large inputs (partial results are additive)
+  const Brackets br = MakeBrackets(keys, n, ranks, kk, sigmas);
+  // Step 3: one pass, split over threads for large inputs (partial results are additive).
   const int nt = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, n / kThreadChunk)));
-  std::vector<Partial> parts(nt);
-  for (auto& p : parts) {
-    p.below.assign(kk, 0);
-    p.inside.resize(kk);
-    for (int64_t k = 0; k < kk; ++k) p.inside[k].reserve(expected[k] * 5 / 4 / nt + 64);
-  }
-  if (nt == 1) {
-    Scan(keys, 0, n, kk, lo.data(), span.data(), parts[0]);
-  } else {
-    std::vector<std::thread> pool;
-    for (int t = 0; t < nt; ++t) {
-      const int64_t begin = n * t / nt, end = n * (t + 1) / nt;
-      pool.emplace_back([&, t, begin, end] { Scan(keys, begin, end, kk, lo.data(), span.data(), parts[t]); });
-    }
-    for (auto& th : pool) th.join();
-  }
+  std::vector<Partial> parts;
+  for (int t = 0; t < nt; ++t) parts.push_back(EmptyPartial(br, kk, nt));
+  ParallelFor(nt, [&](int t) {
+    Scan(keys, n * t / nt, n * (t + 1) / nt, kk, br.lo.data(), br.span.data(), parts[t]);
+  });
+  Finish(keys, n, ranks, kk, br, parts, out);
+}
 
-  // 4. select inside the bracket (or exactly from a full copy if the sample missed)
-  for (int64_t k = 0; k < kk; ++k) {
-    int64_t below = 0;
-    std::vector<int32_t> inside = std::move(parts[0].inside[k]);
-    for (int t = 0; t < nt; ++t) {
-      below += parts[t].below[k];
-      if (t > 0) inside.insert(inside.end(), parts[t].inside[k].begin(), parts[t].inside[k].end());
+// All T tasks of one leaf at once: keys |ft[t] − p0|. The pass walks the leaf in chunks and
+// scans every task's chunk while θ0's chunk is in cache, so θ0 is read from memory once
+// instead of T times (memory traffic (T + 1)·n floats instead of 2T·n).
+void SelectDiffMulti(const float* p0, const std::vector<const float*>& fts, int64_t n, const int32_t* ranks,
+                     int64_t kk, int32_t* out, int threads, double sigmas) {
+  const int64_t num_tasks = static_cast<int64_t>(fts.size());
+  if (n <= kSortBelow || kk > 4) {
+    for (int64_t t = 0; t < num_tasks; ++t) Select(DiffKeys{fts[t], p0}, n, ranks + t * kk, kk, out + t * kk,
+                                                   threads, sigmas);
+    return;
+  }
+  std::vector<Brackets> br;
+  for (int64_t t = 0; t < num_tasks; ++t) br.push_back(MakeBrackets(DiffKeys{fts[t], p0}, n, ranks + t * kk, kk,
+                                                                    sigmas));
+  const int nt = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, n / kThreadChunk)));
+  std::vector<std::vector<Partial>> parts(num_tasks);  // [task][thread]
+  for (int64_t t = 0; t < num_tasks; ++t)
+    for (int w = 0; w < nt; ++w) parts[t].push_back(EmptyPartial(br[t], kk, nt));
+  constexpr int64_t kChunk = 8192;  // 32 KiB of θ0 stays in L1/L2 while the tasks stream
+  ParallelFor(nt, [&](int w) {
+    const int64_t begin = n * w / nt, end = n * (w + 1) / nt;
+    for (int64_t c = begin; c < end; c += kChunk) {
+      const int64_t c_end = std::min(c + kChunk, end);
+      for (int64_t t = 0; t < num_tasks; ++t) {
+        Scan(DiffKeys{fts[t], p0}, c, c_end, kk, br[t].lo.data(), br[t].span.data(), parts[t][w]);
+      }
     }
-    const int64_t r = static_cast<int64_t>(ranks[k]) - below;
-    if (r >= 0 && r < static_cast<int64_t>(inside.size())) {
-      std::nth_element(inside.begin(), inside.begin() + r, inside.end());
-      out[k] = inside[r];
-    } else {
-      std::vector<int32_t> all = Materialize(keys, n);
-      std::nth_element(all.begin(), all.begin() + ranks[k], all.end());
-      out[k] = all[ranks[k]];
-    }
+  });
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    Finish(DiffKeys{fts[t], p0}, n, ranks + t * kk, kk, br[t], parts[t], out + t * kk);
   }
 }
 
@@ -341,7 +441,47 @@ ffi::Error SelectDiffBitsImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, 
   return ffi::Error::Success();
 }
 
+ffi::Error SelectDiffBitsMultiImpl(ffi::Buffer<ffi::F32> p0, ffi::Buffer<ffi::S32> ranks, ffi::RemainingArgs fts,
+                                   ffi::ResultBuffer<ffi::S32> out, int64_t threads, float sigmas) {
+  const int64_t n = static_cast<int64_t>(p0.element_count());
+  const int64_t num_tasks = static_cast<int64_t>(fts.size());
+  if (num_tasks == 0) return ffi::Error::InvalidArgument("bcjax_select_diff_bits_multi: no fine-tuned arrays");
+  const auto rdims = ranks.dimensions();
+  if (rdims.size() != 2 || rdims[0] != num_tasks) {
+    return ffi::Error::InvalidArgument("bcjax_select_diff_bits_multi: ranks must have shape (tasks, K)");
+  }
+  const int64_t kk = rdims[1];
+  std::vector<const float*> ptrs;
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    auto ft = fts.get<ffi::Buffer<ffi::F32>>(t);
+    if (ft.has_error()) return ft.error();
+    if (static_cast<int64_t>(ft->element_count()) != n) {
+      return ffi::Error::InvalidArgument("bcjax_select_diff_bits_multi: fine-tuned and pretrained sizes differ");
+    }
+    ptrs.push_back(ft->typed_data());
+  }
+  if (static_cast<int64_t>(out->element_count()) != num_tasks * kk) {
+    return ffi::Error::InvalidArgument("bcjax_select_diff_bits_multi: output must have shape (tasks, K)");
+  }
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    ffi::Error err = CheckRanks(ranks.typed_data() + t * kk, kk, n, kk);
+    if (err.failure()) return err;
+  }
+  SelectDiffMulti(p0.typed_data(), ptrs, n, ranks.typed_data(), kk, out->typed_data(),
+                  static_cast<int>(std::max<int64_t>(1, threads)), sigmas);
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectDiffBitsMulti, SelectDiffBitsMultiImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Attr<float>("sigmas"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectBits, SelectBitsImpl,
                               ffi::Ffi::Bind()
