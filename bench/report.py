@@ -93,7 +93,9 @@ def workload_tables(results: str) -> tuple[str, str, dict | None]:
         title = (f"**{label}** ({p / 1e6:.1f}M parameters per model, {4 * p / 2**20:.0f} MiB; "
                  f"measured {data.get('time', '?')}{load})")
         cores = (data.get("machine") or {}).get("cores") or os.cpu_count()
-        if loads and max(loads) > 0.75 * cores:
+        # the benchmark itself keeps up to `cores` threads busy (and the 1-min average trails the
+        # previous implementation's run), so only load beyond the core count means other jobs
+        if loads and max(loads) > cores:
             title += (f"\n\n> ⚠ Measured on a busy machine (1-min load average up to {max(loads):.1f} on {cores} "
                       "cores, other jobs running): timings are inflated and noisy; rerun on a quiet machine.")
         tables.append(ms.markdown_table(rows, title))
