@@ -30,7 +30,11 @@ import importlib
 import json
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bcjax.config import ConfigError, get
 
@@ -433,9 +437,14 @@ def _jsonable(v):
 
 
 # ----------------------------------------------------------------------------- experiments
-def _method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray) -> Callable:
+def _method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray,
+                    mesh: Mesh | None = None) -> Callable:
     """``build(indices)`` for merged models of the subsets ``indicator[indices]``: one
-    contraction per leaf for the per-task-linear methods, else ``bcjax.merge`` per subset."""
+    contraction per leaf for the per-task-linear methods, else ``bcjax.merge`` per subset.
+
+    With a one-axis ``mesh``, the stacked task vectors Δ are sharded over it (each leaf's
+    first divisible parameter axis, :func:`bcjax.grids.leaf_shardings`) and the contraction
+    runs as a jitted program with those ``in_shardings``; results are bit-identical."""
     from bcjax import sweeps
     from bcjax.evaluate import stack_trees
     from bcjax.merging import merge
@@ -444,7 +453,17 @@ def _method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator:
     if method in sweeps.LINEAR_METHODS:
         alpha = hp.pop("alpha", 1.0 if method == "task_arithmetic" else 0.3)
         deltas = sweeps.task_deltas(method, suite.pretrained, suite.finetuned, exclude=suite.exclude, **hp)
-        return lambda idx: sweeps.subset_merges(suite.pretrained, deltas, indicator[idx], alpha)
+        if mesh is None:
+            return lambda idx: sweeps.subset_merges(suite.pretrained, deltas, indicator[idx], alpha)
+        from bcjax import grids
+
+        axis = mesh.axis_names[0]
+        d_sh = grids.leaf_shardings(deltas, mesh, axis, skip_leading=1)
+        deltas = jax.device_put(deltas, d_sh)
+        rep = NamedSharding(mesh, P())
+        kernel = grids.subset_merge_kernel(in_shardings=(jax.tree.map(lambda _: rep, suite.pretrained), d_sh,
+                                                         rep, rep))
+        return lambda idx: kernel(suite.pretrained, deltas, jnp.asarray(indicator[idx]), jnp.float32(alpha))
 
     def build(idx):
         trees = []
@@ -457,13 +476,14 @@ def _method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator:
     return build
 
 
-def _lazy_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray) -> Callable:
+def _lazy_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray,
+                  mesh: Mesh | None = None) -> Callable:
     """:func:`_method_builder`, set up (task deltas) only if some point is not stored yet."""
     state = {}
 
     def build(idx):
         if "fn" not in state:
-            state["fn"] = _method_builder(suite, method, hparams, indicator)
+            state["fn"] = _method_builder(suite, method, hparams, indicator, mesh)
         return state["fn"](idx)
 
     return build
@@ -482,9 +502,10 @@ def _methods(config: Mapping) -> list[tuple[str, dict]]:
 
 def subsets_experiment(suite: ModelSuite, store, *, methods: Sequence[tuple[str, Mapping]],
                        sizes: Sequence[int] | None = None, split: str = "test", chunk: int | None = None,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, mesh: Mesh | None = None) -> dict:
     """Fig. 2: every subset (of the given sizes) merged by one contraction per leaf, evaluated
-    on all tasks; curves for both protocols (SPEC §4). The empty subset is θ0."""
+    on all tasks; curves for both protocols (SPEC §4). The empty subset is θ0. ``mesh``
+    shards the stacked task vectors and the contraction (see :func:`_method_builder`)."""
     from bcjax import sweeps
 
     ref = reference_accuracy(suite, store, split)
@@ -494,7 +515,7 @@ def subsets_experiment(suite: ModelSuite, store, *, methods: Sequence[tuple[str,
     for method, hp in methods:
         keys = [dict(kind="subset", suite=suite.fingerprint, split=split, method=method, hparams=_jsonable(hp),
                      subset=[int(v) for v in row]) for row in ind]
-        build = _lazy_builder(suite, method, hp, ind)
+        build = _lazy_builder(suite, method, hp, ind, mesh)
         accs = evaluate_models(suite, store, keys, [suite.tasks] * len(ind), build, split, chunk=chunk,
                                progress=progress, desc=f"subsets {method}")
         scores = {i: _normalized(a, ref) for i, a in enumerate(accs)}
@@ -684,6 +705,19 @@ def _floats(config, key, default):
         raise ConfigError(f"{config.get('_source', '<config>')}: {key} must be a list of numbers, got {v!r}") from None
 
 
+def sweep_mesh(config: Mapping) -> Mesh | None:
+    """The one-axis device mesh of ``config["mesh"]`` (``{axis: models, devices: 8}``;
+    ``devices`` defaults to all of ``jax.devices()``), or None when the key is absent."""
+    spec = get(config, "mesh", None, types=(dict, type(None)))
+    if spec is None:
+        return None
+    devices = jax.devices()
+    n = get(spec, "devices", len(devices), types=int)
+    if not 1 <= n <= len(devices):
+        raise ConfigError(f"{config.get('_source', '<config>')}: mesh.devices must be in 1..{len(devices)}, got {n}")
+    return Mesh(np.array(devices[:n]), (get(spec, "axis", "models", types=str),))
+
+
 def run_sweep(config: Mapping, *, out_dir: str, progress: bool = True, suite: ModelSuite | None = None) -> dict:
     """Run the experiment named by ``config["experiment"]`` (one of :data:`EXPERIMENTS`) on
     the suite named by ``config["suite"]`` (or the given ``suite``); write ``results.jsonl``
@@ -706,7 +740,8 @@ def run_sweep(config: Mapping, *, out_dir: str, progress: bool = True, suite: Mo
     if kind == "subsets":
         sizes = get(config, "sizes", None, types=(list, type(None)))
         res = subsets_experiment(suite, store, methods=_methods(config), sizes=sizes,
-                                 split=get(config, "split", "test", types=str), chunk=chunk, progress=progress)
+                                 split=get(config, "split", "test", types=str), chunk=chunk, progress=progress,
+                                 mesh=sweep_mesh(config))
         for proto in ("observed", "all"):
             figs[proto] = plots.subset_curves({m: r[proto] for m, r in res["methods"].items()},
                                               png(f"subsets_{proto}.png"), title=f"{proto}-task protocol")

@@ -11,6 +11,7 @@ import pytest
 
 import bcjax
 from bcjax import experiments as E
+from bcjax.config import ConfigError
 from bcjax.evaluate import unstack_tree
 from bcjax.results_store import ResultsStore
 
@@ -217,3 +218,28 @@ def test_dinov2_suite_subsets_and_cosine(demo_cache, tmp_path):
                     progress=False)
     m = np.array(c["matrices"]["raw task vectors"])
     assert m.shape == (3, 3) and np.allclose(np.diag(m), 1, atol=1e-4)
+
+
+def test_subsets_sweep_on_a_mesh_is_bit_identical(suite, tmp_path):
+    """`mesh:` shards the stacked task vectors over 8 fake devices; the merged models and
+    every stored accuracy equal the unsharded sweep's."""
+    from bcjax import sweeps
+
+    assert len(jax.devices()) == 8
+    mesh = E.sweep_mesh({"mesh": {"axis": "models"}})
+    ind = sweeps.all_subsets(len(suite.tasks))
+    hp = dict(alpha=0.4, beta=0.8, gamma=0.99)
+    idx = np.array([1, 6, 11, 15])
+    plain = E._method_builder(suite, "breadcrumbs", hp, ind)(idx)
+    sharded = E._method_builder(suite, "breadcrumbs", hp, ind, mesh)(idx)
+    assert any(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(sharded))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    cfg = {"experiment": "subsets", "methods": [{"name": "breadcrumbs", **hp}], "models_per_call": 4}
+    one = E.run_sweep(cfg, out_dir=str(tmp_path / "plain"), progress=False, suite=suite)
+    eight = E.run_sweep({**cfg, "mesh": {"axis": "models", "devices": 8}}, out_dir=str(tmp_path / "mesh"),
+                        progress=False, suite=suite)
+    assert one["methods"] == eight["methods"]
+    with pytest.raises(ConfigError, match="mesh.devices"):
+        E.sweep_mesh({"mesh": {"devices": 99}})
