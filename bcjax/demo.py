@@ -203,18 +203,25 @@ def setup(cfg: DemoConfig, cache_root: str, *, progress: bool = True) -> DemoCon
                        max_test=cfg.max_test, seed=cfg.seed, cache_root=os.path.join(cache_root, "data"))
     log("data", ", ".join(f"{t.name} {t.sizes}" for t in tasks))
     feats, predict, loss = make_classifier(model_config, cfg.head_scale)
-    feats_jit = jax.jit(feats)
     cmax = max(t.num_classes for t in tasks)
-    heads = {}
-    for t in tasks:
-        x, y = t.splits["train"]
-        idx = heads_lib.k_shot_indices(y, t.num_classes, cfg.k_shot, seed=cfg.seed)
-        f = np.concatenate([np.asarray(feats_jit(params0, x[idx[s:s + 64]])) for s in range(0, len(idx), 64)])
-        heads[t.name] = tuple(jnp.asarray(a) for a in heads_lib.pad_head(
-            heads_lib.prototype_head(f, y[idx], t.num_classes), cmax))
+    heads = prototype_heads(feats, params0, tasks, k_shot=cfg.k_shot, seed=cfg.seed, pad_to=cmax)
     log("heads", f"{cfg.k_shot}-shot prototype heads, padded to {cmax} classes")
     store = ResultsStore(os.path.join(cache_root, "demo", cfg.finetune_fingerprint(), "results.jsonl"))
     return DemoContext(cfg, cache_root, model_config, params0, tasks, heads, predict, loss, log, store)
+
+
+def prototype_heads(feats, params0, tasks, *, k_shot: int, seed: int, pad_to: int) -> dict:
+    """Frozen ``k_shot`` prototype heads per task from the pretrained features (train split),
+    padded to ``pad_to`` classes so every task shares one compiled forward."""
+    feats_jit = jax.jit(feats)
+    heads = {}
+    for t in tasks:
+        x, y = t.splits["train"]
+        idx = heads_lib.k_shot_indices(y, t.num_classes, k_shot, seed=seed)
+        f = np.concatenate([np.asarray(feats_jit(params0, x[idx[s:s + 64]])) for s in range(0, len(idx), 64)])
+        heads[t.name] = tuple(jnp.asarray(a) for a in heads_lib.pad_head(
+            heads_lib.prototype_head(f, y[idx], t.num_classes), pad_to))
+    return heads
 
 
 def finetune_tasks(ctx: DemoContext, *, progress: bool = True) -> list:

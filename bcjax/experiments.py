@@ -316,13 +316,10 @@ def prefix_indicator(num_tasks: int) -> np.ndarray:
 def dinov2_class_split_suite(config: Mapping, *, cache_dir: str, progress: bool = True) -> ModelSuite:
     """One data set of the offline suite (``suite.dataset``, e.g. mnist) split into tasks of
     ``suite.classes_per_task`` classes; per-task prototype heads; one cached fine-tune per task."""
-    import jax
-    import jax.numpy as jnp
 
     from bcjax import demo
     from bcjax.data.suite import Task, load_suite
     from bcjax.models import dinov2
-    from bcjax.models import heads as heads_lib
 
     cfg = _demo_config(config)
     dataset = get(config, "suite.dataset", "mnist", types=str)
@@ -340,14 +337,7 @@ def dinov2_class_split_suite(config: Mapping, *, cache_dir: str, progress: bool 
                           class_names=tuple(full.class_names[c] for c in cl), splits=splits,
                           provenance=full.provenance, license=full.license))
     feats, predict, loss = demo.make_classifier(model_config, cfg.head_scale)
-    feats_jit = jax.jit(feats)
-    heads = {}
-    for t in tasks:
-        x, y = t.splits["train"]
-        idx = heads_lib.k_shot_indices(y, t.num_classes, cfg.k_shot, seed=cfg.seed)
-        f = np.concatenate([np.asarray(feats_jit(params0, x[idx[s:s + 64]])) for s in range(0, len(idx), 64)])
-        heads[t.name] = tuple(jnp.asarray(a) for a in heads_lib.pad_head(
-            heads_lib.prototype_head(f, y[idx], t.num_classes), k))
+    heads = demo.prototype_heads(feats, params0, tasks, k_shot=cfg.k_shot, seed=cfg.seed, pad_to=k)
     ctx = demo.DemoContext(dataclasses.replace(cfg, tasks=tuple(t.name for t in tasks)), cache_dir, model_config,
                            params0, tasks, heads, predict, loss, log, store=None)
     finetuned = demo.finetune_tasks(ctx, progress=progress)

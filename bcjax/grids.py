@@ -280,29 +280,12 @@ def leaf_shardings(tree: Any, mesh, axis_name: str, *, skip_leading: int = 0) ->
     return jax.tree.map(one, tree, is_leaf=lambda x: x is None)
 
 
-def _subset_merges_impl(pretrained, deltas, indicator, alpha):
-    return _subset_leafwise(pretrained, deltas, indicator, alpha)
-
-
-def _subset_leafwise(pretrained, deltas, indicator, alpha):
-    from bcjax.tree import is_floating
-
-    ind = jnp.asarray(indicator, jnp.float32)
-
-    def leaf(p0, d):
-        if not is_floating(p0):
-            return jnp.broadcast_to(p0, (ind.shape[0],) + p0.shape)
-        dt = compute_dtype(p0.dtype)
-        mixed = jnp.tensordot(ind.astype(dt), d.astype(dt), axes=1)
-        return (p0.astype(dt)[None] + jnp.asarray(alpha, dt) * mixed).astype(p0.dtype)
-
-    return jax.tree.map(leaf, pretrained, deltas)
-
-
 def subset_merge_kernel(*, in_shardings=None, out_shardings=None) -> Callable:
     """The subset contraction of :func:`bcjax.sweeps.subset_merges` (θ0 + α · indicator @ Δ
     per leaf) jitted with the given shardings: ``kernel(pretrained, deltas, indicator, alpha)``."""
-    return sharded(_subset_merges_impl, in_shardings=in_shardings, out_shardings=out_shardings)
+    from bcjax.sweeps import subset_merges
+
+    return sharded(subset_merges, in_shardings=in_shardings, out_shardings=out_shardings)
 
 
 def merges_kernel(*, in_shardings=None, out_shardings=None) -> Callable:
