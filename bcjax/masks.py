@@ -155,18 +155,10 @@ def mask_from_counts(tau: jax.Array, n_bot, n_top) -> jax.Array:
     return (bits >= lo) & (bits < hi)
 
 
-def diff_mask_from_counts(finetuned: jax.Array, pretrained: jax.Array, n_bot, n_top) -> jax.Array:
-    """:func:`mask_from_counts` of τ = finetuned − pretrained, without writing τ to memory
-    for the selection where the native CPU kernel applies (same result everywhere)."""
-    lo, hi = _threshold_bits(lambda r: order_stats.select_diff_bits(finetuned, pretrained, r),
-                             finetuned.size, n_bot, n_top)
-    bits = order_stats.magnitude_bits(finetuned - pretrained)
-    return (bits >= lo) & (bits < hi)
-
-
 def diff_masks_from_counts(finetuned, pretrained: jax.Array, n_bot, n_top) -> list[jax.Array]:
-    """:func:`diff_mask_from_counts` for every task of one leaf, the order statistics of all
-    tasks from one pass over the leaf where the native CPU kernel applies."""
+    """:func:`mask_from_counts` of τt = finetuned[t] − pretrained for every task of one leaf,
+    without writing τ to memory for the selection: the order statistics of all tasks come
+    from one pass over the leaf where the native CPU kernel applies (same result everywhere)."""
     n = pretrained.size
     ranks = jnp.broadcast_to(_threshold_ranks(n, n_bot, n_top), (len(finetuned), 2))
     lo, hi = _thresholds_from(order_stats.select_diff_bits_multi(pretrained, finetuned, ranks), n, n_bot, n_top)

@@ -46,7 +46,6 @@ __all__ = [
     "fine_histogram",
     "resolve_fine",
     "select_bits",
-    "select_diff_bits",
     "select_diff_bits_multi",
     "kth_smallest_magnitude",
     "NO_THRESHOLD",
@@ -141,23 +140,9 @@ def select_bits(arrays: Sequence[jax.Array], ranks: jax.Array) -> jax.Array:
     return _histogram_select(*arrays, ranks=ranks)
 
 
-def select_diff_bits(a: jax.Array, b: jax.Array, ranks: jax.Array) -> jax.Array:
-    """``select_bits([magnitude_bits(a − b)], ranks)`` without materializing ``a − b`` where
-    the native CPU kernel applies (float32 ``a`` and ``b``); identical results everywhere."""
-    a, b = jnp.asarray(a), jnp.asarray(b)
-    if a.shape != b.shape:
-        raise ValueError(f"select_diff_bits: shapes differ, {a.shape} vs {b.shape}")
-    ranks = jnp.atleast_1d(jnp.asarray(ranks, jnp.int32))
-    if (a.size > SORT_BELOW and a.dtype == jnp.float32 and b.dtype == jnp.float32
-            and a.size <= _MAX_COUNT and _native.available()):
-        return lax.platform_dependent(
-            a, b, ranks, cpu=_native.select_diff_bits,
-            default=lambda x, y, r: select_bits([magnitude_bits(x - y)], r))
-    return select_bits([magnitude_bits(a - b)], ranks)
-
-
 def select_diff_bits_multi(pretrained: jax.Array, finetuned: Sequence[jax.Array], ranks: jax.Array) -> jax.Array:
-    """int32[T, K]: row t is ``select_diff_bits(finetuned[t], pretrained, ranks[t])``. On the
+    """int32[T, K]: row t is ``select_bits([magnitude_bits(finetuned[t] − pretrained)], ranks[t])``
+    without materializing the differences where the native kernel applies. On the
     CPU backend (float32 leaves) one cache-blocked native pass serves all T tasks and reads
     θ0 once; identical results everywhere."""
     p0 = jnp.asarray(pretrained)

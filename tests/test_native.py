@@ -20,7 +20,8 @@ pytestmark = pytest.mark.skipif(not _native.available(), reason=f"native kernel:
 
 _portable = jax.jit(lambda b, r: order_stats._histogram_select(b, ranks=r))
 _native_bits = jax.jit(_native.select_bits, static_argnames="sigmas")
-_native_diff = jax.jit(_native.select_diff_bits, static_argnames="sigmas")
+_native_diff = jax.jit(lambda a, b, r, sigmas=_native.DEFAULT_SIGMAS: _native.select_diff_bits_multi(
+    b, [a], r[None], sigmas=sigmas)[0], static_argnames="sigmas")
 
 
 def _np_bits(x):
@@ -84,7 +85,7 @@ def test_native_diff_matches_xla_difference(kind, n):
     ranks = jnp.asarray([0, int(0.9 * n), n - 1 - int(0.01 * n), n - 1], jnp.int32)
     want = _sorted_ranks(bits, np.asarray(ranks))
     np.testing.assert_array_equal(np.asarray(_native_diff(a, b, ranks)), want)
-    np.testing.assert_array_equal(np.asarray(order_stats.select_diff_bits(a, b, ranks)), want)
+    np.testing.assert_array_equal(np.asarray(order_stats.select_diff_bits_multi(b, [a], ranks[None])[0]), want)
     np.testing.assert_array_equal(np.asarray(_native_diff(a, b, ranks, sigmas=0.0)), want)
 
 

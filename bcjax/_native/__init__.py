@@ -28,11 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["DIFF_TARGET", "MULTI_TARGET", "TARGET", "select_diff_bits_multi", "available", "library_path", "select_bits", "select_diff_bits",
+__all__ = ["MULTI_TARGET", "TARGET", "select_diff_bits_multi", "available", "library_path", "select_bits",
            "unavailable_reason"]
 
 TARGET = "bcjax_select_bits"
-DIFF_TARGET = "bcjax_select_diff_bits"
 MULTI_TARGET = "bcjax_select_diff_bits_multi"
 _SOURCE = Path(__file__).with_name("select_bits.cc")
 _lock = threading.Lock()
@@ -89,8 +88,6 @@ def _load() -> None:
                 path = _build(cxx)
                 lib = ctypes.cdll.LoadLibrary(str(path))
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.BcjaxSelectBits), platform="cpu")
-                jax.ffi.register_ffi_target(DIFF_TARGET, jax.ffi.pycapsule(lib.BcjaxSelectDiffBits),
-                                            platform="cpu")
                 jax.ffi.register_ffi_target(MULTI_TARGET, jax.ffi.pycapsule(lib.BcjaxSelectDiffBitsMulti),
                                             platform="cpu")
                 _state.update(ok=True, reason=None, path=path, lib=lib)
@@ -139,18 +136,6 @@ def select_bits(bits: jax.Array, ranks: jax.Array, *, sigmas: float = DEFAULT_SI
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(bits, ranks, threads=_threads(), sigmas=np.float32(sigmas))
-
-
-def select_diff_bits(a: jax.Array, b: jax.Array, ranks: jax.Array, *,
-                     sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
-    """int32[K]: the ``ranks``-th smallest magnitude bits of ``a − b`` (float32, same shape),
-    computed on the fly with XLA:CPU's denormal semantics, so the difference is never
-    materialized. CPU only; see :func:`bcjax.order_stats.select_diff_bits`."""
-    a = jnp.ravel(jnp.asarray(a, jnp.float32))
-    b = jnp.ravel(jnp.asarray(b, jnp.float32))
-    ranks = jnp.asarray(ranks, jnp.int32)
-    call = jax.ffi.ffi_call(DIFF_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
-    return call(a, b, ranks, threads=_threads(), sigmas=np.float32(sigmas))
 
 
 def select_diff_bits_multi(pretrained: jax.Array, finetuned, ranks: jax.Array, *,

@@ -4,11 +4,10 @@
 //
 // Keys are the int32 bit patterns of |x| (monotone in |x|). Two handlers:
 //   bcjax_select_bits(bits, ranks)          keys given (non-negative int32)
-//   bcjax_select_diff_bits(a, b, ranks)     keys of |a − b| computed on the fly (float32),
-//       with XLA:CPU's denormal semantics (inputs and results flushed to zero), so the
-//       task vector τ = θt − θ0 is never written to memory.
-//   bcjax_select_diff_bits_multi(p0, ranks[T, K], ft_1 … ft_T)   the same for all T tasks of
-//       a leaf in one cache-blocked pass (θ0 read once).
+//   bcjax_select_diff_bits_multi(p0, ranks[T, K], ft_1 … ft_T)   keys of |ft_t − p0| computed
+//       on the fly (float32) with XLA:CPU's denormal semantics (inputs and results flushed
+//       to zero), for all T tasks of a leaf in one cache-blocked pass: the task vectors
+//       τ = θt − θ0 are never written to memory and θ0 is read once.
 //
 // Algorithm ("sample, bracket, count, select"), for n keys and K ranks:
 //   1. a sample of m keys from random contiguous blocks (fixed seed);
@@ -427,20 +426,6 @@ ffi::Error SelectBitsImpl(ffi::Buffer<ffi::S32> bits, ffi::Buffer<ffi::S32> rank
   return ffi::Error::Success();
 }
 
-ffi::Error SelectDiffBitsImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::S32> ranks,
-                              ffi::ResultBuffer<ffi::S32> out, int64_t threads, float sigmas) {
-  const int64_t n = static_cast<int64_t>(a.element_count());
-  if (static_cast<int64_t>(b.element_count()) != n) {
-    return ffi::Error::InvalidArgument("bcjax_select_diff_bits: a and b must have the same size");
-  }
-  const int64_t kk = static_cast<int64_t>(ranks.element_count());
-  ffi::Error err = CheckRanks(ranks.typed_data(), kk, n, static_cast<int64_t>(out->element_count()));
-  if (err.failure()) return err;
-  Select(DiffKeys{a.typed_data(), b.typed_data()}, n, ranks.typed_data(), kk, out->typed_data(),
-         static_cast<int>(std::max<int64_t>(1, threads)), sigmas);
-  return ffi::Error::Success();
-}
-
 ffi::Error SelectDiffBitsMultiImpl(ffi::Buffer<ffi::F32> p0, ffi::Buffer<ffi::S32> ranks, ffi::RemainingArgs fts,
                                    ffi::ResultBuffer<ffi::S32> out, int64_t threads, float sigmas) {
   const int64_t n = static_cast<int64_t>(p0.element_count());
@@ -491,11 +476,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectBits, SelectBitsImpl,
                                   .Attr<int64_t>("threads")
                                   .Attr<float>("sigmas"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectDiffBits, SelectDiffBitsImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("threads")
-                                  .Attr<float>("sigmas"));
