@@ -12,7 +12,7 @@ from bcjax.errors import BcjaxError
 from bcjax.models import t5 as t5m
 from bcjax.pipelines.t5_offline import make_tiny_t5
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402  (the test extra installs it: a missing torch must fail, not skip)
 
 
 def test_clip_shim_is_scoped_idempotent_and_correct():
