@@ -206,8 +206,7 @@ def lowered_programs(model: str, mesh, programs=PROGRAMS, *, small: dict | None 
                  "label_mask": jax.ShapeDtypeStruct((b, T5_TARGET_LEN), i32, sharding=data)}
         if "train" in programs:
             p, opt = _abstract(params, rep), _abstract(jax.eval_shape(tx.init, params), rep)
-            out["train"] = _planned(train._train_step, (fns.loss, tx), (p, opt, batch, ()),
-                                    {"flops_6nd": _flops_6nd(params, b * (lin + T5_TARGET_LEN)), "batch": b})
+            out["train"] = _planned(train._train_step, (fns.loss, tx), (p, opt, batch, ()), {"batch": b})
         if "eval" in programs:
             choices = jax.ShapeDtypeStruct((T5_CHOICES, T5_TARGET_LEN), i32, sharding=rep)
             out["eval"] = _planned(t5m.jit_rank_scores, (fns,), (_abstract(params, rep), batch["input_ids"],
