@@ -152,3 +152,19 @@ def test_markdown_table_lists_memory_and_flops_per_device_count():
     assert lines[2] == "| vit_b_32 | fine-tuning step | 87.5 | 7.50 | 1.50 | 3.37 | 0.42 |"
     assert lines[3] == "| vit_b_32 | merge, 256 subsets | 87.5 | 129.00 | – | 0.4 | – |"
     assert lines[4] == "| t5_base | fine-tuning step | 87.5 | 3.00 | – | 10 | – |"
+
+
+def test_gpu_step_script_runs_the_planned_programs_on_this_device(tmp_path):
+    """bench/gpu_step.py (run once on an H200 by hand) on tiny shapes: it compiles the planned
+    programs, runs them and records time next to XLA's estimate."""
+    import json
+
+    from bench import gpu_step
+
+    gpu_step.main(["--small", "--steps", "2", "--programs", "eval,merge_chunk", "--out", str(tmp_path / "g.json")])
+    data = json.loads((tmp_path / "g.json").read_text())
+    assert [r["program"] for r in data["rows"]] == ["eval", "merge_chunk"]
+    for r in data["rows"]:
+        assert len(r["times_s"]) == 2 and r["median_s"] > 0 and r["cost"]["flops"] > 0
+        assert r["achieved_tflops"] == pytest.approx(r["cost"]["flops"] / r["median_s"] / 1e12)
+        assert r["memory"]["total_bytes"] > 0
