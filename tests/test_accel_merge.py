@@ -36,7 +36,7 @@ def test_floors_and_ratios_follow_from_bytes_and_times(result):
     n = num_params(shapes)
     copy = result["copy"]
     assert copy["gbps"] == pytest.approx(copy["bytes"] / copy["median_s"] / 1e9)
-    assert copy["bytes"] == 2 * (4 << 20)
+    assert copy["bytes"] == 2 * (4 << 20) * copy["chain"]
     by = {(r["method"], r["validate"]): r for r in result["rows"]}
     for r in result["rows"]:
         assert r["workload"] == name and r["tasks"] == tasks
