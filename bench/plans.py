@@ -250,8 +250,8 @@ def _memory(compiled) -> dict:
     return out
 
 
-def plan(model: str, num_devices: int, programs=PROGRAMS, *, compile: bool = True, small: dict | None = None,
-         log=print) -> list[dict]:
+def plan(model: str, num_devices: int, programs=PROGRAMS, *, compile_programs: bool = True,
+         small: dict | None = None, log=print) -> list[dict]:
     """Rows for ``model`` on the first ``num_devices`` devices (this process's)."""
     import jax
 
@@ -269,7 +269,7 @@ def plan(model: str, num_devices: int, programs=PROGRAMS, *, compile: bool = Tru
     for prog, planned in lowered.items():
         row = {"model": model, "devices": num_devices, "program": prog, **planned.info,
                "lower_s_all_programs": t_lower}
-        if compile:
+        if compile_programs:
             t0 = time.perf_counter()
             compiled = planned.lowered.compile()
             row["compile_s"] = time.perf_counter() - t0
@@ -277,8 +277,8 @@ def plan(model: str, num_devices: int, programs=PROGRAMS, *, compile: bool = Tru
             row["cost_per_device"] = _cost(compiled)
             del compiled
             mem = row["memory_per_device"]
-            log(f"  {model:9s} {num_devices:3d} dev  {prog:11s} per device: args {mem['argument_size_bytes'] / 2**30:7.3f}"
-                f" GiB  out {mem['output_size_bytes'] / 2**30:7.3f}  temp {mem['temp_size_bytes'] / 2**30:7.3f}"
+            log(f"  {model:9s} {num_devices:3d} dev  {prog:11s} per device: "
+                f"args {mem['argument_size_bytes'] / 2**30:7.3f} GiB  out {mem['output_size_bytes'] / 2**30:7.3f}  temp {mem['temp_size_bytes'] / 2**30:7.3f}"
                 f"  total {mem['total_bytes'] / 2**30:7.3f} GiB  {row['cost_per_device']['flops'] / 1e12:8.3f} TFLOP"
                 f"  (compile {row['compile_s']:.1f} s)")
         rows.append(row)
