@@ -1,0 +1,302 @@
+"""Regime study of the embedded DINOv2 suite (issue 13, Deliver 1; criteria in docs/regime.md).
+
+Measures, without ever merging anything:
+
+* M1 — per input resolution: pretrained k-shot prototype-head accuracy on the validation
+  split of every task (k = 16 and 64), and seconds per image of the batched forward pass
+  and per fine-tuning step (batch 32) on this machine;
+* M2 — at the resolutions the budget rule D1 admits (best 1–2 by M1) and, for
+  information, the lowest one it rejects: fine-tuned validation accuracy, ‖τ‖/‖θ0‖ and
+  seconds per step for a few fixed recipes on three fixed tasks;
+* M3 — the largest test sets the sources allow.
+
+The decision rules D1–D3 of docs/regime.md are applied here mechanically and their outcome
+is written to the JSON next to the measurements. Results are written after every stage, so
+an interrupted run keeps what it measured.
+
+Run from the repository root (about 30–40 CPU-minutes on 2 cores)::
+
+    PYTHONPATH=. python bench/regime_study.py --out bench/results/regime_study.json
+
+``--smoke`` runs a tiny version (2 tasks, 28 px, a few steps) to check the script.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bcjax.data.suite import SUITE_TASKS, TASK_INFO, load_suite, load_task
+from bcjax.models import dinov2
+from bcjax.models import heads as heads_lib
+from bcjax.train import TrainConfig, finetune
+
+# ---- fixed by docs/regime.md §1 (before any measurement) ---------------------------------
+RESOLUTIONS = (28, 42, 56, 70, 84)
+K_SHOTS = (16, 64)
+M2_TASKS = ("fashion_mnist", "animal_shapes", "font_letters")
+M2_LEARNING_RATES = (1e-5, 3e-5, 1e-4)
+BATCH = 32
+HEAD_SCALE = 20.0
+MAX_VAL = 200
+BUDGET_FINETUNE_S_PER_TASK = 60.0  # 8 tasks -> 8 of the 20 default minutes
+BUDGET_EVAL_S = 600.0  # 10 of the 20 default minutes
+MIN_STEPS = 40
+EVAL_PLAN = dict(n_test_cap=1000, val_grid_merges=25, n_val=100, methods=8, linear_methods=2,
+                 subsets=40, subset_images=200)
+D2_K64_MIN_GAIN = 0.02
+D2_TIE = 0.01
+D3_GAIN_FRACTION = 0.75
+EVAL_BATCH = 128
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _rel_norm(params, params0) -> float:
+    """‖θ − θ0‖₂ / ‖θ0‖₂ over every leaf (the whole backbone)."""
+    num = sum(float(jnp.sum((jnp.asarray(a, jnp.float32) - jnp.asarray(b, jnp.float32)) ** 2))
+              for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params0)))
+    den = sum(float(jnp.sum(jnp.asarray(b, jnp.float32) ** 2)) for b in jax.tree.leaves(params0))
+    return math.sqrt(num / den)
+
+
+def _features(feats_jit, params, x, batch=EVAL_BATCH):
+    """Features of ``x`` in fixed-size (padded) batches; returns (features, seconds per image
+    excluding the first batch, which may include compilation)."""
+    out, times = [], []
+    for s in range(0, len(x), batch):
+        xb = x[s:s + batch]
+        n = len(xb)
+        if n < batch:
+            xb = np.concatenate([xb, np.repeat(xb[-1:], batch - n, axis=0)])
+        t = time.perf_counter()
+        f = np.asarray(feats_jit(params, xb))
+        times.append((time.perf_counter() - t) / batch)
+        out.append(f[:n])
+    return np.concatenate(out), times
+
+
+def _head(features, labels, num_classes, k, seed=0):
+    idx = heads_lib.k_shot_indices(labels, num_classes, k, seed=seed)
+    return heads_lib.prototype_head(features[idx], labels[idx], num_classes)
+
+
+def _head_accuracy(head, features, labels) -> float:
+    f = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    return float(np.mean(np.argmax(f @ head.T, axis=1) == labels))
+
+
+def _loss_fn(feats):
+    def loss(params, batch, head_w, head_valid):
+        logits = heads_lib.cosine_logits(feats(params, batch["x"]), head_w, head_valid, HEAD_SCALE)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+    return loss
+
+
+def _step_time(loss, params0, x, y, head, cfg_steps=3):
+    """Seconds per fine-tuning step at batch BATCH (median of steps 2..n; step 1 compiles)."""
+    cfg = TrainConfig(steps=cfg_steps + 1, batch_size=BATCH, learning_rate=1e-5, weight_decay=0.1,
+                      warmup_steps=1, seed=0)
+    t0 = time.perf_counter()
+    finetune(loss, params0, {"x": x, "y": y}, cfg, progress=False, stop_after=1, loss_args=head)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    finetune(loss, params0, {"x": x, "y": y}, cfg, progress=False, loss_args=head)
+    total = time.perf_counter() - t0
+    # the second call reuses the compiled step: (total - one step) / cfg_steps is an upper bound
+    return dict(first_call_s=round(first, 2), s_per_step=round(total / (cfg_steps + 1), 3))
+
+
+def cost_model(t_fwd: float, t_step: float, n_test: dict, plan=EVAL_PLAN) -> dict:
+    """docs/regime.md D1: fine-tuning steps allowed and evaluation seconds of the minimum plan."""
+    sum_test = sum(min(n, plan["n_test_cap"]) for n in n_test.values())
+    forwards = (2 * sum_test + plan["val_grid_merges"] * 8 * plan["n_val"] + plan["methods"] * sum_test
+                + plan["linear_methods"] * plan["subsets"] * 8 * plan["subset_images"])
+    steps = int(BUDGET_FINETUNE_S_PER_TASK / t_step) // 10 * 10
+    eval_s = forwards * t_fwd
+    return dict(eval_forwards=forwards, eval_s=round(eval_s, 1), finetune_steps_allowed=steps,
+                finetune_s_8_tasks=round(8 * steps * t_step, 1),
+                passes=bool(steps >= MIN_STEPS and eval_s <= BUDGET_EVAL_S),
+                fails=[w for w, bad in (("finetune", steps < MIN_STEPS), ("eval", eval_s > BUDGET_EVAL_S)) if bad])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results/regime_study.json")
+    ap.add_argument("--smoke", action="store_true", help="tiny run to check the script")
+    args = ap.parse_args(argv)
+
+    smoke = args.smoke
+    resolutions = (28,) if smoke else RESOLUTIONS
+    tasks = ("digits", "textures") if smoke else SUITE_TASKS
+    m2_tasks = ("digits",) if smoke else M2_TASKS
+    max_train = 40 if smoke else 640
+    max_val = 20 if smoke else MAX_VAL
+    k_shots = (2, 4) if smoke else K_SHOTS
+
+    out = dict(study="regime_study", started=_now(), smoke=smoke,
+               machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
+                            devices=[str(d) for d in jax.devices()],
+                            loadavg_at_start=os.getloadavg()),
+               criteria=dict(resolutions=resolutions, k_shots=k_shots, m2_tasks=m2_tasks,
+                             m2_learning_rates=M2_LEARNING_RATES, batch=BATCH, head_scale=HEAD_SCALE,
+                             max_val=max_val, max_train=max_train, eval_plan=EVAL_PLAN,
+                             budget_finetune_s_per_task=BUDGET_FINETUNE_S_PER_TASK,
+                             budget_eval_s=BUDGET_EVAL_S, min_steps=MIN_STEPS))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():
+        out["updated"] = _now()
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+
+    def log(msg):
+        print(f"[{_now()}] {msg}", flush=True)
+
+    model_config, params0 = dinov2.load_pretrained()
+    feats = dinov2.make_features(model_config)
+    feats_jit = jax.jit(feats)
+    loss = _loss_fn(feats)
+
+    # ---- M3: test-set sizes the sources allow (uncapped), at 28 px -------------------------
+    sizes = {}
+    for name in tasks:
+        t = load_task(name, resolution=28, max_train=10 * TASK_INFO[name].num_classes,
+                      max_val=TASK_INFO[name].num_classes, max_test=None)
+        generated = bool(TASK_INFO[name].default_sizes)
+        sizes[name] = dict(test_uncapped=t.sizes["test"], generated=generated,
+                           note=("generated on demand: any test size, but drawn from a fixed set of "
+                                 "source cells / typefaces (not iid)") if generated else "")
+    out["test_sizes"] = sizes
+    n_test = {n: (EVAL_PLAN["n_test_cap"] if s["generated"] else s["test_uncapped"]) for n, s in sizes.items()}
+    out["n_test_plan"] = n_test
+    save()
+    log(f"M3 sizes {n_test}")
+
+    # ---- M1: pretrained heads against resolution, forward and step time -------------------
+    m1 = {}
+    for r in resolutions:
+        t0 = time.perf_counter()
+        suite = load_suite(tasks, resolution=r, max_train=max_train, max_val=max_val,
+                           max_test=max(TASK_INFO[n].num_classes for n in tasks))
+        load_s = time.perf_counter() - t0
+        per_task, fwd_times, step_head = {}, [], None
+        for t in suite:
+            xtr, ytr = t.splits["train"]
+            xva, yva = t.splits["val"]
+            ftr, tt = _features(feats_jit, params0, xtr)
+            fva, tv = _features(feats_jit, params0, xva)
+            fwd_times += (tt + tv)[1:]
+            per_task[t.name] = {f"k{k}": _head_accuracy(_head(ftr, ytr, t.num_classes, k), fva, yva) for k in k_shots}
+            per_task[t.name]["chance"] = 1.0 / t.num_classes
+            if t.name == m2_tasks[0]:
+                step_head = (t, heads_lib.pad_head(_head(ftr, ytr, t.num_classes, k_shots[0]), 10))
+        t_fwd = float(np.median(fwd_times))
+        st = _step_time(loss, params0, *step_head[0].splits["train"], step_head[1])
+        avg = {f"k{k}": float(np.mean([v[f"k{k}"] for v in per_task.values()])) for k in k_shots}
+        m1[str(r)] = dict(per_task=per_task, avg=avg, s_per_image_forward=round(t_fwd, 5),
+                          forward_batch=EVAL_BATCH, s_per_step=st["s_per_step"], step_first_call_s=st["first_call_s"],
+                          data_load_s=round(load_s, 1),
+                          cost_model=cost_model(t_fwd, st["s_per_step"], n_test))
+        out["m1"] = m1
+        save()
+        log(f"M1 r={r}: avg {avg} fwd {1000 * t_fwd:.2f} ms/img, step {st['s_per_step']:.2f} s, "
+            f"cost {m1[str(r)]['cost_model']}")
+
+    # ---- D1 + D2 ------------------------------------------------------------------------
+    kbest = f"k{k_shots[-1]}" if np.mean([m1[str(r)]["avg"][f"k{k_shots[-1]}"] - m1[str(r)]["avg"][f"k{k_shots[0]}"]
+                                          for r in resolutions]) >= D2_K64_MIN_GAIN else f"k{k_shots[0]}"
+    admitted = [r for r in resolutions if m1[str(r)]["cost_model"]["passes"] or smoke]
+    rejected = [r for r in resolutions if r not in admitted]
+    ranked = sorted(admitted, key=lambda r: (-m1[str(r)]["avg"][kbest], r))
+    chosen_res = None
+    if ranked:
+        chosen_res = ranked[0]
+        for r in ranked[1:]:  # ties within D2_TIE: the cheaper resolution
+            if r < chosen_res and m1[str(chosen_res)]["avg"][kbest] - m1[str(r)]["avg"][kbest] <= D2_TIE:
+                chosen_res = r
+    m2_res = ranked[:2]
+    info_res = rejected[:1]
+    out["d1_d2"] = dict(head=kbest, admitted=admitted, rejected=rejected, chosen_resolution=chosen_res,
+                        m2_resolutions=m2_res, m2_information_only=info_res)
+    save()
+    log(f"D1/D2: head {kbest}, admitted {admitted}, chosen {chosen_res}, M2 at {m2_res} + info {info_res}")
+
+    # ---- M2: recipes at the admitted resolutions (+ one rejected, for information) -------
+    k = int(kbest[1:])
+    m2 = {}
+    for r in list(m2_res) + list(info_res):
+        t_step = m1[str(r)]["s_per_step"]
+        steps = max(int(BUDGET_FINETUNE_S_PER_TASK / t_step) // 10 * 10, 10)
+        if smoke:
+            steps = 4
+        recipes = [(lr, steps) for lr in M2_LEARNING_RATES]
+        if r == chosen_res and not smoke and 2 * steps * t_step * len(m2_tasks) <= 400:
+            recipes.append((3e-5, 2 * steps))
+        suite = load_suite(m2_tasks, resolution=r, max_train=1000 if not smoke else 40, max_val=max_val,
+                           max_test=10 if not smoke else None)
+        res_out = {}
+        for t in suite:
+            xtr, ytr = t.splits["train"]
+            xva, yva = t.splits["val"]
+            # the head is built from the first k per class of the demo-size train split
+            ftr, _ = _features(feats_jit, params0, xtr)
+            head = _head(ftr, ytr, t.num_classes, k)
+            hw, hv = heads_lib.pad_head(head, 10)
+            fva, _ = _features(feats_jit, params0, xva)
+            pre = _head_accuracy(head, fva, yva)
+            runs = []
+            for lr, s in recipes:
+                cfg = TrainConfig(steps=s, batch_size=BATCH, learning_rate=lr, weight_decay=0.1,
+                                  warmup_steps=max(s // 10, 1), seed=0)
+                t0 = time.perf_counter()
+                res = finetune(loss, params0, {"x": xtr, "y": ytr}, cfg, progress=False, loss_args=(hw, hv))
+                wall = time.perf_counter() - t0
+                fva_ft, _ = _features(feats_jit, res.params, xva)
+                acc = _head_accuracy(head, fva_ft, yva)
+                runs.append(dict(lr=lr, steps=s, batch=BATCH, val_acc=acc, gain=acc - pre,
+                                 rel_tau_norm=_rel_norm(res.params, params0), wall_s=round(wall, 1),
+                                 final_loss=res.losses[-1]))
+                log(f"M2 r={r} {t.name} lr={lr} steps={s}: val {pre:.3f} -> {acc:.3f}, "
+                    f"|tau|/|theta0| {runs[-1]['rel_tau_norm']:.2e}, {wall:.0f}s")
+                res_out[t.name] = dict(pretrained_val_acc=pre, runs=runs)
+                m2[str(r)] = dict(steps=steps, tasks=res_out, information_only=r in info_res)
+                out["m2"] = m2
+                save()
+
+    # ---- D3 + D4 at the chosen resolution --------------------------------------------------
+    if chosen_res is not None and str(chosen_res) in m2:
+        tasks_out = m2[str(chosen_res)]["tasks"]
+        keys = [(run["lr"], run["steps"]) for run in next(iter(tasks_out.values()))["runs"]]
+        table = []
+        for lr, s in keys:
+            rs = [next(x for x in v["runs"] if (x["lr"], x["steps"]) == (lr, s)) for v in tasks_out.values()]
+            table.append(dict(lr=lr, steps=s, avg_gain=float(np.mean([x["gain"] for x in rs])),
+                              avg_val_acc=float(np.mean([x["val_acc"] for x in rs])),
+                              avg_rel_tau_norm=float(np.mean([x["rel_tau_norm"] for x in rs]))))
+        best_gain = max(x["avg_gain"] for x in table)
+        ok = [x for x in table if x["avg_gain"] >= D3_GAIN_FRACTION * best_gain]
+        recipe = min(ok, key=lambda x: x["avg_rel_tau_norm"])
+        pre = float(np.mean([v["pretrained_val_acc"] for v in tasks_out.values()]))
+        out["d3_d4"] = dict(recipes=table, chosen_recipe=recipe, avg_pretrained_val_acc_m2_tasks=pre,
+                            ratio_pretrained_over_finetuned=pre / recipe["avg_val_acc"],
+                            in_paper_band=bool(0.45 <= pre / recipe["avg_val_acc"] <= 0.75))
+        log(f"D3/D4: {out['d3_d4']}")
+    out["finished"] = _now()
+    save()
+    return out
+
+
+if __name__ == "__main__":
+    main()
