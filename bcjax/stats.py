@@ -46,7 +46,7 @@ Subset curves (two-level bootstrap)
 
 Public API: :func:`bootstrap_counts`, :func:`resampled_accuracy`,
 :func:`percentile_interval`, :func:`method_intervals`, :func:`subset_curve_intervals`,
-:func:`stratified_sample`.
+:func:`stratified_sample`, :func:`seed_summary`.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ import numpy as np
 from bcjax.errors import EvaluationDataError
 
 __all__ = ["DEFAULT_RESAMPLES", "bootstrap_counts", "resampled_accuracy", "percentile_interval",
-           "method_intervals", "subset_curve_intervals", "stratified_sample"]
+           "method_intervals", "subset_curve_intervals", "stratified_sample", "seed_summary"]
 
 #: SPEC §4: at least 1,000 bootstrap resamples.
 DEFAULT_RESAMPLES = 1000
@@ -303,3 +303,14 @@ def stratified_sample(labels: np.ndarray, size: int, *, seed: int = 0, key: str 
         quota[order[:short]] += 1
     picked = [rng.choice(np.flatnonzero(inverse == c), size=q, replace=False) for c, q in enumerate(quota) if q]
     return np.sort(np.concatenate(picked))
+
+
+def seed_summary(values: Sequence[float]) -> dict:
+    """Mean ± standard error over repeated fine-tuning seeds (as the paper reports):
+    ``{"mean", "se", "num_seeds"}`` with se = s / √N, s the sample standard deviation
+    (ddof = 1); se is 0 for a single seed."""
+    v = np.asarray(values, np.float64)
+    if v.ndim != 1 or v.size == 0 or not np.all(np.isfinite(v)):
+        raise EvaluationDataError(f"seed_summary needs a non-empty 1-d list of finite values, got {values!r}")
+    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0
+    return {"mean": float(v.mean()), "se": se, "num_seeds": int(v.size)}

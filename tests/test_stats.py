@@ -250,6 +250,15 @@ def test_subset_choice_alone_gives_the_interval_when_examples_are_certain():
     assert 1 / 6 <= got["ci95"][0] < 2 / 6 < got["ci95"][1] <= 3 / 6
 
 
+def test_seed_summary():
+    got = stats.seed_summary([0.5, 0.7, 0.6])
+    assert got["mean"] == pytest.approx(0.6) and got["num_seeds"] == 3
+    assert got["se"] == pytest.approx(np.std([0.5, 0.7, 0.6], ddof=1) / np.sqrt(3))
+    assert stats.seed_summary([0.4])["se"] == 0.0
+    with pytest.raises(EvaluationDataError):
+        stats.seed_summary([])
+
+
 # ------------------------------------------------------------------ typed errors
 def test_errors_name_what_and_where():
     fine = {"a": np.ones(5, bool)}
