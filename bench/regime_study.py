@@ -23,7 +23,6 @@ Run from the repository root (about 30–40 CPU-minutes on 2 cores)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os

@@ -1,6 +1,5 @@
 """bcjax.stats (SPEC §4 "Uncertainty"): numpy loop references, hypothesis properties,
 coverage on synthetic Bernoulli data."""
-import itertools
 import math
 
 import numpy as np
@@ -75,7 +74,7 @@ def test_without_normalizer_intervals_are_of_plain_accuracy():
     c = {"m": {"a": _bern(rng, 0.3, 50), "b": _bern(rng, 0.8, 70)}}
     got = stats.method_intervals(c, None, num_resamples=300, seed=2)["m"]["avg"]
     assert got["mean"] == pytest.approx((c["m"]["a"].mean() + c["m"]["b"].mean()) / 2)
-    s = sum(stats.resampled_accuracy(c["m"][t].astype(float), stats.bootstrap_counts(len(c["m"][t]), 300, seed=2, key=t))
+    s = sum(stats.resampled_accuracy(c["m"][t], stats.bootstrap_counts(len(c["m"][t]), 300, seed=2, key=t))
             for t in ("a", "b")) / 2
     np.testing.assert_allclose(got["ci95"], np.percentile(s, [2.5, 97.5]))
 
