@@ -153,11 +153,50 @@ def cost_model(t_fwd: float, t_step: float, n_test: dict, plan=EVAL_PLAN) -> dic
                 fails=[w for w, bad in (("finetune", steps < MIN_STEPS), ("eval", eval_s > BUDGET_EVAL_S)) if bad])
 
 
+def render_markdown(r: dict) -> str:
+    """The candidate tables of docs/regime.md from a (possibly partial) results JSON."""
+    lines = []
+    m1 = r.get("m1", {})
+    if m1:
+        ks = list(next(iter(m1.values()))["avg"])
+        tasks = list(next(iter(m1.values()))["per_task"])
+        lines += ["| px | " + " | ".join(f"avg val acc {k}" for k in ks) + " | fwd ms/img (anchored; raw min) "
+                  "| step s (anchored; raw min) | eval plan min | fine-tune steps in 60 s | D1 |",
+                  "|---:|" + "---:|" * len(ks) + "---:|---:|---:|---:|:--:|"]
+        for px, v in m1.items():
+            tm, cm = v.get("timing", {}), v.get("cost_model", {})
+            lines.append(f"| {px} | " + " | ".join(f"{100 * v['avg'][k]:.1f}" for k in ks) +
+                         (f" | {1e3 * tm['anchored_s_per_image_forward']:.1f}; {1e3 * tm['s_per_image_forward']:.1f}"
+                          f" | {tm['anchored_s_per_step']:.2f}; {tm['s_per_step']:.2f} | {cm['eval_s'] / 60:.1f}"
+                          f" | {cm['finetune_steps_allowed']} | {'pass' if cm['passes'] else 'fail: ' + ', '.join(cm['fails'])} |"
+                          if tm else " | – | – | – | – | – |"))
+        lines += ["", f"Per task, pretrained val accuracy ({ks[0]} / {ks[-1]}), %:", "",
+                  "| px | " + " | ".join(tasks) + " |", "|---:|" + "---:|" * len(tasks)]
+        for px, v in m1.items():
+            lines.append(f"| {px} | " + " | ".join(f"{100 * v['per_task'][t][ks[0]]:.0f} / {100 * v['per_task'][t][ks[-1]]:.0f}"
+                                                   for t in tasks) + " |")
+    if r.get("m2"):
+        lines += ["", "| px | task | lr | steps | pretrained val | fine-tuned val | gain | ‖τ‖/‖θ0‖ | wall s |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for px, v in r["m2"].items():
+            for t, tv in v["tasks"].items():
+                for run in tv["runs"]:
+                    lines.append(f"| {px}{' (info)' if v['information_only'] else ''} | {t} | {run['lr']:g} | "
+                                 f"{run['steps']} | {100 * tv['pretrained_val_acc']:.1f} | {100 * run['val_acc']:.1f} | "
+                                 f"{100 * run['gain']:+.1f} | {run['rel_tau_norm']:.2e} | {run['wall_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/regime_study.json")
     ap.add_argument("--smoke", action="store_true", help="tiny run to check the script")
+    ap.add_argument("--render", metavar="JSON", help="print the markdown tables of a results file and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            print(render_markdown(json.load(f)))
+        return None
 
     smoke = args.smoke
     resolutions = (28,) if smoke else RESOLUTIONS
