@@ -153,6 +153,57 @@ def cost_model(t_fwd: float, t_step: float, n_test: dict, plan=EVAL_PLAN) -> dic
                 fails=[w for w, bad in (("finetune", steps < MIN_STEPS), ("eval", eval_s > BUDGET_EVAL_S)) if bad])
 
 
+def _m2_runs(r, recipes, k, m2_tasks, max_val, smoke, feats_jit, loss, params0, log, on_run):
+    """M2 at resolution ``r``: for each task and recipe (lr, steps), fine-tune the backbone
+    with the frozen k-shot head; ``on_run(results_so_far)`` after every run."""
+    suite = load_suite(m2_tasks, resolution=r, max_train=1000 if not smoke else 40, max_val=max_val,
+                       max_test=10 if not smoke else None)
+    res_out = {}
+    for t in suite:
+        xtr, ytr = t.splits["train"]
+        xva, yva = t.splits["val"]
+        ftr, _ = _features(feats_jit, params0, xtr)  # head: k per class of the demo-size train split
+        head = _head(ftr, ytr, t.num_classes, k)
+        hw, hv = heads_lib.pad_head(head, 10)
+        fva, _ = _features(feats_jit, params0, xva)
+        pre = _head_accuracy(head, fva, yva)
+        runs = []
+        for lr, s in recipes:
+            cfg = TrainConfig(steps=s, batch_size=BATCH, learning_rate=lr, weight_decay=0.1,
+                              warmup_steps=max(s // 10, 1), seed=0)
+            t0 = time.perf_counter()
+            res = finetune(loss, params0, {"x": xtr, "y": ytr}, cfg, progress=False, loss_args=(hw, hv))
+            wall = time.perf_counter() - t0
+            fva_ft, _ = _features(feats_jit, res.params, xva)
+            acc = _head_accuracy(head, fva_ft, yva)
+            runs.append(dict(lr=lr, steps=s, batch=BATCH, val_acc=acc, gain=acc - pre,
+                             rel_tau_norm=_rel_norm(res.params, params0), wall_s=round(wall, 1),
+                             final_loss=res.losses[-1], loadavg=os.getloadavg()))
+            log(f"M2 r={r} {t.name} lr={lr} steps={s}: val {pre:.3f} -> {acc:.3f}, "
+                f"|tau|/|theta0| {runs[-1]['rel_tau_norm']:.2e}, {wall:.0f}s")
+            res_out[t.name] = dict(pretrained_val_acc=pre, runs=runs)
+            on_run(res_out)
+    return res_out
+
+
+def followup(path: str, resolution: int, lrs, steps: int, k: int):
+    """Extra M2 recipes at one resolution, appended to ``path`` under ``m2_followup``."""
+    with open(path) as f:
+        out = json.load(f)
+    model_config, params0 = dinov2.load_pretrained()
+    feats = dinov2.make_features(model_config)
+
+    def on_run(res_out):
+        out.setdefault("m2_followup", {})[str(resolution)] = dict(steps=steps, k=k, tasks=res_out)
+        out["updated"] = _now()
+        with open(path, "w") as f:
+            json.dump(out, f, indent=2)
+
+    _m2_runs(resolution, [(lr, steps) for lr in lrs], k, tuple(out["criteria"]["m2_tasks"]),
+             out["criteria"]["max_val"], False, jax.jit(feats), _loss_fn(feats), params0,
+             lambda msg: print(f"[{_now()}] {msg}", flush=True), on_run)
+
+
 def render_markdown(r: dict) -> str:
     """The candidate tables of docs/regime.md from a (possibly partial) results JSON."""
     lines = []
@@ -175,13 +226,14 @@ def render_markdown(r: dict) -> str:
         for px, v in m1.items():
             lines.append(f"| {px} | " + " | ".join(f"{100 * v['per_task'][t][ks[0]]:.0f} / {100 * v['per_task'][t][ks[-1]]:.0f}"
                                                    for t in tasks) + " |")
-    if r.get("m2"):
+    m2 = [(px, v) for key in ("m2", "m2_followup") for px, v in r.get(key, {}).items()]
+    if m2:
         lines += ["", "| px | task | lr | steps | pretrained val | fine-tuned val | gain | ‖τ‖/‖θ0‖ | wall s |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for px, v in r["m2"].items():
+        for px, v in m2:
             for t, tv in v["tasks"].items():
                 for run in tv["runs"]:
-                    lines.append(f"| {px}{' (info)' if v['information_only'] else ''} | {t} | {run['lr']:g} | "
+                    lines.append(f"| {px}{' (info)' if v.get('information_only') else ''} | {t} | {run['lr']:g} | "
                                  f"{run['steps']} | {100 * tv['pretrained_val_acc']:.1f} | {100 * run['val_acc']:.1f} | "
                                  f"{100 * run['gain']:+.1f} | {run['rel_tau_norm']:.2e} | {run['wall_s']:.0f} |")
     return "\n".join(lines)
@@ -192,7 +244,14 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results/regime_study.json")
     ap.add_argument("--smoke", action="store_true", help="tiny run to check the script")
     ap.add_argument("--render", metavar="JSON", help="print the markdown tables of a results file and exit")
+    ap.add_argument("--followup", type=int, metavar="PX", help="extra M2 recipes at this resolution, appended "
+                    "to --out (with --lrs, --steps, --k)")
+    ap.add_argument("--lrs", default="1e-5,1e-4")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--k", type=int, default=32)
     args = ap.parse_args(argv)
+    if args.followup:
+        return followup(args.out, args.followup, [float(v) for v in args.lrs.split(",")], args.steps, args.k)
     if args.render:
         with open(args.render) as f:
             print(render_markdown(json.load(f)))
@@ -317,36 +376,12 @@ def main(argv=None):
         if smoke:
             steps = 4
         recipes = [(lr, steps) for lr in (M2_LEARNING_RATES if r not in info_res else (3e-5,))]
-        suite = load_suite(m2_tasks, resolution=r, max_train=1000 if not smoke else 40, max_val=max_val,
-                           max_test=10 if not smoke else None)
-        res_out = {}
-        for t in suite:
-            xtr, ytr = t.splits["train"]
-            xva, yva = t.splits["val"]
-            # the head is built from the first k per class of the demo-size train split
-            ftr, _ = _features(feats_jit, params0, xtr)
-            head = _head(ftr, ytr, t.num_classes, k)
-            hw, hv = heads_lib.pad_head(head, 10)
-            fva, _ = _features(feats_jit, params0, xva)
-            pre = _head_accuracy(head, fva, yva)
-            runs = []
-            for lr, s in recipes:
-                cfg = TrainConfig(steps=s, batch_size=BATCH, learning_rate=lr, weight_decay=0.1,
-                                  warmup_steps=max(s // 10, 1), seed=0)
-                t0 = time.perf_counter()
-                res = finetune(loss, params0, {"x": xtr, "y": ytr}, cfg, progress=False, loss_args=(hw, hv))
-                wall = time.perf_counter() - t0
-                fva_ft, _ = _features(feats_jit, res.params, xva)
-                acc = _head_accuracy(head, fva_ft, yva)
-                runs.append(dict(lr=lr, steps=s, batch=BATCH, val_acc=acc, gain=acc - pre,
-                                 rel_tau_norm=_rel_norm(res.params, params0), wall_s=round(wall, 1),
-                                 final_loss=res.losses[-1]))
-                log(f"M2 r={r} {t.name} lr={lr} steps={s}: val {pre:.3f} -> {acc:.3f}, "
-                    f"|tau|/|theta0| {runs[-1]['rel_tau_norm']:.2e}, {wall:.0f}s")
-                res_out[t.name] = dict(pretrained_val_acc=pre, runs=runs)
-                m2[str(r)] = dict(steps=steps, tasks=res_out, information_only=r in info_res)
-                out["m2"] = m2
-                save()
+        def on_run(res_out, r=r, steps=steps):
+            m2[str(r)] = dict(steps=steps, tasks=res_out, information_only=r in info_res)
+            out["m2"] = m2
+            save()
+
+        _m2_runs(r, recipes, k, m2_tasks, max_val, smoke, feats_jit, loss, params0, log, on_run)
 
     # ---- D3 + D4 at the chosen resolution --------------------------------------------------
     if chosen_res is not None and str(chosen_res) in m2:
