@@ -31,3 +31,9 @@ class UnknownMethodError(BcjaxError, KeyError):
 
 class EmptyModelListError(BcjaxError):
     """A merge was asked for with no fine-tuned models."""
+
+
+class EvaluationDataError(BcjaxError):
+    """Per-example evaluation data (correctness arrays, labels, subset indicators) are
+    malformed or inconsistent; the message names the method, task and array (SPEC §4
+    "Uncertainty")."""

@@ -12,7 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["accuracy", "accuracy_of_stack", "normalized_accuracy", "stack_trees", "unstack_tree"]
+__all__ = ["accuracy", "accuracy_of_stack", "correctness", "correctness_of_stack", "normalized_accuracy",
+           "stack_trees", "unstack_tree"]
 
 Predict = Callable[[Any, jax.Array], jax.Array]
 
@@ -94,6 +95,52 @@ def _pad_models(x, size):
 def _correct_stack(predict, params_chunk, x, y, valid, args):
     logits = jax.vmap(lambda p: predict(p, x, *args))(params_chunk)
     return jnp.sum((jnp.argmax(logits, -1) == y[None]) & valid[None], axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hits(predict, params, x, y, args):
+    return jnp.argmax(predict(params, x, *args), -1) == y
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hits_stack(predict, params_chunk, x, y, args):
+    return jax.vmap(lambda p: jnp.argmax(predict(p, x, *args), -1) == y)(params_chunk)
+
+
+def correctness(predict: Predict, params: Any, inputs: np.ndarray, labels: np.ndarray, *, batch_size: int = 256,
+                predict_args: tuple = ()) -> np.ndarray:
+    """Per-example top-1 correctness of one model, bool[N] (its mean is :func:`accuracy`):
+    the input of the bootstrap intervals of :mod:`bcjax.stats` (SPEC §4 "Uncertainty").
+    Fixed (padded) batches, as :func:`accuracy`."""
+    if len(inputs) != len(labels):
+        raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+    if len(labels) == 0:
+        raise ValueError("correctness of an empty evaluation set")
+    out = np.zeros(len(labels), bool)
+    for s, e in _batches(len(labels), batch_size):
+        hit = _hits(predict, params, _padded(inputs[s:e], batch_size), _padded(labels[s:e], batch_size),
+                    tuple(predict_args))
+        out[s:e] = np.asarray(hit)[: e - s]
+    return out
+
+
+def correctness_of_stack(predict: Predict, stacked_params: Any, inputs: np.ndarray, labels: np.ndarray, *,
+                         batch_size: int = 128, models_per_call: int = 4, predict_args: tuple = ()) -> np.ndarray:
+    """Per-example correctness of each of M stacked models, bool[M, N] (row means are
+    :func:`accuracy_of_stack`); ``models_per_call`` models are vmapped per compiled call."""
+    if len(inputs) != len(labels):
+        raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
+    m = jax.tree.leaves(stacked_params)[0].shape[0]
+    chunk = max(1, min(models_per_call, m))
+    out = np.zeros((m, len(labels)), bool)
+    for ms in range(0, m, chunk):
+        me = min(ms + chunk, m)
+        params_chunk = jax.tree.map(lambda x: _pad_models(x[ms:me], chunk), stacked_params)
+        for s, e in _batches(len(labels), batch_size):
+            hit = _hits_stack(predict, params_chunk, _padded(inputs[s:e], batch_size),
+                              _padded(labels[s:e], batch_size), tuple(predict_args))
+            out[ms:me, s:e] = np.asarray(hit)[: me - ms, : e - s]
+    return out
 
 
 def normalized_accuracy(acc: Mapping[str, float], finetuned_acc: Mapping[str, float]) -> dict[str, float]:

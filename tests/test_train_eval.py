@@ -94,6 +94,21 @@ def test_accuracy_of_stack_equals_per_model_accuracy(problem):
     np.testing.assert_allclose(got, expect)
 
 
+def test_per_example_correctness_matches_argmax_and_accuracy(problem):
+    data, params = problem
+    x, y = data["x"][:101], data["y"][:101]
+    want = np.argmax(np.asarray(predict(params, x)), -1) == y  # numpy reference
+    got = evaluate.correctness(predict, params, x, y, batch_size=32)
+    np.testing.assert_array_equal(got, want)
+    assert got.mean() == evaluate.accuracy(predict, params, x, y, batch_size=32)
+    models = [jax.tree.map(lambda p, k=k: p + 0.3 * k * jnp.ones_like(p), params) for k in range(3)]
+    stack = evaluate.correctness_of_stack(predict, evaluate.stack_trees(models), x, y, batch_size=32,
+                                          models_per_call=2)
+    assert stack.shape == (3, 101) and stack.dtype == bool
+    for k, m in enumerate(models):
+        np.testing.assert_array_equal(stack[k], np.argmax(np.asarray(predict(m, x)), -1) == y)
+
+
 def test_normalized_accuracy_and_errors():
     assert evaluate.normalized_accuracy({"a": 0.5}, {"a": 0.8}) == {"a": 0.625}
     with pytest.raises(ValueError, match="undefined"):
