@@ -31,3 +31,13 @@ class UnknownMethodError(BcjaxError, KeyError):
 
 class EmptyModelListError(BcjaxError):
     """A merge was asked for with no fine-tuned models."""
+
+
+class SingularGramError(BcjaxError):
+    """RegMean's Σt G̃t for a kernel is singular (SPEC §3); the message names the key path
+    and suggests ``jitter`` > 0."""
+
+
+class DataAccessError(BcjaxError):
+    """A method read data it must not read: labels during unsupervised adaptation
+    (AdaMerging, SPEC §3) — the analogue of the engine's guard on test reads while tuning."""
