@@ -234,9 +234,13 @@ def mean_entropy(logits) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- the compiled step
-def _make_step(logits_fn, optimizer, merged, num_tasks: int, clamp):
+def _make_step(logits_fn, optimizer, merged, num_tasks: int, clamp, batch_tasks: bool = False):
     def loss_fn(lam, p0, deltas, batch):
         params = merged_params(p0, deltas, lam, merged)
+        if batch_tasks:  # one vmapped pass over a traced task index (one trace instead of T)
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batch)
+            ent = jax.vmap(lambda t, x: mean_entropy(logits_fn(params, t, x)))(jnp.arange(num_tasks), stacked)
+            return jnp.mean(ent)
         return sum(mean_entropy(logits_fn(params, t, batch[t])) for t in range(num_tasks)) / num_tasks
 
     def step(lam, opt_state, p0, deltas, batch):
@@ -341,7 +345,7 @@ def adamerging(logits_fn: Callable[[PyTree, int, Any], jax.Array], pretrained: P
                init: float = 0.3, clamp=None, vectors: str = "raw", vector_hparams: Mapping | None = None,
                seed: int = 0, batch_size: int = 16, exclude=None, out_dir: str | None = None,
                checkpoint_every: int = 50, progress: bool = True, mesh=None, mesh_axis: str | None = None,
-               validate: bool = True) -> tuple[PyTree, np.ndarray]:
+               batch_tasks: bool = False, validate: bool = True) -> tuple[PyTree, np.ndarray]:
     """Learn AdaMerging coefficients λ by entropy minimisation (SPEC §3); returns (θ(λ), λ).
 
     Args:
@@ -362,6 +366,9 @@ def adamerging(logits_fn: Callable[[PyTree, int, Any], jax.Array], pretrained: P
         of the same run); ``checkpoint_every`` steps between checkpoints.
       mesh, mesh_axis: shard the stacked vectors over a mesh axis (each leaf's first axis
         after T that the axis size divides; :func:`bcjax.grids.leaf_shardings`).
+      batch_tasks: ``logits_fn`` accepts a traced task index (e.g. it indexes stacked heads)
+        and every task's batch has the same shapes: the T forward passes become one vmapped
+        pass (T× less to trace and compile; one large batch instead of T small ones).
 
     Returns ``(merged_params, coefficients)`` with coefficients a float32 NumPy array.
     """
@@ -381,11 +388,13 @@ def adamerging(logits_fn: Callable[[PyTree, int, Any], jax.Array], pretrained: P
     return _adamerging(logits_fn, pretrained, finetuned, flags, batches, granularity=granularity, steps=int(steps),
                        learning_rate=float(learning_rate), init=float(init), clamp=_clamp(clamp), vectors=vectors,
                        vector_hparams=vector_hparams, seed=int(seed), batch_size=int(batch_size), out_dir=out_dir,
-                       checkpoint_every=int(checkpoint_every), progress=progress, mesh=mesh, mesh_axis=mesh_axis)
+                       checkpoint_every=int(checkpoint_every), progress=progress, mesh=mesh, mesh_axis=mesh_axis,
+                       batch_tasks=bool(batch_tasks))
 
 
 def _adamerging(logits_fn, pretrained, finetuned, flags, batches, *, granularity, steps, learning_rate, init, clamp,
-                vectors, vector_hparams, seed, batch_size, out_dir, checkpoint_every, progress, mesh, mesh_axis):
+                vectors, vector_hparams, seed, batch_size, out_dir, checkpoint_every, progress, mesh, mesh_axis,
+                batch_tasks=False):
     optax = _optax()
     num_tasks = len(finetuned)
     deltas, merged = _prepare(pretrained, finetuned, flags, vectors, vector_hparams)
@@ -417,7 +426,7 @@ def _adamerging(logits_fn, pretrained, finetuned, flags, batches, *, granularity
     if start < steps:
         p0 = jax.tree.map(jnp.asarray, pretrained)  # on device once, not per step
         sample = _sampler(batches, num_tasks, batch_size, seed)
-        step_fn, _ = _make_step(logits_fn, optimizer, tuple(merged), num_tasks, clamp)
+        step_fn, _ = _make_step(logits_fn, optimizer, tuple(merged), num_tasks, clamp, batch_tasks)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -451,7 +460,8 @@ def _adamerging(logits_fn, pretrained, finetuned, flags, batches, *, granularity
 @register_method("adamerging")
 def adamerging_method(pretrained, finetuned, flags, *, logits_fn=None, batches=None, coefficients=None,
                       granularity="layer", steps=500, learning_rate=1e-3, init=0.3, clamp=None, vectors="raw",
-                      vector_hparams=None, seed=0, batch_size=16, out_dir=None, checkpoint_every=50, progress=False):
+                      vector_hparams=None, seed=0, batch_size=16, out_dir=None, checkpoint_every=50, progress=False,
+                      batch_tasks=False):
     """AdaMerging (Yang et al., SPEC §3): θ0 + Σt λt ⊙ vt, λ (per task or per task and leaf) minimising the entropy on unlabeled inputs.
 
     Needs ``logits_fn(params, task, inputs)`` and ``batches`` (the tasks' unlabeled inputs),
@@ -470,5 +480,5 @@ def adamerging_method(pretrained, finetuned, flags, *, logits_fn=None, batches=N
                             steps=int(steps), learning_rate=float(learning_rate), init=float(init),
                             clamp=_clamp(clamp), vectors=vectors, vector_hparams=vector_hparams, seed=int(seed),
                             batch_size=int(batch_size), out_dir=out_dir, checkpoint_every=int(checkpoint_every),
-                            progress=progress, mesh=None, mesh_axis=None)
+                            progress=progress, mesh=None, mesh_axis=None, batch_tasks=bool(batch_tasks))
     return merged

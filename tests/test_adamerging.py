@@ -188,3 +188,34 @@ def test_bad_arguments():
         _run(vectors="dare")
     with pytest.raises(HyperparameterError, match="pools"):
         adamerging(logits_fn, PRE, FTS, POOLS[:2], steps=1, progress=False)
+
+
+def test_one_compilation_for_all_steps(monkeypatch):
+    import importlib
+
+    am = importlib.import_module("bcjax.adamerging")  # `bcjax.adamerging` is the function
+
+    made = []
+    original = am._make_step
+
+    def spy(*args, **kwargs):
+        step, loss = original(*args, **kwargs)
+        made.append(step)
+        return step, loss
+
+    monkeypatch.setattr(am, "_make_step", spy)
+    _run(steps=5)
+    assert len(made) == 1 and made[0]._cache_size() == 1
+
+
+def test_batched_tasks_equal_unrolled_tasks():
+    def stacked_heads_logits(params, task, x):  # task may be traced: index the stacked heads
+        h = jnp.tanh(x @ params["l1"]["kernel"] + params["l1"]["bias"])
+        h = jnp.tanh(h @ params["l2"]["kernel"] + params["l2"]["bias"])
+        return h @ jnp.take(HEADS, task, axis=0)
+
+    merged, lam = adamerging(stacked_heads_logits, PRE, FTS, POOLS, steps=8, learning_rate=0.05, progress=False,
+                             batch_size=6, batch_tasks=True)
+    ref_merged, ref = _run()
+    np.testing.assert_allclose(lam, ref, rtol=1e-5, atol=1e-6)
+    _close(merged, ref_merged, rtol=1e-5, atol=1e-6)
