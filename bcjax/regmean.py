@@ -12,7 +12,8 @@ Gt[i, i]). Every other merged leaf (biases, norms, embeddings, kernels without a
 the simple average (1/T) Σt θt.
 
 The system is solved in float32 with a Cholesky factorisation of Σt G̃t. A singular (or
-numerically singular: estimated reciprocal condition below ``in · eps(float32)``) system
+numerically singular: the Cholesky factor's estimated reciprocal condition
+min(diag L)² / max(diag A) below eps(float32) ≈ 1.2e-7) system
 raises :class:`~bcjax.errors.SingularGramError` naming the key path, unless ``jitter > 0``
 regularises it as Σt G̃t + jitter · (trace(Σt G̃t) / in) · I (a ridge relative to the mean
 diagonal, so it does not depend on the inputs' scale).
@@ -132,7 +133,7 @@ def regmean(pretrained, finetuned, flags, *, grams=None, nondiag=0.95, jitter=0.
         solved, rcond = regmean_kernel(tuple(fts), tuple(per_leaf[i]), nondiag, jitter)
         if not (is_tracing() or isinstance(rcond, jax.core.Tracer)):
             r = float(rcond)
-            if not np.isfinite(r) or r < np.shape(p0)[0] * tol:
+            if not np.isfinite(r) or r < tol:
                 raise SingularGramError(
                     f"regmean: key path {paths[i]!r}: Σt G̃t is singular (reciprocal condition ≈ {r:.2e} with "
                     f"nondiag={float(nondiag)}, jitter={float(jitter)}); an input feature may be constant zero or "

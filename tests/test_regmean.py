@@ -75,6 +75,11 @@ def test_singular_system_is_an_error_naming_the_key_path_and_jitter_regularises(
         bcjax.merge("regmean", pre, fts, grams=dead, nondiag=0.5)
     got = bcjax.merge("regmean", pre, fts, grams=dead, nondiag=0.5, jitter=1e-4)
     assert np.all(np.isfinite(got["dense"]["kernel"]))
+    # exact least squares with fewer examples (3 tasks × 1) than inputs (5): rank-deficient
+    few = [{"dense/kernel": np.outer(x[0], x[0]).astype(np.float32)} for x in xs]
+    with pytest.raises(SingularGramError, match="dense/kernel"):
+        bcjax.merge("regmean", pre, fts, grams=few, nondiag=1.0)
+    bcjax.merge("regmean", pre, fts, grams=few, nondiag=0.9)  # shrunk off-diagonals: positive definite
 
 
 def test_gram_validation_errors():
