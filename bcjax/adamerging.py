@@ -277,6 +277,28 @@ def _fingerprint(meta: Mapping) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@jax.jit
+def _leaf_sums(leaves):
+    return jnp.stack([jnp.sum(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim))) for x in leaves])
+
+
+def _vector_checksums(deltas, merged) -> list:
+    """Σ|vt| per merged leaf and task (identifies the vectors cheaply, on device)."""
+    leaves = jax.tree.leaves(deltas)
+    return np.asarray(_leaf_sums([leaves[i] for i in merged])).round(4).tolist() if merged else []
+
+
+def _inputs_digest(pools, head: int = 16) -> str:
+    """Shapes of every task's inputs and the bytes of its first ``head`` examples."""
+    h = hashlib.sha256()
+    for pool in pools:
+        for a in jax.tree.leaves(pool):
+            a = np.asarray(a)
+            h.update(repr((a.shape, str(a.dtype))).encode())
+            h.update(np.ascontiguousarray(a[:head]).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _save_checkpoint(path, lam, opt_state, step, losses, fingerprint):
     tmp = path + ".tmp.npz"
     leaves = {f"opt_{k}": np.asarray(x) for k, x in enumerate(jax.tree.leaves(opt_state))}
@@ -415,9 +437,12 @@ def _adamerging(logits_fn, pretrained, finetuned, flags, batches, *, granularity
                 clamp=list(clamp) if clamp else None, vectors=vectors, vector_hparams=dict(vector_hparams or {}),
                 seed=seed, batch_size=batch_size, num_tasks=num_tasks,
                 leaf_paths=[paths[i] for i in merged])
-    fingerprint = _fingerprint(meta)
     start, losses = 0, []
     ckpt = os.path.join(out_dir, "adamerging_checkpoint.npz") if out_dir else None
+    # a checkpoint is resumed only by the same run: same hyper-parameters, vectors and inputs
+    fingerprint = _fingerprint(dict(meta, vectors_sum=_vector_checksums(deltas, merged),
+                                    inputs=None if callable(batches) or not ckpt else
+                                    _inputs_digest([_inputs_only(b, t) for t, b in enumerate(batches)])))
     if ckpt:
         os.makedirs(out_dir, exist_ok=True)
         restored = _load_checkpoint(ckpt, opt_state, fingerprint)

@@ -219,3 +219,14 @@ def test_batched_tasks_equal_unrolled_tasks():
     ref_merged, ref = _run()
     np.testing.assert_allclose(lam, ref, rtol=1e-5, atol=1e-6)
     _close(merged, ref_merged, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_of_another_run_is_not_resumed(tmp_path):
+    out = str(tmp_path / "r")
+    _run(steps=4, granularity="task", out_dir=out, checkpoint_every=2)
+    other = [p + 1.0 for p in POOLS]  # different inputs: start over
+    _, lam = adamerging(logits_fn, PRE, FTS, other, granularity="task", steps=6, learning_rate=0.05,
+                        progress=False, batch_size=6, out_dir=out, checkpoint_every=2)
+    _, ref = adamerging(logits_fn, PRE, FTS, other, granularity="task", steps=6, learning_rate=0.05,
+                        progress=False, batch_size=6)
+    np.testing.assert_array_equal(lam, ref)
