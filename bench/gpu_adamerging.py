@@ -79,14 +79,17 @@ def setup(args):
     return params0, fts, feats, logits_fn, pools
 
 
-def time_adamerging(args, params0, fts, logits_fn, pools, granularity, batch_tasks):
-    import optax
-
+def prepare_vectors(params0, fts):
     flags = bcjax.tree.merged_leaf_flags(params0)
     t0 = time.perf_counter()
     deltas, merged = am._prepare(params0, fts, flags, "raw", None)
     _block(deltas)
-    prep = time.perf_counter() - t0
+    return deltas, merged, time.perf_counter() - t0
+
+
+def time_adamerging(args, params0, deltas, merged, logits_fn, pools, granularity, batch_tasks):
+    import optax
+
     shape = (args.tasks,) if granularity == "task" else (args.tasks, len(merged))
     lam = jnp.full(shape, 0.3, jnp.float32)
     opt = optax.adam(1e-3)
@@ -96,37 +99,42 @@ def time_adamerging(args, params0, fts, logits_fn, pools, granularity, batch_tas
     t0 = time.perf_counter()
     lam, state, loss = _block(step(lam, state, params0, deltas, sample(0)))
     first = time.perf_counter() - t0
-    times, losses = [], [float(loss)]
+    times, cpu, losses = [], [], [float(loss)]
     for s in range(1, args.steps + 1):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lam, state, loss = _block(step(lam, state, params0, deltas, sample(s)))
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         losses.append(float(loss))
-    del deltas
     return dict(granularity=granularity, tasks_traced="batch_tasks" if batch_tasks else "unrolled",
-                num_coefficients=int(np.prod(shape)), prepare_vectors_s=prep, first_call_s=first,
+                num_coefficients=int(np.prod(shape)), first_call_s=first,
                 step_s_median=float(np.median(times)), step_s_min=float(np.min(times)), step_s=times,
+                step_process_cpu_s_median=float(np.median(cpu)),
                 entropy_first_last=[losses[0], losses[-1]], cache_size=int(step._cache_size()))
 
 
 def time_regmean(args, params0, fts, feats, pools):
     rng = np.random.default_rng(2)
     grams, collect = [], []
+    collect_cpu, solve_cpu = [], []
     for t in range(args.tasks):
         x = rng.random((args.gram_examples, args.resolution, args.resolution, 3), dtype=np.float32)
-        t0 = time.perf_counter()
-        grams.append(collect_grams(feats, params0, x, batch_size=min(64, args.gram_examples)))
+        t0, c0 = time.perf_counter(), time.process_time()
+        grams.append(collect_grams(feats, fts[t], x, batch_size=min(64, args.gram_examples)))
         collect.append(time.perf_counter() - t0)
+        collect_cpu.append(time.process_time() - c0)
     sizes = sorted({int(g.shape[0]) for g in grams[0].values()})
     solve = []
     for _ in range(2):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _block(bcjax.merge("regmean", params0, fts, grams=grams, nondiag=0.95))
         solve.append(time.perf_counter() - t0)
+        solve_cpu.append(time.process_time() - c0)
     return dict(kernels=len(grams[0]), gram_sizes=sizes, examples_per_task=args.gram_examples,
                 collect_s_per_task=collect, collect_s_first_task=collect[0],
                 collect_s_median_later=float(np.median(collect[1:])) if len(collect) > 1 else None,
-                solve_first_call_s=solve[0], solve_second_call_s=solve[1])
+                collect_process_cpu_s_per_task=collect_cpu, solve_first_call_s=solve[0],
+                solve_second_call_s=solve[1], solve_process_cpu_s=solve_cpu)
 
 
 def main():
@@ -156,12 +164,17 @@ def main():
                   jax=jax.__version__, devices=[str(d) for d in jax.devices()], platform=platform.platform(),
                   cpu_count=os.cpu_count(), date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                   adamerging=[])
+    deltas, merged, prep = prepare_vectors(params0, fts)
+    result["prepare_vectors_s"] = prep
+    del fts  # memory: the stacked vectors replace the fine-tunes (rebuilt below for RegMean)
     for mode in args.modes.split(","):
         gran, traced = mode.split(":")
-        r = time_adamerging(args, params0, fts, logits_fn, pools, gran, traced == "batch_tasks")
+        r = time_adamerging(args, params0, deltas, merged, logits_fn, pools, gran, traced == "batch_tasks")
         print(json.dumps({k: v for k, v in r.items() if k != "step_s"}), flush=True)
         result["adamerging"].append(r)
     if not args.skip_regmean:
+        fts = [jax.tree.map(lambda p, d, t=t: p + d[t], params0, deltas) for t in range(args.tasks)]
+        del deltas
         result["regmean"] = time_regmean(args, params0, fts, feats, pools)
         print(json.dumps(result["regmean"]), flush=True)
     result["total_s"] = time.perf_counter() - t_all
