@@ -11,9 +11,10 @@ inputs' Gram matrices Gt = Xtᵀ Xt / Nt are given, the merged kernel minimises
 Gt[i, i]). Every other merged leaf (biases, norms, embeddings, kernels without a Gram) is
 the simple average (1/T) Σt θt.
 
-The system is solved in float32 with a Cholesky factorisation of Σt G̃t. A singular (or
-numerically singular: the Cholesky factor's estimated reciprocal condition
-min(diag L)² / max(diag A) below eps(float32) ≈ 1.2e-7) system
+The system is solved in float32 with a Cholesky factorisation of Σt G̃t after Jacobi scaling
+(unit diagonal: features of very different scales cost no accuracy). A singular system — a
+feature whose Gram diagonal is 0 in every task, or a numerically singular one: the scaled
+Cholesky factor's reciprocal-condition estimate min(diag L)² below eps(float32) ≈ 1.2e-7 —
 raises :class:`~bcjax.errors.SingularGramError` naming the key path, unless ``jitter > 0``
 regularises it as Σt G̃t + jitter · (trace(Σt G̃t) / in) · I (a ridge relative to the mean
 diagonal, so it does not depend on the inputs' scale).
@@ -42,9 +43,11 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def regmean_kernel(kernels, grams, nondiag, jitter):
     """W* = (Σt G̃t + ridge)⁻¹ Σt G̃t Wt for one [in, out] kernel (float32, traceable).
 
-    Returns ``(W*, rcond)``: ``rcond`` = min(diag L)² / max(diag A) of the Cholesky factor L
-    of A = Σt G̃t + ridge (an estimate of the reciprocal condition number; NaN when the
-    factorisation failed).
+    The system A = Σt G̃t + ridge is solved with Jacobi scaling (S = D^-½ A D^-½, D = diag A,
+    so input features of very different scales, e.g. nearly dead GELU units, cost no
+    accuracy) and a Cholesky factorisation L of S. Returns ``(W*, rcond)``, rcond =
+    min(diag L)² (an estimate of S's reciprocal condition number; 0 when a feature's
+    diagonal is 0, NaN when the factorisation failed).
     """
     n = grams[0].shape[0]
     eye = jnp.eye(n, dtype=bool)
@@ -53,10 +56,13 @@ def regmean_kernel(kernels, grams, nondiag, jitter):
     a = sum(shrunk)
     b = sum(jnp.matmul(g, jnp.asarray(w, jnp.float32), precision=_HIGHEST) for g, w in zip(shrunk, kernels))
     a = a + jnp.asarray(jitter, jnp.float32) * (jnp.trace(a) / n) * jnp.eye(n, dtype=jnp.float32)
-    chol = jnp.linalg.cholesky(a)
-    solved = jax.scipy.linalg.cho_solve((chol, True), b)
-    diag_l = jnp.diagonal(chol)
-    rcond = jnp.min(diag_l) ** 2 / jnp.max(jnp.diagonal(a))
+    d = jnp.diagonal(a)
+    live = d > 0
+    scale = jnp.where(live, jax.lax.rsqrt(jnp.where(live, d, 1.0)), 0.0)
+    s = jnp.where(eye, 1.0, a * scale[:, None] * scale[None, :])  # dead features: identity rows
+    chol = jnp.linalg.cholesky(s)
+    solved = jax.scipy.linalg.cho_solve((chol, True), b * scale[:, None]) * scale[:, None]
+    rcond = jnp.where(jnp.all(live), jnp.min(jnp.diagonal(chol)) ** 2, 0.0)
     rcond = jnp.where(jnp.all(jnp.isfinite(solved)), rcond, jnp.nan)
     return solved, rcond
 

@@ -167,7 +167,7 @@ def main():
     deltas, merged, prep = prepare_vectors(params0, fts)
     result["prepare_vectors_s"] = prep
     del fts  # memory: the stacked vectors replace the fine-tunes (rebuilt below for RegMean)
-    for mode in args.modes.split(","):
+    for mode in [m for m in args.modes.split(",") if m]:
         gran, traced = mode.split(":")
         r = time_adamerging(args, params0, deltas, merged, logits_fn, pools, gran, traced == "batch_tasks")
         print(json.dumps({k: v for k, v in r.items() if k != "step_s"}), flush=True)

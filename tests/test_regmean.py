@@ -35,6 +35,22 @@ def test_nondiag_one_is_joint_least_squares():
     assert got["dense"]["kernel"].dtype == np.float32
 
 
+def test_badly_scaled_features_keep_full_accuracy():
+    # a nearly dead input feature (scale 1e-4, Gram diagonal ~1e-8 of the others): Jacobi
+    # scaling keeps the float32 solve at least-squares accuracy
+    rng = np.random.default_rng(8)
+    pre, fts, xs, ws, _ = _linear_tasks(rng)
+    xs = [x * np.array([1, 1, 1e-4, 1, 1]) for x in xs]
+    grams = [{"dense/kernel": (x.T @ x / len(x)).astype(np.float32)} for x in xs]
+    got = np.asarray(bcjax.merge("regmean", pre, fts, grams=grams, nondiag=1.0)["dense"]["kernel"])
+    x_all = np.concatenate([x / np.sqrt(len(x)) for x in xs])
+    y_all = np.concatenate([x @ w / np.sqrt(len(x)) for x, w in zip(xs, ws)])
+    ref = np.linalg.lstsq(x_all, y_all, rcond=None)[0]
+    np.testing.assert_allclose(got * [[1], [1], [1e-4], [1], [1]], ref * [[1], [1], [1e-4], [1], [1]],
+                               rtol=1e-4, atol=1e-4)  # compare the fitted maps' rows in input units
+    np.testing.assert_allclose(got[2], ref[2], rtol=1e-3)  # and the tiny feature's row itself
+
+
 def test_nondiag_zero_is_per_feature_weighted_average():
     rng = np.random.default_rng(1)
     pre, fts, xs, ws, grams = _linear_tasks(rng)
