@@ -335,8 +335,9 @@ def load_coefficients(path: str) -> tuple[np.ndarray, dict]:
 def _check_lambdas(lam, num_tasks, num_merged, granularity):
     shape = (num_tasks,) if granularity == "task" else (num_tasks, num_merged)
     if np.shape(lam) != shape:
+        what = "T tasks" if granularity == "task" else "T tasks × L merged leaves"
         raise HyperparameterError(f"AdaMerging: {granularity}-wise coefficients must have shape {shape} "
-                                  f"(T tasks{'' if granularity == 'task' else ' × L merged leaves'}), got {np.shape(lam)}")
+                                  f"({what}), got {np.shape(lam)}")
 
 
 def _prepare(pretrained, finetuned, flags, vectors, vector_hparams):
@@ -439,11 +440,13 @@ def _adamerging(logits_fn, pretrained, finetuned, flags, batches, *, granularity
                 leaf_paths=[paths[i] for i in merged])
     start, losses = 0, []
     ckpt = os.path.join(out_dir, "adamerging_checkpoint.npz") if out_dir else None
-    # a checkpoint is resumed only by the same run: same hyper-parameters, vectors and inputs
-    fingerprint = _fingerprint(dict(meta, vectors_sum=_vector_checksums(deltas, merged),
-                                    inputs=None if callable(batches) or not ckpt else
-                                    _inputs_digest([_inputs_only(b, t) for t, b in enumerate(batches)])))
+    if not callable(batches):
+        batches = list(batches)  # an iterable of pools is read once
     if ckpt:
+        # a checkpoint is resumed only by the same run: same hyper-parameters, vectors and inputs
+        fingerprint = _fingerprint(dict(meta, vectors_sum=_vector_checksums(deltas, merged),
+                                        inputs=None if callable(batches) else
+                                        _inputs_digest([_inputs_only(b, t) for t, b in enumerate(batches)])))
         os.makedirs(out_dir, exist_ok=True)
         restored = _load_checkpoint(ckpt, opt_state, fingerprint)
         if restored is not None and restored[2] <= steps:

@@ -110,7 +110,8 @@ def time_adamerging(args, params0, deltas, merged, logits_fn, pools, granularity
                 num_coefficients=int(np.prod(shape)), first_call_s=first,
                 step_s_median=float(np.median(times)), step_s_min=float(np.min(times)), step_s=times,
                 step_process_cpu_s_median=float(np.median(cpu)),
-                entropy_first_last=[losses[0], losses[-1]], cache_size=int(step._cache_size()) if hasattr(step, "_cache_size") else None)
+                entropy_first_last=[losses[0], losses[-1]],
+                cache_size=int(step._cache_size()) if hasattr(step, "_cache_size") else None)
 
 
 def time_regmean(args, params0, fts, feats, pools):

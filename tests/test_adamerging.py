@@ -118,7 +118,8 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
     def batches(step):
         seen.append(step)
-        return [p[np.sort(np.random.default_rng([0, step, t]).choice(24, 6, replace=False))] for t, p in enumerate(POOLS)]
+        return [p[np.sort(np.random.default_rng([0, step, t]).choice(24, 6, replace=False))]
+                for t, p in enumerate(POOLS)]
 
     ref_merged, ref = adamerging(logits_fn, PRE, FTS, batches, granularity="task", steps=6, learning_rate=0.05,
                                  progress=False)

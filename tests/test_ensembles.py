@@ -50,7 +50,8 @@ def test_ensembles_plug_into_accuracy(models):
     y = probs.mean(0).argmax(-1)
     y[:7] = (y[:7] + 1) % 4  # 7 of 30 wrong
     stacked = stack_trees(fts)
-    assert accuracy(SimpleEnsemble(predict), stacked, x, y, batch_size=8, predict_args=(head,)) == pytest.approx(23 / 30)
+    got = accuracy(SimpleEnsemble(predict), stacked, x, y, batch_size=8, predict_args=(head,))
+    assert got == pytest.approx(23 / 30)
     for k in range(3):
         ref = np.mean(probs[k].argmax(-1) == y)
         got = accuracy(MaxModel(predict, k), stacked, x, y, batch_size=8, predict_args=(head,))
