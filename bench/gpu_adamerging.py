@@ -39,6 +39,7 @@ import bcjax  # noqa: E402
 from bcjax.models.grams import collect_grams  # noqa: E402
 from bcjax.models.heads import cosine_logits  # noqa: E402
 
+DEFAULT_MODES = "layer:batch_tasks,task:batch_tasks,layer:unrolled"
 am = importlib.import_module("bcjax.adamerging")  # the module (bcjax.adamerging is the function)
 
 
@@ -150,7 +151,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="timed steps per mode")
     ap.add_argument("--sigma", type=float, default=0.01)
     ap.add_argument("--gram-examples", type=int, default=256)
-    ap.add_argument("--modes", default="layer:batch_tasks,task:batch_tasks,layer:unrolled",
+    ap.add_argument("--modes", default=DEFAULT_MODES,
                     help="comma list of granularity:unrolled|batch_tasks")
     ap.add_argument("--skip-regmean", action="store_true")
     ap.add_argument("--budget-s", type=float, default=60.0,
@@ -159,7 +160,8 @@ def main():
     args = ap.parse_args()
     if args.smoke:
         args.tasks, args.steps, args.gram_examples, args.pool = 2, 2, 16, 16
-        args.modes = "layer:batch_tasks"
+        if args.modes == DEFAULT_MODES:
+            args.modes = "layer:batch_tasks"
     t_all = time.perf_counter()
     params0, fts, feats, logits_fn, pools = setup(args)
     result = dict(bench="adamerging_regmean", backbone=args.backbone, tasks=args.tasks, batch_per_task=args.batch,
