@@ -6,6 +6,8 @@ exact semantics every function follows.
 from bcjax import errors
 from bcjax.masks import breadcrumbs_from_mergekit, breadcrumbs_from_official, breadcrumbs_mask
 from bcjax.merging import MergeMethod, get_method, map_merged_leaves, merge, methods, register_method
+from bcjax import regmean as _regmean  # noqa: F401  (registers "regmean")
+from bcjax.adamerging import adamerging, load_coefficients
 from bcjax.tree import (apply_task_vector, keystr, leaf_paths, make_leaf_filter, task_vector,
                         validate_models)
 
@@ -28,4 +30,6 @@ __all__ = [
     "keystr",
     "leaf_paths",
     "validate_models",
+    "adamerging",
+    "load_coefficients",
 ]

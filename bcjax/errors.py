@@ -37,3 +37,13 @@ class EvaluationDataError(BcjaxError):
     """Per-example evaluation data (correctness arrays, labels, subset indicators) are
     malformed or inconsistent; the message names the method, task and array (SPEC §4
     "Uncertainty")."""
+
+
+class SingularGramError(BcjaxError):
+    """RegMean's Σt G̃t for a kernel is singular (SPEC §3); the message names the key path
+    and suggests ``jitter`` > 0."""
+
+
+class DataAccessError(BcjaxError):
+    """A method read data it must not read: labels during unsupervised adaptation
+    (AdaMerging, SPEC §3) — the analogue of the engine's guard on test reads while tuning."""

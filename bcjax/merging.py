@@ -212,6 +212,23 @@ def simple_average(pretrained, finetuned, flags):
 
 
 @jax.jit
+def _weighted_average_leaf(p0, fts, weights):
+    acc = sum(weights[t] * _upcast(f, p0) for t, f in enumerate(fts))
+    return (acc / jnp.sum(weights)).astype(p0.dtype)
+
+
+@register_method("weighted_average")
+def weighted_average(pretrained, finetuned, flags, *, weights=None):
+    """Weighted average (SPEC §3): θ* = Σt wt θt / Σt wt (wt ≥ 0, Σ wt > 0; None: equal weights)."""
+    w = _per_task(1.0 if weights is None else weights, len(finetuned), "weights")
+    if not isinstance(w, jax.core.Tracer):
+        wn = np.asarray(w, np.float64)
+        if not np.all(np.isfinite(wn)) or np.any(wn < 0) or not wn.sum() > 0:
+            raise HyperparameterError(f"weighted_average: weights must be finite, >= 0 and not all 0, got {wn.tolist()}")
+    return map_merged_leaves(lambda i, p0, fts: _weighted_average_leaf(p0, tuple(fts), w), pretrained, finetuned, flags)
+
+
+@jax.jit
 def _breadcrumbs_tensor_leaf(p0, fts, alphas, n_bot, n_top):
     p = _upcast(p0, p0)
     acc = jnp.zeros_like(p)
