@@ -201,3 +201,14 @@ def test_corrupt_task_replaces_only_the_test_images():
     np.testing.assert_array_equal(task.splits["test"][0], test_x)  # original untouched
     with pytest.raises(BcjaxError, match="task"):
         corrupt_task({"test": (test_x, None)}, "jpeg")
+
+
+def test_robustness_doc_block_executes():
+    import pathlib
+    import re
+    doc = pathlib.Path(__file__).resolve().parent.parent / "docs" / "robustness.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) == 1
+    ns: dict = {}
+    exec(compile(blocks[0], str(doc), "exec"), ns)  # noqa: S102
+    assert set(ns["corrupted"]) == set(CORRUPTIONS)
