@@ -212,3 +212,45 @@ def test_robustness_doc_block_executes():
     ns: dict = {}
     exec(compile(blocks[0], str(doc), "exec"), ns)  # noqa: S102
     assert set(ns["corrupted"]) == set(CORRUPTIONS)
+
+
+def _reference_shift(image, dx, dy):
+    """imagecorruptions' ``shift`` (np.roll, then replicate the wrapped border)."""
+    if dx < 0:
+        shifted = np.roll(image, shift=image.shape[1] + dx, axis=1)
+        shifted[:, dx:] = shifted[:, dx - 1:dx]
+    elif dx > 0:
+        shifted = np.roll(image, shift=dx, axis=1)
+        shifted[:, :dx] = shifted[:, dx:dx + 1]
+    else:
+        shifted = image
+    if dy < 0:
+        shifted = np.roll(shifted, shift=image.shape[0] + dy, axis=0)
+        shifted[dy:, :] = shifted[dy - 1:dy, :]
+    elif dy > 0:
+        shifted = np.roll(shifted, shift=dy, axis=0)
+        shifted[:dy, :] = shifted[dy:dy + 1, :]
+    return shifted
+
+
+@pytest.mark.parametrize("severity", [1, 5])
+def test_motion_blur_at_224_px_is_the_reference_kernel(severity):
+    import math
+    import zlib
+    radius, sigma = ((10, 3), (15, 5), (15, 8), (15, 12), (20, 15))[severity - 1]
+    x = smooth_images(n=1, side=224).astype(np.float64)
+    seed, index = 4, 9
+    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(b"motion_blur"), index]))
+    angle = rng.uniform(-45, 45)
+    width = 2 * radius + 1
+    k = np.exp(-np.arange(width) ** 2 / (2 * sigma ** 2))
+    k /= k.sum()
+    point = (width * np.sin(np.deg2rad(angle)), width * np.cos(np.deg2rad(angle)))
+    hypot = math.hypot(*point)
+    ref = np.zeros_like(x[0])
+    for i in range(width):
+        dy = -math.ceil(((i * point[0]) / hypot) - 0.5)
+        dx = -math.ceil(((i * point[1]) / hypot) - 0.5)
+        ref += k[i] * _reference_shift(x[0], dx, dy)
+    out = corrupt(x, "motion_blur", severity, seed=seed, start_index=index)[0]
+    np.testing.assert_allclose(out, np.clip(ref, 0, 1), atol=1e-12)
