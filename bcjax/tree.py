@@ -30,6 +30,7 @@ __all__ = [
     "merged_leaf_flags",
     "validate_models",
     "check_finite",
+    "all_finite",
     "is_tracing",
     "task_vector",
     "apply_task_vector",
@@ -134,6 +135,18 @@ def validate_models(pretrained: PyTree, finetuned: Sequence[PyTree], *, what: st
 @jax.jit
 def _all_finite(leaves):
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.zeros((0,), bool)
+
+
+def all_finite(tree: PyTree, *, only: Sequence[bool] | None = None) -> bool:
+    """True unless a floating leaf of ``tree`` (restricted to the leaves where ``only`` is
+    True, in ``jax.tree.leaves`` order) holds NaN or Inf. One reduction per leaf, no
+    temporaries; True for traced values (they cannot be inspected)."""
+    leaves = jax.tree.leaves(tree)
+    picked = [x for x, keep in zip(leaves, only if only is not None else [True] * len(leaves))
+              if keep and is_floating(x) and np.size(x) > 0]
+    if not picked or is_tracing() or any(isinstance(x, jax.core.Tracer) for x in picked):
+        return True
+    return bool(np.all(np.asarray(_all_finite(picked))))
 
 
 def check_finite(trees: Sequence[PyTree], names: Sequence[str]) -> None:
