@@ -30,6 +30,7 @@ portable path everywhere.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -190,14 +191,15 @@ def select_diff_bits_leaves(pretrained: Sequence[jax.Array], finetuned: Sequence
         raise ValueError(f"select_diff_bits_leaves: {total} elements exceed the int32 count limit {_MAX_COUNT}")
     num_leaves, num_tasks = len(p0), len(fts)
 
-    def diff_bits(f, p):
-        dt = jnp.promote_types(p.dtype, jnp.float32)
-        return magnitude_bits(f.astype(dt) - p.astype(dt))
+    def joined(leaves):
+        dt = functools.reduce(jnp.promote_types, [x.dtype for x in leaves], jnp.float32)
+        flat = [lax.convert_element_type(lax.reshape(x, (x.size,)), dt) for x in leaves]
+        return lax.concatenate(flat, 0) if len(flat) > 1 else flat[0]
 
-    def portable(r, *flat):
-        ps, tasks = flat[:num_leaves], [flat[num_leaves * (t + 1): num_leaves * (t + 2)] for t in range(num_tasks)]
-        return jnp.stack([select_bits([diff_bits(f, p) for f, p in zip(task, ps)], r[t])
-                          for t, task in enumerate(tasks)])
+    def portable(r, *flat):  # one concatenation per task: T selections to trace, not T·L histograms
+        p = joined(flat[:num_leaves])
+        return jnp.stack([_select_diff_flat(joined(flat[num_leaves * (t + 1): num_leaves * (t + 2)]), p, r[t])
+                          for t in range(num_tasks)])
 
     flat = [*p0, *(f for task in fts for f in task)]
     narrow = all(jnp.promote_types(x.dtype, jnp.float32) == jnp.float32 for x in flat)
@@ -208,6 +210,12 @@ def select_diff_bits_leaves(pretrained: Sequence[jax.Array], finetuned: Sequence
 
         return lax.platform_dependent(ranks, *flat, cpu=native, default=portable)
     return portable(ranks, *flat)
+
+
+@jax.jit
+def _select_diff_flat(f, p, ranks):
+    """select_bits of |f − p| (1-D): traced once for all tasks of :func:`select_diff_bits_leaves`."""
+    return select_bits([magnitude_bits(f - p)], ranks)
 
 
 def _histogram_select(*arrays: jax.Array, ranks: jax.Array) -> jax.Array:

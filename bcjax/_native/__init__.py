@@ -26,6 +26,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 __all__ = ["MULTI_TARGET", "TARGET", "select_diff_bits_multi", "select_diff_bits_leaves", "available",
@@ -152,8 +153,11 @@ def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: 
     (same sizes). One cache-blocked pass over all leaves and tasks, reading θ0 once and
     never writing τ (TIES's model-wide threshold, SPEC §3). CPU only; see
     :func:`bcjax.order_stats.select_diff_bits_leaves`."""
-    p0 = [jnp.ravel(jnp.asarray(p, jnp.float32)) for p in pretrained]
-    fts = [jnp.ravel(jnp.asarray(f, jnp.float32)) for task in finetuned for f in task]
+    def f32(x):  # the kernel reads element_count() floats: any shape, no reshape to trace
+        return x if x.dtype == jnp.float32 else lax.convert_element_type(x, jnp.float32)
+
+    p0 = [f32(p) for p in pretrained]
+    fts = [f32(f) for task in finetuned for f in task]
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(MULTI_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(ranks, *p0, *fts, num_leaves=np.int64(len(p0)), threads=_threads(), sigmas=np.float32(sigmas))
