@@ -33,7 +33,7 @@ from bcjax.tree import (PyTree, all_finite, check_finite, compute_dtype, is_trac
                         validate_models)
 
 __all__ = ["MergeMethod", "register_method", "methods", "get_method", "merge", "map_merged_leaves",
-           "propagates_nonfinite"]
+           "propagates_nonfinite", "enable_compilation_cache"]
 
 
 # --------------------------------------------------------------------------- registry
@@ -128,6 +128,23 @@ def merge(method: str, pretrained: PyTree, finetuned: Sequence[PyTree], *, exclu
         if not (all_finite(merged, only=flags) and all(all_finite(t, only=copied) for t in models)):
             check_finite(models, names)
     return merged
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
+    """Opt in to JAX's persistent compilation cache under bcjax's cache folder
+    (``$BCJAX_CACHE/xla``, default ``~/.cache/bcjax/xla``) or ``directory``: a fresh process
+    then loads the merge kernels compiled by an earlier one instead of compiling them again,
+    so its first :func:`merge` costs tracing plus cache reads. Every program is cached
+    (no minimum compile time). This sets JAX's process-wide configuration, hence an explicit
+    call, never a side effect of importing or merging. Returns the folder."""
+    from bcjax import _native
+
+    folder = os.fspath(directory) if directory is not None else str(_native.cache_root() / "xla")
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
 
 
 # --------------------------------------------------------------------------- plumbing

@@ -154,15 +154,9 @@ def select_diff_bits_multi(pretrained: jax.Array, finetuned: Sequence[jax.Array]
         raise ValueError(f"select_diff_bits_multi: ranks must have shape ({len(fts)}, K), got {ranks.shape}")
     if any(f.shape != p0.shape for f in fts):
         raise ValueError("select_diff_bits_multi: every fine-tuned array must have the pretrained shape")
-
-    def portable(p, r, *fs):
-        return jnp.stack([select_bits([magnitude_bits(f - p)], r[t]) for t, f in enumerate(fs)])
-
-    if (p0.size > SORT_BELOW and p0.dtype == jnp.float32 and all(f.dtype == jnp.float32 for f in fts)
-            and p0.size <= _MAX_COUNT and _native.available()):
-        return lax.platform_dependent(
-            p0, ranks, *fts, cpu=lambda p, r, *fs: _native.select_diff_bits_multi(p, fs, r), default=portable)
-    return portable(p0, ranks, *fts)
+    if any(x.dtype not in (jnp.float32, jnp.float64) for x in (p0, *fts)):  # 16-bit: differences in that dtype
+        return jnp.stack([select_bits([magnitude_bits(f - p0)], ranks[t]) for t, f in enumerate(fts)])
+    return select_diff_bits_leaves([p0], [[f] for f in fts], ranks)
 
 
 def select_diff_bits_leaves(pretrained: Sequence[jax.Array], finetuned: Sequence[Sequence[jax.Array]],

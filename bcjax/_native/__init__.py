@@ -39,9 +39,13 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
+def cache_root() -> Path:
+    """bcjax's cache folder: ``$BCJAX_CACHE``, default ``~/.cache/bcjax``."""
+    return Path(os.environ.get("BCJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bcjax"))
+
+
 def _cache_dir() -> Path:
-    root = os.environ.get("BCJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bcjax")
-    return Path(root) / "native"
+    return cache_root() / "native"
 
 
 def _compiler() -> str | None:
