@@ -55,6 +55,21 @@ def targets(rows) -> list[dict]:
         add(name, peer / bc if peer and bc else None, goal, True)
     r = next((r for r in rows if r["impl"] == BC and "median_s" in r), None)
     add("peak ≤ inputs + 1.5 × one model", r["merge_overhead_in_models"] if r else None, 1.5, False, unit="models")
+    ta = _median(rows, "bcjax_task_arithmetic")
+    ties = _median(rows, "bcjax_ties")
+    add("Breadcrumbs ≤ 2.5× task arithmetic (bcjax, issue 16)", bc / ta if bc and ta else None, 2.5, False)
+    add("TIES ≤ 3× task arithmetic (bcjax, issue 16)", ties / ta if ties and ta else None, 3.0, False)
+    by = {r["impl"]: r for r in rows if "default_median_s" in r}
+    for impl in ("bcjax_task_arithmetic", "bcjax_breadcrumbs", "bcjax_ties"):
+        u = by.get(impl)
+        short = impl.removeprefix("bcjax_")
+
+        def ratio(key, ref):
+            return u[key] / u[ref] if u and u.get(key) and u.get(ref) else None
+
+        add(f"{short}: validation ≤ 1.3× validate=False", ratio("default_median_s", "median_s"), 1.3, False)
+        add(f"{short}: NumPy inputs ≤ 1.5× device-resident", ratio("numpy_median_s", "default_median_s"), 1.5, False)
+        add(f"{short}: first call ≤ 2× warm (cache filled)", ratio("first_call_cached_s", "default_median_s"), 2.0, False)
     return out
 
 
@@ -99,9 +114,13 @@ def workload_tables(results: str) -> tuple[str, str, dict | None]:
             title += (f"\n\n> ⚠ Measured on a busy machine (1-min load average up to {max(loads):.1f} on {cores} "
                       "cores, other jobs running): timings are inflated and noisy; rerun on a quiet machine.")
         tables.append(ms.markdown_table(rows, title))
+        user = ms.user_path_table(rows)
+        if user:
+            tables.append(f"What a user waits for on {label} (bcjax's default path, each in a fresh process; "
+                          "ratios within this run):\n\n" + user)
         for t in targets(rows):
             tgt_rows.append(f"| {t['target']} | {label} | {t['text']} |")
-    tgt = "\n".join(["| target (issue 7) | workload | measured — status |", "|---|---|---|", *tgt_rows])
+    tgt = "\n".join(["| target (issue) | workload | measured — status |", "|---|---|---|", *tgt_rows])
     bc_ties = []
     for stem, label in WORKLOADS:
         path = os.path.join(results, f"{stem}.json")
