@@ -41,6 +41,7 @@ into BENCHMARKS.md's tables; bench/run_all.sh runs everything.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -399,6 +400,64 @@ def markdown_table(rows, title: str) -> str:
     return "\n".join(lines)
 
 
+def side_by_side(shapes, tasks: int, folder: str, impls, rounds: int) -> dict:
+    """bcjax's methods × {validate=False, default path, NumPy inputs} in ONE process,
+    interleaved round by round (each round times every cell once after a warm-up of all
+    cells), so load from other jobs hits all cells alike: on a shared machine the per-round
+    ratios are what to compare. Returns per-cell times and per-round ratios (medians)."""
+    import jax
+
+    import bcjax
+    from bcjax import _native
+
+    _native.available()
+    host = [read_model(shapes, folder, i) for i in range(tasks + 1)]
+    dev = [{k: jax.device_put(v) for k, v in m.items()} for m in host]
+    jax.block_until_ready(dev)
+    cells = {}
+    for impl in impls:
+        method, hp = BCJAX_CALLS[impl]
+        for mode, models, validate in (("validate_off", dev, False), ("default", dev, True),
+                                       ("numpy", host, True)):
+            cells[(impl, mode)] = functools.partial(
+                lambda m, ms_, v, h: jax.block_until_ready(bcjax.merge(m, ms_[0], ms_[1:], validate=v, **h)),
+                method, models, validate, hp)
+    for fn in cells.values():  # warm-up: compilation
+        fn()
+    times = {key: [] for key in cells}
+    for _ in range(rounds):
+        for key, fn in cells.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    ratios = {}
+    ta = times.get(("bcjax_task_arithmetic", "validate_off"))
+    for impl in impls:
+        off, dflt, npy = (times[(impl, m)] for m in ("validate_off", "default", "numpy"))
+        r = {"default/validate_off": [a / b for a, b in zip(dflt, off)], "numpy/default": [a / b for a, b in zip(npy, dflt)]}
+        if ta:
+            r["validate_off/TA"] = [a / b for a, b in zip(off, ta)]
+        ratios[impl] = {k: float(np.median(v)) for k, v in r.items()}
+    return {"rounds": rounds, "loadavg_1m": os.getloadavg()[0],
+            "times_s": {f"{i}/{m}": v for (i, m), v in times.items()},
+            "median_s": {f"{i}/{m}": float(np.median(v)) for (i, m), v in times.items()},
+            "median_ratios": ratios}
+
+
+def side_by_side_table(res: dict) -> str:
+    """The side-by-side run as a table of median per-round ratios."""
+    lines = [f"Side by side in one process, {res['rounds']} interleaved rounds (median of per-round ratios; "
+             f"1-min load average at the end {res['loadavg_1m']:.1f}):", "",
+             "| bcjax | validate=False (s) | × TA (same round) | default path (s) | default ÷ validate=False "
+             "| NumPy inputs (s) | NumPy ÷ device |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for impl, r in res["median_ratios"].items():
+        med = res["median_s"]
+        lines.append(f"| {impl.removeprefix('bcjax_')} | {med[impl + '/validate_off']:.3f} | "
+                     f"{r.get('validate_off/TA', float('nan')):.2f} | {med[impl + '/default']:.3f} | "
+                     f"{r['default/validate_off']:.2f} | {med[impl + '/numpy']:.3f} | {r['numpy/default']:.2f} |")
+    return "\n".join(lines)
+
+
 def user_path_table(rows) -> str:
     """bcjax's default path next to the ``validate=False`` timing (issue 16): validation on,
     NumPy inputs, and the first call in a fresh process (compilation; with a persistent cache
@@ -466,6 +525,9 @@ def main(argv=None):
     ap.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_dump", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_phase", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="bcjax only: all methods × {validate=False, default, NumPy} in one process, "
+                         "interleaved --repeats rounds; writes {model}_{tasks}_side_by_side.json")
     ap.add_argument("--no-user-path", action="store_true",
                     help="bcjax: skip the NumPy-input and persistent-cache first-call processes")
     args = ap.parse_args(argv)
@@ -485,6 +547,24 @@ def main(argv=None):
     unknown = sorted(set(impls) - set(IMPL_INFO))
     if unknown:
         raise SystemExit(f"unknown --impls {unknown}; known: {IMPLS}")
+    if args.side_by_side:
+        impls = [i for i in impls if i in BCJAX_CALLS]
+        shapes = model_shapes(args.model, args.scale)
+        folder = tempfile.mkdtemp(prefix="bcjax_bench_", dir=args.data_dir)
+        try:
+            write_inputs(shapes, args.tasks, folder)
+            res = side_by_side(shapes, args.tasks, folder, impls, args.repeats)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        res.update(model=args.model, scale=args.scale, tasks=args.tasks, machine=machine_info(),
+                   time=time.strftime("%Y-%m-%d %H:%M:%S"))
+        print(side_by_side_table(res))
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            stem = f"{args.model}_{args.tasks}_side_by_side"
+            with open(os.path.join(args.out, f"{stem}.json"), "w") as f:
+                json.dump(res, f, indent=2)
+        return res
     rows = run_workload(args.model, args.tasks, impls, args, args.scale)
     shapes = model_shapes(args.model, args.scale)
     stem = f"{args.model}_{args.tasks}" if args.scale == 1.0 else f"{args.model}@{args.scale:g}_{args.tasks}"
