@@ -203,6 +203,10 @@ def _nan_where_nonfinite(out, inputs):
     return jnp.where(ok, out, jnp.nan)
 
 
+def _host_to_device(x):
+    return jax.device_put(x) if isinstance(x, np.ndarray) else x
+
+
 def _upcast(x, like):
     return jnp.asarray(x).astype(compute_dtype(jnp.result_type(like)))
 
@@ -373,6 +377,10 @@ def ties(pretrained, finetuned, flags, *, density=0.2, alpha=1.0):
     """TIES-merging (Yadav et al., SPEC §3): trim to the top `density` of |τt| per model (global threshold, ties kept), elect signs, disjoint mean; θ* = θ0 + λ·mean."""
     check_fraction("density", density)
     _check_finite_scalar("alpha", alpha)
+    if not _is_traced((pretrained, finetuned)):
+        # NumPy leaves are read by two passes (thresholds, then the merge): copy them once
+        # (zero-copy where aligned); the threshold pass holds them all at once anyway
+        pretrained, finetuned = jax.tree.map(_host_to_device, (pretrained, list(finetuned)))
     leaves0 = jax.tree.leaves(pretrained)
     merged = [i for i, (p0, f) in enumerate(zip(leaves0, flags)) if f and np.size(p0) > 0]
     total = sum(int(np.size(leaves0[i])) for i in merged)
