@@ -29,10 +29,11 @@ from bcjax import order_stats
 from bcjax.errors import HyperparameterError, TreeMismatchError, UnknownMethodError
 from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask, check_beta_gamma,
                          check_fraction, diff_masks_from_counts, fraction_count)
-from bcjax.tree import (PyTree, check_finite, compute_dtype, is_tracing, keystr, merged_leaf_flags,
+from bcjax.tree import (PyTree, all_finite, check_finite, compute_dtype, is_tracing, keystr, merged_leaf_flags,
                         validate_models)
 
-__all__ = ["MergeMethod", "register_method", "methods", "get_method", "merge", "map_merged_leaves"]
+__all__ = ["MergeMethod", "register_method", "methods", "get_method", "merge", "map_merged_leaves",
+           "propagates_nonfinite", "enable_compilation_cache"]
 
 
 # --------------------------------------------------------------------------- registry
@@ -91,8 +92,11 @@ def merge(method: str, pretrained: PyTree, finetuned: Sequence[PyTree], *, exclu
         ``gradient_matching``, or one you registered.
       exclude: regex(es) on the '/'-joined key path (or a predicate ``(path, leaf)``) of
         leaves to copy from θ0 instead of merging (SPEC §1).
-      validate: check structures, shapes, dtypes and finiteness first (SPEC §1); values
-        are only checked when concrete (not under ``jit``).
+      validate: check structures, shapes and dtypes first and finiteness of every model
+        (SPEC §1), raising :class:`~bcjax.errors.NonFiniteError` with the model index and key
+        path; values are only checked when concrete (not under ``jit``). For the built-in
+        methods finiteness is checked within the merge's own pass (see
+        :func:`propagates_nonfinite`), so validation costs one reduction over the output.
       **hparams: the method's hyper-parameters.
 
     Returns the merged tree, each leaf in the dtype of θ0's leaf.
@@ -106,11 +110,41 @@ def merge(method: str, pretrained: PyTree, finetuned: Sequence[PyTree], *, exclu
         raise HyperparameterError(f"{method}: missing required hyper-parameter(s) {missing}; signature: {m!r}")
     finetuned = list(finetuned) if isinstance(finetuned, (list, tuple)) else finetuned
     if validate:
-        validate_models(pretrained, finetuned)
-        check_finite([pretrained, *finetuned],
-                     ["pretrained model", *(f"fine-tuned model {t}" for t in range(len(finetuned)))])
+        validate_models(pretrained, finetuned)  # structure, shapes, dtypes: cheap, upfront
     flags = tuple(merged_leaf_flags(pretrained, exclude))
-    return m.fn(pretrained, finetuned, flags, **hparams)
+    models = [pretrained, *finetuned] if validate else []
+    names = ["pretrained model", *(f"fine-tuned model {t}" for t in range(len(finetuned)))]
+    fused = validate and getattr(m.fn, "propagates_nonfinite", False) and not _is_traced(models)
+    if validate and not fused:
+        check_finite(models, names)  # a separate pass over every model
+    merged = m.fn(pretrained, finetuned, flags, **hparams)
+    if fused:
+        # The method's own pass made every merged entry NaN where an input entry is NaN or
+        # Inf, so one reduction over the *output* (1/(T+1) of the input bytes) checks θ0 and
+        # all θt on merged leaves; leaves copied from θ0 are checked directly. Only when
+        # something is non-finite (or a finite merge overflowed) are the inputs scanned, to
+        # name the model and key path exactly as the separate check does.
+        copied = [not f for f in flags]
+        if not (all_finite(merged, only=flags) and all(all_finite(t, only=copied) for t in models)):
+            check_finite(models, names)
+    return merged
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
+    """Opt in to JAX's persistent compilation cache under bcjax's cache folder
+    (``$BCJAX_CACHE/xla``, default ``~/.cache/bcjax/xla``) or ``directory``: a fresh process
+    then loads the merge kernels compiled by an earlier one instead of compiling them again,
+    so its first :func:`merge` costs tracing plus cache reads. Every program is cached
+    (no minimum compile time). This sets JAX's process-wide configuration, hence an explicit
+    call, never a side effect of importing or merging. Returns the folder."""
+    from bcjax import _native
+
+    folder = os.fspath(directory) if directory is not None else str(_native.cache_root() / "xla")
+    os.makedirs(folder, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder
 
 
 # --------------------------------------------------------------------------- plumbing
@@ -152,6 +186,27 @@ def map_merged_leaves(leaf_fn: Callable, pretrained: PyTree, finetuned: Sequence
     return jax.tree.unflatten(treedef, out)
 
 
+def propagates_nonfinite(fn: Callable) -> Callable:
+    """Mark a merge method whose merged entries are NaN wherever an input entry (θ0 or any
+    θt, same position) is NaN or Inf. :func:`merge` then validates finiteness with one
+    reduction over the merged output instead of a separate pass over all T + 1 models
+    (SPEC §1's error, same message). Built-in kernels apply :func:`_nan_where_nonfinite`."""
+    fn.propagates_nonfinite = True
+    return fn
+
+
+def _nan_where_nonfinite(out, inputs):
+    """``out`` where every one of ``inputs`` (upcast leaves) is finite, NaN elsewhere.
+    Elementwise in the kernel's own loop: no extra memory traffic; ``out`` is unchanged
+    for finite inputs."""
+    ok = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in inputs])
+    return jnp.where(ok, out, jnp.nan)
+
+
+def _host_to_device(x):
+    return jax.device_put(x) if isinstance(x, np.ndarray) else x
+
+
 def _upcast(x, like):
     return jnp.asarray(x).astype(compute_dtype(jnp.result_type(like)))
 
@@ -180,17 +235,19 @@ def _check_finite_scalar(name, value):
 def _weighted_task_sum(p0, fts, scales, alphas):
     """θ0 + Σt αt · st ⊙ τt, ``scales`` stacked per task (None: st = 1); the TA family's kernel."""
     p = _upcast(p0, p0)
+    fs = [_upcast(ft, p0) for ft in fts]
     acc = jnp.zeros_like(p)
-    for t, ft in enumerate(fts):
-        tau = _upcast(ft, p0) - p
+    for t, f in enumerate(fs):
+        tau = f - p
         if scales is not None:
             tau = tau * scales[t]
         acc = acc + alphas[t].astype(p.dtype) * tau
-    return (p + acc).astype(p0.dtype)
+    return _nan_where_nonfinite(p + acc, [p, *fs]).astype(p0.dtype)
 
 
 # --------------------------------------------------------------------------- methods
 @register_method("task_arithmetic")
+@propagates_nonfinite
 def task_arithmetic(pretrained, finetuned, flags, *, alpha=1.0):
     """Task arithmetic (Ilharco et al.): θ* = θ0 + α Σt τt (α scalar or one per task)."""
     _check_finite_scalar("alpha", alpha)
@@ -201,11 +258,12 @@ def task_arithmetic(pretrained, finetuned, flags, *, alpha=1.0):
 
 @jax.jit
 def _simple_average_leaf(p0, fts):
-    acc = sum(_upcast(f, p0) for f in fts)
-    return (acc / len(fts)).astype(p0.dtype)
+    fs = [_upcast(f, p0) for f in fts]
+    return _nan_where_nonfinite(sum(fs) / len(fs), [_upcast(p0, p0), *fs]).astype(p0.dtype)
 
 
 @register_method("simple_average")
+@propagates_nonfinite
 def simple_average(pretrained, finetuned, flags):
     """Simple average / model soup: θ* = (1/T) Σt θt."""
     return map_merged_leaves(lambda i, p0, fts: _simple_average_leaf(p0, tuple(fts)), pretrained, finetuned, flags)
@@ -236,20 +294,22 @@ def _breadcrumbs_tensor_leaf(p0, fts, alphas, n_bot, n_top):
     masks = diff_masks_from_counts(fts, p, n_bot, n_top)  # all tasks' thresholds in one pass
     for t, ft in enumerate(fts):
         acc = acc + jnp.where(masks[t], alphas[t].astype(p.dtype) * (ft - p), 0)
-    return (p + acc).astype(p0.dtype)
+    return _nan_where_nonfinite(p + acc, [p, *fts]).astype(p0.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
 def _breadcrumbs_row_leaf(p0, fts, alphas, beta, gamma, axis):
     p = _upcast(p0, p0)
+    fs = [_upcast(ft, p0) for ft in fts]
     acc = jnp.zeros_like(p)
-    for t, ft in enumerate(fts):
-        tau = _upcast(ft, p0) - p
+    for t, f in enumerate(fs):
+        tau = f - p
         acc = acc + jnp.where(breadcrumbs_row_mask(tau, beta, gamma, axis), alphas[t].astype(p.dtype) * tau, 0)
-    return (p + acc).astype(p0.dtype)
+    return _nan_where_nonfinite(p + acc, [p, *fs]).astype(p0.dtype)
 
 
 @register_method("breadcrumbs")
+@propagates_nonfinite
 def breadcrumbs(pretrained, finetuned, flags, *, alpha=0.3, beta=0.9, gamma=0.99, granularity="tensor", axis=None):
     """Model Breadcrumbs (SPEC §2): θ* = θ0 + α Σt mt ⊙ τt, mt keeps ranks n_bot … n−n_top−1 of |τt| per leaf."""
     check_beta_gamma(beta, gamma)
@@ -294,57 +354,30 @@ def _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, rescale
 
 
 @register_method("random_sparse")
+@propagates_nonfinite
 def random_sparse(pretrained, finetuned, flags, *, keep=0.1, alpha=0.3, key=None):
     """Random-sparsified TA (paper Table 1): θ* = θ0 + α Σt mt ⊙ τt, mt ~ Bernoulli(keep) per entry, no rescale."""
     return _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, False, "random_sparse")
 
 
 @register_method("dare")
+@propagates_nonfinite
 def dare(pretrained, finetuned, flags, *, keep=0.1, alpha=0.3, key=None):
     """DARE: θ* = θ0 + α Σt mt ⊙ τt / keep, mt ~ Bernoulli(keep) per entry and task."""
     return _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, True, "dare")
 
 
-@jax.jit
-def _tau_coarse_histogram(p0, ft):
-    return order_stats.coarse_histogram(order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)))
-
-
-@jax.jit
-def _tau_fine_histogram(p0, ft, bins):
-    return order_stats.fine_histogram(order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)), bins)
-
-
-@jax.jit
-def _tau_sorted_bits(p0, ft):
-    return order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)).ravel()
-
-
-def _global_threshold_bits(pretrained, model, flags, rank_of_total: Callable[[int], Any]):
-    """Bits of the order statistic of |τ| over all merged leaves of one model together
-    (additive histograms over leaves: two passes, no concatenation)."""
-    pairs = [(p0, ft) for p0, ft, f in zip(jax.tree.leaves(pretrained), jax.tree.leaves(model), flags)
-             if f and np.size(p0) > 0]
-    total = sum(int(np.size(p0)) for p0, _ in pairs)
-    if total == 0:
-        return None, 0
-    rank = jnp.atleast_1d(jnp.asarray(rank_of_total(total), jnp.int32))
-    if total <= order_stats.SORT_BELOW:
-        bits = jnp.concatenate([_tau_sorted_bits(p0, ft) for p0, ft in pairs])
-        return order_stats.select_bits([bits], rank)[0], total
-    traced = _is_traced((pretrained, model))
-    hist1 = sum(parallel_map(lambda pf: _tau_coarse_histogram(*pf), pairs, traced=traced))
-    bins, below, rep = order_stats.locate_coarse(hist1, rank)
-    hist2 = sum(parallel_map(lambda pf: _tau_fine_histogram(*pf, bins), pairs, traced=traced))
-    return order_stats.resolve_fine(hist2, bins, below, rep, rank)[0], total
+#: TIES's per-task model-wide thresholds: one program over all merged leaves (SPEC §3).
+_model_threshold_bits = jax.jit(order_stats.select_diff_bits_leaves)
 
 
 @jax.jit
 def _ties_leaf(p0, fts, thresholds, alpha):
     p = _upcast(p0, p0)
+    fs = [_upcast(ft, p0) for ft in fts]
     trimmed = []
-    for t, ft in enumerate(fts):
-        tau = _upcast(ft, p0) - p
+    for t, f in enumerate(fs):
+        tau = f - p
         trimmed.append(jnp.where(order_stats.magnitude_bits(tau) >= thresholds[t], tau, 0))
     total = sum(trimmed)
     sign = jnp.where(total >= 0, 1.0, -1.0).astype(p.dtype)  # sign(0) = +1
@@ -352,21 +385,31 @@ def _ties_leaf(p0, fts, thresholds, alpha):
     num = sum(jnp.where(a, tr, 0) for a, tr in zip(agree, trimmed))
     cnt = sum(a.astype(p.dtype) for a in agree)
     mean = jnp.where(cnt > 0, num / jnp.maximum(cnt, 1), 0)
-    return (p + jnp.asarray(alpha, p.dtype) * mean).astype(p0.dtype)
+    return _nan_where_nonfinite(p + jnp.asarray(alpha, p.dtype) * mean, [p, *fs]).astype(p0.dtype)
 
 
 @register_method("ties")
+@propagates_nonfinite
 def ties(pretrained, finetuned, flags, *, density=0.2, alpha=1.0):
     """TIES-merging (Yadav et al., SPEC §3): trim to the top `density` of |τt| per model (global threshold, ties kept), elect signs, disjoint mean; θ* = θ0 + λ·mean."""
     check_fraction("density", density)
     _check_finite_scalar("alpha", alpha)
-    thresholds = []
-    for model in finetuned:
-        # keep n_keep = max(1, ⌊density·N + 1e-6⌋) largest: threshold = (N − n_keep)-th smallest
-        thr, _ = _global_threshold_bits(
-            pretrained, model, flags, lambda total: total - jnp.maximum(fraction_count(density, total), 1))
-        thresholds.append(thr if thr is not None else jnp.int32(0))
-    thresholds = jnp.stack(thresholds)
+    if not _is_traced((pretrained, finetuned)):
+        # NumPy leaves are read by two passes (thresholds, then the merge): copy them once
+        # (zero-copy where aligned); the threshold pass holds them all at once anyway
+        pretrained, finetuned = jax.tree.map(_host_to_device, (pretrained, list(finetuned)))
+    leaves0 = jax.tree.leaves(pretrained)
+    merged = [i for i, (p0, f) in enumerate(zip(leaves0, flags)) if f and np.size(p0) > 0]
+    total = sum(int(np.size(leaves0[i])) for i in merged)
+    if total == 0:
+        thresholds = jnp.zeros(len(finetuned), jnp.int32)
+    else:
+        # keep n_keep = max(1, ⌊density·N + 1e-6⌋) largest: threshold = (N − n_keep)-th smallest,
+        # N over all merged leaves of the model, all tasks in one pass over the models
+        rank = jnp.asarray(total - jnp.maximum(fraction_count(density, total), 1), jnp.int32)
+        per_model = [jax.tree.leaves(model) for model in finetuned]
+        thresholds = _model_threshold_bits([leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model],
+                                           jnp.broadcast_to(rank, (len(finetuned), 1)))[:, 0]
     return map_merged_leaves(lambda i, p0, fts: _ties_leaf(p0, tuple(fts), thresholds, alpha),
                              pretrained, finetuned, flags)
 
@@ -393,10 +436,12 @@ def _fisher_leaf(p0, fts, fs, weights, eps):
     num = sum(w * _upcast(ft, p0) for w, ft in zip(wf, fts))
     den = sum(wf)
     plain = sum(_upcast(ft, p0) for ft in fts) / len(fts)
-    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), plain).astype(p0.dtype)
+    out = jnp.where(den > 0, num / jnp.where(den > 0, den, 1), plain)
+    return _nan_where_nonfinite(out, [p, *(_upcast(ft, p0) for ft in fts)]).astype(p0.dtype)
 
 
 @register_method("fisher")
+@propagates_nonfinite
 def fisher(pretrained, finetuned, flags, *, fishers=None, weights=None, eps=1e-6):
     """Fisher merging (Matena & Raffel): θ* = Σt λt Ft θt / Σt λt Ft per entry, F floored at eps; plain mean where Σ λt Ft = 0."""
     fishers = _validate_fishers(pretrained, fishers, "fisher")
@@ -422,10 +467,11 @@ def _gradient_matching_leaf(p0, fts, hs, alphas, h0):
     for t, (ft, h) in enumerate(zip(fts, hs)):
         coef = jnp.where(hbar > 0, (h0 + h) / safe, 1.0)  # 0/0 → task arithmetic
         acc = acc + alphas[t].astype(p.dtype) * coef * (_upcast(ft, p0) - p)
-    return (p + acc).astype(p0.dtype)
+    return _nan_where_nonfinite(p + acc, [p, *(_upcast(ft, p0) for ft in fts)]).astype(p0.dtype)
 
 
 @register_method("gradient_matching")
+@propagates_nonfinite
 def gradient_matching(pretrained, finetuned, flags, *, fishers=None, alpha=1.0, h0=1.0, dataset_sizes=None):
     """Gradient matching (Daheim et al., eq. 10, diagonal): θ* = θ0 + Σt αt (H0+Ht)/H̄ τt, H̄ = H0 + Σt αt Ht."""
     fishers = _validate_fishers(pretrained, fishers, "gradient_matching")

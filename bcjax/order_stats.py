@@ -30,6 +30,7 @@ portable path everywhere.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -47,6 +48,7 @@ __all__ = [
     "resolve_fine",
     "select_bits",
     "select_diff_bits_multi",
+    "select_diff_bits_leaves",
     "kth_smallest_magnitude",
     "NO_THRESHOLD",
     "SORT_BELOW",
@@ -152,15 +154,62 @@ def select_diff_bits_multi(pretrained: jax.Array, finetuned: Sequence[jax.Array]
         raise ValueError(f"select_diff_bits_multi: ranks must have shape ({len(fts)}, K), got {ranks.shape}")
     if any(f.shape != p0.shape for f in fts):
         raise ValueError("select_diff_bits_multi: every fine-tuned array must have the pretrained shape")
+    if any(x.dtype not in (jnp.float32, jnp.float64) for x in (p0, *fts)):  # 16-bit: differences in that dtype
+        return jnp.stack([select_bits([magnitude_bits(f - p0)], ranks[t]) for t, f in enumerate(fts)])
+    return select_diff_bits_leaves([p0], [[f] for f in fts], ranks)
 
-    def portable(p, r, *fs):
-        return jnp.stack([select_bits([magnitude_bits(f - p)], r[t]) for t, f in enumerate(fs)])
 
-    if (p0.size > SORT_BELOW and p0.dtype == jnp.float32 and all(f.dtype == jnp.float32 for f in fts)
-            and p0.size <= _MAX_COUNT and _native.available()):
-        return lax.platform_dependent(
-            p0, ranks, *fts, cpu=lambda p, r, *fs: _native.select_diff_bits_multi(p, fs, r), default=portable)
-    return portable(p0, ranks, *fts)
+def select_diff_bits_leaves(pretrained: Sequence[jax.Array], finetuned: Sequence[Sequence[jax.Array]],
+                            ranks: jax.Array) -> jax.Array:
+    """int32[T, K]: row t is ``select_bits([magnitude_bits(f − p) for p, f in zip(pretrained,
+    finetuned[t])], ranks[t])`` — the order statistics of |τt| over the union of several
+    leaves (TIES's model-wide threshold, SPEC §3), without concatenating them or writing τ.
+
+    ``pretrained`` is θ0's L leaves, ``finetuned[t]`` task t's L leaves (same shapes).
+    Differences are taken in :func:`magnitude_bits`'s float32 after an upcast of 16-bit
+    leaves. On the CPU backend (leaves of at most 32 bits) one native cache-blocked pass
+    serves all T tasks and all leaves, reading θ0 once; elsewhere the additive histograms
+    run over the leaves. Identical results everywhere.
+    """
+    p0 = [jnp.asarray(p) for p in pretrained]
+    fts = [[jnp.asarray(f) for f in task] for task in finetuned]
+    ranks = jnp.asarray(ranks, jnp.int32)
+    if ranks.ndim != 2 or ranks.shape[0] != len(fts):
+        raise ValueError(f"select_diff_bits_leaves: ranks must have shape ({len(fts)}, K), got {ranks.shape}")
+    if any(len(task) != len(p0) or any(f.shape != p.shape for f, p in zip(task, p0)) for task in fts):
+        raise ValueError("select_diff_bits_leaves: every task must have θ0's leaves and shapes")
+    total = sum(p.size for p in p0)
+    if total == 0:
+        raise ValueError("select_diff_bits_leaves: no elements to select from")
+    if total > _MAX_COUNT:
+        raise ValueError(f"select_diff_bits_leaves: {total} elements exceed the int32 count limit {_MAX_COUNT}")
+    num_leaves, num_tasks = len(p0), len(fts)
+
+    def joined(leaves):
+        dt = functools.reduce(jnp.promote_types, [x.dtype for x in leaves], jnp.float32)
+        flat = [lax.convert_element_type(lax.reshape(x, (x.size,)), dt) for x in leaves]
+        return lax.concatenate(flat, 0) if len(flat) > 1 else flat[0]
+
+    def portable(r, *flat):  # one concatenation per task: T selections to trace, not T·L histograms
+        p = joined(flat[:num_leaves])
+        return jnp.stack([_select_diff_flat(joined(flat[num_leaves * (t + 1): num_leaves * (t + 2)]), p, r[t])
+                          for t in range(num_tasks)])
+
+    flat = [*p0, *(f for task in fts for f in task)]
+    narrow = all(jnp.promote_types(x.dtype, jnp.float32) == jnp.float32 for x in flat)
+    if total > SORT_BELOW and narrow and _native.available():
+        def native(r, *xs):
+            return _native.select_diff_bits_leaves(
+                xs[:num_leaves], [xs[num_leaves * (t + 1): num_leaves * (t + 2)] for t in range(num_tasks)], r)
+
+        return lax.platform_dependent(ranks, *flat, cpu=native, default=portable)
+    return portable(ranks, *flat)
+
+
+@jax.jit
+def _select_diff_flat(f, p, ranks):
+    """select_bits of |f − p| (1-D): traced once for all tasks of :func:`select_diff_bits_leaves`."""
+    return select_bits([magnitude_bits(f - p)], ranks)
 
 
 def _histogram_select(*arrays: jax.Array, ranks: jax.Array) -> jax.Array:

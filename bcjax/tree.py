@@ -30,6 +30,7 @@ __all__ = [
     "merged_leaf_flags",
     "validate_models",
     "check_finite",
+    "all_finite",
     "is_tracing",
     "task_vector",
     "apply_task_vector",
@@ -134,6 +135,38 @@ def validate_models(pretrained: PyTree, finetuned: Sequence[PyTree], *, what: st
 @jax.jit
 def _all_finite(leaves):
     return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.zeros((0,), bool)
+
+
+def all_finite(tree: PyTree, *, only: Sequence[bool] | None = None) -> bool:
+    """True unless a floating leaf of ``tree`` (restricted to the leaves where ``only`` is
+    True, in ``jax.tree.leaves`` order) holds NaN or Inf. One reduction per leaf, no
+    temporaries; True for traced values (they cannot be inspected)."""
+    leaves = jax.tree.leaves(tree)
+    picked = [x for x, keep in zip(leaves, only if only is not None else [True] * len(leaves))
+              if keep and is_floating(x) and np.size(x) > 0]
+    if not picked or is_tracing() or any(isinstance(x, jax.core.Tracer) for x in picked):
+        return True
+    return all(_leaf_finite(x) for x in picked)
+
+
+def _leaf_finite(x) -> bool:
+    """No NaN/Inf in one concrete floating leaf. Host (CPU) values are read in place by
+    numpy's vectorised min/max (NaN propagates into both; no temporaries, no compilation);
+    accelerator arrays are reduced where they live."""
+    on_host = isinstance(x, np.ndarray) or np.isscalar(x) or (
+        isinstance(x, jax.Array) and all(d.platform == "cpu" for d in x.devices()))
+    if not on_host:
+        return bool(_device_finite(x))
+    a = np.asarray(x)
+    if a.dtype.itemsize == 2:  # bf16 / fp16: exponent all ones ⇔ Inf or NaN
+        mask = 0x7F80 if a.dtype != np.float16 else 0x7C00
+        return not bool(((a.view(np.uint16) & mask) == mask).any())
+    return bool(np.isfinite(a.max()) and np.isfinite(a.min()))
+
+
+@jax.jit
+def _device_finite(x):
+    return jnp.all(jnp.isfinite(x))
 
 
 def check_finite(trees: Sequence[PyTree], names: Sequence[str]) -> None:

@@ -116,6 +116,50 @@ def workload_tables(results: str) -> tuple[str, str, dict | None]:
     return "\n\n".join(tables), tgt, machine
 
 
+def user_path_section(results: str) -> str:
+    """Issue 16: what a user waits for on ViT-B/32 × 8 — the side-by-side run (current code,
+    and the code before, when recorded), the fresh-process first-call table, and the targets."""
+    def load(name):
+        path = os.path.join(results, name)
+        return _load(path) if os.path.exists(path) else None
+
+    now, before = load("vit_b_32_8_side_by_side.json"), load("vit_b_32_8_side_by_side_before.json")
+    procs = load("vit_b_32_8_user_path.json")
+    if not now:
+        return "*Default path: not run yet* (`bench/merge_speed.py --side-by-side`)"
+    parts = [f"**Now** (measured {now.get('time', '?')}):", ms.side_by_side_table(now)]
+    if before:
+        parts += [f"**Before** (the code before issue 16, same script, measured {before.get('time', '?')}):",
+                  ms.side_by_side_table(before)]
+    if procs:
+        loads = [r.get("loadavg_1m_start") for r in procs["rows"] if r.get("loadavg_1m_start") is not None]
+        parts += [f"Fresh processes (measured {procs.get('time', '?')}, 1-min load average "
+                  f"{min(loads):.1f}–{max(loads):.1f}; each column its own process, so cross-row ratios carry "
+                  "the load swings):", ms.user_path_table(procs["rows"])]
+    rows = ["| target (issue 16) | measured — status |", "|---|---|"]
+
+    def add(name, value, goal):
+        rows.append(f"| {name} | " + ("not measured" if value is None else
+                                     f"{value:.2f}× — " + ("met" if value <= goal else f"missed by {value / goal:.2f}×"))
+                    + " |")
+
+    r = now["median_ratios"]
+    add("Breadcrumbs ≤ 2.5× task arithmetic (validate=False, same round)",
+        r.get("bcjax_breadcrumbs", {}).get("validate_off/TA"), 2.5)
+    add("TIES ≤ 3× task arithmetic (validate=False, same round)", r.get("bcjax_ties", {}).get("validate_off/TA"), 3.0)
+    by = {x["impl"]: x for x in (procs or {}).get("rows", [])}
+    for impl in ("bcjax_task_arithmetic", "bcjax_breadcrumbs", "bcjax_ties"):
+        short = impl.removeprefix("bcjax_")
+        add(f"{short}: validation ≤ 1.3× validate=False", r.get(impl, {}).get("default/validate_off"), 1.3)
+        add(f"{short}: NumPy inputs ≤ 1.5× device-resident", r.get(impl, {}).get("numpy/default"), 1.5)
+        u = by.get(impl, {})
+        add(f"{short}: first call ≤ 2× warm, persistent cache filled (fresh processes)",
+            u["first_call_cached_s"] / u["default_median_s"] if u.get("first_call_cached_s") else None, 2.0)
+        add(f"{short}: first call ≤ 2× warm, no cache (fresh process)",
+            u["first_call_s"] / u["default_median_s"] if u.get("first_call_s") else None, 2.0)
+    return "\n\n".join([*parts, "\n".join(rows)])
+
+
 def scaling_section(results: str) -> str:
     path = os.path.join(results, "scaling.json")
     if not os.path.exists(path):
@@ -166,6 +210,7 @@ def main(argv=None):
         replace_block(args.doc, "tables", tables)
         replace_block(args.doc, "targets", tgt)
         replace_block(args.doc, "scaling", scaling)
+        replace_block(args.doc, "userpath", user_path_section(args.results))
     print(tgt)
 
 

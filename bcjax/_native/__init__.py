@@ -26,10 +26,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
-__all__ = ["MULTI_TARGET", "TARGET", "select_diff_bits_multi", "available", "library_path", "select_bits",
-           "unavailable_reason"]
+__all__ = ["MULTI_TARGET", "TARGET", "select_diff_bits_multi", "select_diff_bits_leaves", "available",
+           "library_path", "select_bits", "unavailable_reason"]
 
 TARGET = "bcjax_select_bits"
 MULTI_TARGET = "bcjax_select_diff_bits_multi"
@@ -38,9 +39,13 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
+def cache_root() -> Path:
+    """bcjax's cache folder: ``$BCJAX_CACHE``, default ``~/.cache/bcjax``."""
+    return Path(os.environ.get("BCJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bcjax"))
+
+
 def _cache_dir() -> Path:
-    root = os.environ.get("BCJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bcjax")
-    return Path(root) / "native"
+    return cache_root() / "native"
 
 
 def _compiler() -> str | None:
@@ -143,8 +148,20 @@ def select_diff_bits_multi(pretrained: jax.Array, finetuned, ranks: jax.Array, *
     """int32[T, K]: row t holds the ``ranks[t]``-th smallest magnitude bits of
     ``finetuned[t] − pretrained`` (float32), for all T tasks of a leaf in one cache-blocked
     pass that reads θ0 once. CPU only; see :func:`bcjax.order_stats.select_diff_bits_multi`."""
-    p0 = jnp.ravel(jnp.asarray(pretrained, jnp.float32))
-    fts = [jnp.ravel(jnp.asarray(f, jnp.float32)) for f in finetuned]
+    return select_diff_bits_leaves([pretrained], [[f] for f in finetuned], ranks, sigmas=sigmas)
+
+
+def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
+    """int32[T, K]: row t holds the ``ranks[t]``-th smallest of |θt − θ0| (float32 bits) over the
+    union of L leaves: ``pretrained`` is θ0's L leaves, ``finetuned[t]`` task t's L leaves
+    (same sizes). One cache-blocked pass over all leaves and tasks, reading θ0 once and
+    never writing τ (TIES's model-wide threshold, SPEC §3). CPU only; see
+    :func:`bcjax.order_stats.select_diff_bits_leaves`."""
+    def f32(x):  # the kernel reads element_count() floats: any shape, no reshape to trace
+        return x if x.dtype == jnp.float32 else lax.convert_element_type(x, jnp.float32)
+
+    p0 = [f32(p) for p in pretrained]
+    fts = [f32(f) for task in finetuned for f in task]
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(MULTI_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
-    return call(p0, ranks, *fts, threads=_threads(), sigmas=np.float32(sigmas))
+    return call(ranks, *p0, *fts, num_leaves=np.int64(len(p0)), threads=_threads(), sigmas=np.float32(sigmas))

@@ -4,10 +4,12 @@
 //
 // Keys are the int32 bit patterns of |x| (monotone in |x|). Two handlers:
 //   bcjax_select_bits(bits, ranks)          keys given (non-negative int32)
-//   bcjax_select_diff_bits_multi(p0, ranks[T, K], ft_1 … ft_T)   keys of |ft_t − p0| computed
-//       on the fly (float32) with XLA:CPU's denormal semantics (inputs and results flushed
-//       to zero), for all T tasks of a leaf in one cache-blocked pass: the task vectors
-//       τ = θt − θ0 are never written to memory and θ0 is read once.
+//   bcjax_select_diff_bits_multi(ranks[T, K], θ0's L leaves, θ1's L leaves, … θT's)   keys of
+//       |θt − θ0| computed on the fly (float32) with XLA:CPU's denormal semantics (inputs
+//       and results flushed to zero), over the union of the L leaves, for all T tasks in
+//       one cache-blocked pass: the task vectors τ = θt − θ0 are never written to memory
+//       and θ0 is read once. L = 1 is one leaf (Breadcrumbs); L = all merged leaves of a
+//       model is TIES's model-wide threshold (SPEC §3).
 //
 // Algorithm ("sample, bracket, count, select"), for n keys and K ranks:
 //   1. a sample of m keys from random contiguous blocks (fixed seed);
@@ -369,20 +371,58 @@ void Select(const Keys& keys, int64_t n, const int32_t* ranks, int64_t kk, int32
   Finish(keys, n, ranks, kk, br, parts, out);
 }
 
-// All T tasks of one leaf at once: keys |ft[t] − p0|. The pass walks the leaf in chunks and
-// scans every task's chunk while θ0's chunk is in cache, so θ0 is read from memory once
-// instead of T times (memory traffic (T + 1)·n floats instead of 2T·n).
-void SelectDiffMulti(const float* p0, const std::vector<const float*>& fts, int64_t n, const int32_t* ranks,
-                     int64_t kk, int32_t* out, int threads, double sigmas) {
+// Keys |ft[seg][t] − p0[seg]| of a leaf list concatenated in order: segment ``s`` holds
+// global indices [start[s], start[s + 1]). Random access (sampling, the exact fallback)
+// finds the segment by binary search; the streaming pass walks segments directly.
+struct SegDiffKeys {
+  const std::vector<const float*>* a;  // θt's leaves
+  const std::vector<const float*>* b;  // θ0's leaves
+  const std::vector<int64_t>* start;   // L + 1 prefix offsets
+  inline uint32_t operator()(int64_t i) const {
+    const auto it = std::upper_bound(start->begin(), start->end(), i);
+    const size_t s = static_cast<size_t>(it - start->begin()) - 1;
+    return DiffKeys{(*a)[s], (*b)[s]}(i - (*start)[s]);
+  }
+};
+
+// All T tasks over a list of L leaves at once: keys |ft[t][l] − p0[l]| over the union of the
+// leaves (one leaf: L = 1; TIES's model-wide threshold: all merged leaves). The pass walks
+// the leaves in chunks and scans every task's chunk while θ0's chunk is in cache, so θ0 is
+// read from memory once instead of T times (memory traffic (T + 1)·N floats instead of
+// 2T·N), and the task vectors are never written. ``fts[t]`` holds task t's L leaves.
+void SelectDiffSegments(const std::vector<const float*>& p0, const std::vector<std::vector<const float*>>& fts,
+                        const std::vector<int64_t>& start, const int32_t* ranks, int64_t kk, int32_t* out,
+                        int threads, double sigmas) {
   const int64_t num_tasks = static_cast<int64_t>(fts.size());
-  if (n <= kSortBelow || kk > 4) {
-    for (int64_t t = 0; t < num_tasks; ++t) Select(DiffKeys{fts[t], p0}, n, ranks + t * kk, kk, out + t * kk,
-                                                   threads, sigmas);
+  const int64_t n = start.back();
+  if (kk > 4) {  // the vectorised scan takes up to 4 brackets per pass
+    for (int64_t k0 = 0; k0 < kk; k0 += 4) {
+      const int64_t k1 = std::min<int64_t>(4, kk - k0);
+      std::vector<int32_t> r(num_tasks * k1), o(num_tasks * k1);
+      for (int64_t t = 0; t < num_tasks; ++t)
+        for (int64_t k = 0; k < k1; ++k) r[t * k1 + k] = ranks[t * kk + k0 + k];
+      SelectDiffSegments(p0, fts, start, r.data(), k1, o.data(), threads, sigmas);
+      for (int64_t t = 0; t < num_tasks; ++t)
+        for (int64_t k = 0; k < k1; ++k) out[t * kk + k0 + k] = o[t * k1 + k];
+    }
+    return;
+  }
+  std::vector<SegDiffKeys> keys;
+  for (int64_t t = 0; t < num_tasks; ++t) keys.push_back(SegDiffKeys{&fts[t], &p0, &start});
+  if (n <= kSortBelow) {
+    ScopedFlushDenormals flush;
+    for (int64_t t = 0; t < num_tasks; ++t) {
+      std::vector<int32_t> v = Materialize(keys[t], n);
+      std::sort(v.begin(), v.end());
+      for (int64_t k = 0; k < kk; ++k) out[t * kk + k] = v[ranks[t * kk + k]];
+    }
     return;
   }
   std::vector<Brackets> br;
-  for (int64_t t = 0; t < num_tasks; ++t) br.push_back(MakeBrackets(DiffKeys{fts[t], p0}, n, ranks + t * kk, kk,
-                                                                    sigmas));
+  {
+    ScopedFlushDenormals flush;
+    for (int64_t t = 0; t < num_tasks; ++t) br.push_back(MakeBrackets(keys[t], n, ranks + t * kk, kk, sigmas));
+  }
   const int nt = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, n / kThreadChunk)));
   std::vector<std::vector<Partial>> parts(num_tasks);  // [task][thread]
   for (int64_t t = 0; t < num_tasks; ++t)
@@ -390,15 +430,22 @@ void SelectDiffMulti(const float* p0, const std::vector<const float*>& fts, int6
   constexpr int64_t kChunk = 8192;  // 32 KiB of θ0 stays in L1/L2 while the tasks stream
   ParallelFor(nt, [&](int w) {
     const int64_t begin = n * w / nt, end = n * (w + 1) / nt;
-    for (int64_t c = begin; c < end; c += kChunk) {
-      const int64_t c_end = std::min(c + kChunk, end);
-      for (int64_t t = 0; t < num_tasks; ++t) {
-        Scan(DiffKeys{fts[t], p0}, c, c_end, kk, br[t].lo.data(), br[t].span.data(), parts[t][w]);
+    size_t s = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) - 1;
+    for (int64_t g = begin; g < end; ++s) {  // segment s covers [start[s], start[s + 1])
+      const int64_t seg_end = std::min(end, start[s + 1]);
+      for (int64_t c = g; c < seg_end; c += kChunk) {
+        const int64_t c_end = std::min(c + kChunk, seg_end);
+        for (int64_t t = 0; t < num_tasks; ++t) {
+          Scan(DiffKeys{fts[t][s], p0[s]}, c - start[s], c_end - start[s], kk, br[t].lo.data(), br[t].span.data(),
+               parts[t][w]);
+        }
       }
+      g = seg_end;
     }
   });
+  ScopedFlushDenormals flush;
   for (int64_t t = 0; t < num_tasks; ++t) {
-    Finish(DiffKeys{fts[t], p0}, n, ranks + t * kk, kk, br[t], parts[t], out + t * kk);
+    Finish(keys[t], n, ranks + t * kk, kk, br[t], parts[t], out + t * kk);
   }
 }
 
@@ -426,45 +473,60 @@ ffi::Error SelectBitsImpl(ffi::Buffer<ffi::S32> bits, ffi::Buffer<ffi::S32> rank
   return ffi::Error::Success();
 }
 
-ffi::Error SelectDiffBitsMultiImpl(ffi::Buffer<ffi::F32> p0, ffi::Buffer<ffi::S32> ranks, ffi::RemainingArgs fts,
-                                   ffi::ResultBuffer<ffi::S32> out, int64_t threads, float sigmas) {
-  const int64_t n = static_cast<int64_t>(p0.element_count());
-  const int64_t num_tasks = static_cast<int64_t>(fts.size());
-  if (num_tasks == 0) return ffi::Error::InvalidArgument("bcjax_select_diff_bits_multi: no fine-tuned arrays");
+// Arguments: ranks[T, K], then θ0's L leaves, then task 0's L leaves, …, task T−1's; the
+// number of tasks is (args − L) / L. One leaf (L = 1) is the per-leaf Breadcrumbs selection.
+ffi::Error SelectDiffBitsSegmentsImpl(ffi::Buffer<ffi::S32> ranks, ffi::RemainingArgs leaves,
+                                      ffi::ResultBuffer<ffi::S32> out, int64_t num_leaves, int64_t threads,
+                                      float sigmas) {
+  const int64_t nl = num_leaves;
+  const int64_t nargs = static_cast<int64_t>(leaves.size());
+  if (nl <= 0 || nargs % nl != 0 || nargs / nl < 2) {
+    return ffi::Error::InvalidArgument("bcjax_select_diff_bits: expected θ0's leaves and at least one task's");
+  }
+  const int64_t num_tasks = nargs / nl - 1;
   const auto rdims = ranks.dimensions();
   if (rdims.size() != 2 || rdims[0] != num_tasks) {
-    return ffi::Error::InvalidArgument("bcjax_select_diff_bits_multi: ranks must have shape (tasks, K)");
+    return ffi::Error::InvalidArgument("bcjax_select_diff_bits: ranks must have shape (tasks, K)");
   }
   const int64_t kk = rdims[1];
-  std::vector<const float*> ptrs;
-  for (int64_t t = 0; t < num_tasks; ++t) {
-    auto ft = fts.get<ffi::Buffer<ffi::F32>>(t);
-    if (ft.has_error()) return ft.error();
-    if (static_cast<int64_t>(ft->element_count()) != n) {
-      return ffi::Error::InvalidArgument("bcjax_select_diff_bits_multi: fine-tuned and pretrained sizes differ");
+  std::vector<const float*> p0(nl);
+  std::vector<std::vector<const float*>> fts(num_tasks, std::vector<const float*>(nl));
+  std::vector<int64_t> start(nl + 1, 0);
+  for (int64_t j = 0; j < nargs; ++j) {
+    auto buf = leaves.get<ffi::Buffer<ffi::F32>>(j);
+    if (buf.has_error()) return buf.error();
+    const int64_t l = j % nl, m = j / nl;
+    const int64_t size = static_cast<int64_t>(buf->element_count());
+    if (m == 0) {
+      p0[l] = buf->typed_data();
+      start[l + 1] = start[l] + size;
+    } else {
+      if (size != start[l + 1] - start[l]) {
+        return ffi::Error::InvalidArgument("bcjax_select_diff_bits: fine-tuned and pretrained sizes differ");
+      }
+      fts[m - 1][l] = buf->typed_data();
     }
-    ptrs.push_back(ft->typed_data());
   }
   if (static_cast<int64_t>(out->element_count()) != num_tasks * kk) {
-    return ffi::Error::InvalidArgument("bcjax_select_diff_bits_multi: output must have shape (tasks, K)");
+    return ffi::Error::InvalidArgument("bcjax_select_diff_bits: output must have shape (tasks, K)");
   }
   for (int64_t t = 0; t < num_tasks; ++t) {
-    ffi::Error err = CheckRanks(ranks.typed_data() + t * kk, kk, n, kk);
+    ffi::Error err = CheckRanks(ranks.typed_data() + t * kk, kk, start.back(), kk);
     if (err.failure()) return err;
   }
-  SelectDiffMulti(p0.typed_data(), ptrs, n, ranks.typed_data(), kk, out->typed_data(),
-                  static_cast<int>(std::max<int64_t>(1, threads)), sigmas);
+  SelectDiffSegments(p0, fts, start, ranks.typed_data(), kk, out->typed_data(),
+                     static_cast<int>(std::max<int64_t>(1, threads)), sigmas);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectDiffBitsMulti, SelectDiffBitsMultiImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectDiffBitsMulti, SelectDiffBitsSegmentsImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("num_leaves")
                                   .Attr<int64_t>("threads")
                                   .Attr<float>("sigmas"));
 
