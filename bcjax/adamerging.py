@@ -50,8 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcjax.errors import DataAccessError, HyperparameterError
-from bcjax import order_stats
-from bcjax.merging import _global_threshold_bits, map_merged_leaves, register_method
+from bcjax.merging import map_merged_leaves, register_method, ties_elected_vectors, ties_thresholds
 from bcjax.sweeps import task_deltas
 from bcjax.tree import PyTree, check_finite, compute_dtype, leaf_paths, merged_leaf_flags, validate_models
 
@@ -155,24 +154,11 @@ def _sampler(batches, num_tasks: int, batch_size: int, seed: int) -> Callable[[i
 @jax.jit
 def _ties_vectors_leaf(p0, fts, thresholds):
     p = p0.astype(compute_dtype(p0.dtype))
-    trimmed = []
-    for t, ft in enumerate(fts):
-        tau = ft.astype(p.dtype) - p
-        trimmed.append(jnp.where(order_stats.magnitude_bits(tau) >= thresholds[t], tau, 0))
-    sign = jnp.where(sum(trimmed) >= 0, 1.0, -1.0).astype(p.dtype)  # sign(0) = +1 (SPEC §3)
-    return jnp.stack([jnp.where((jnp.sign(tr) == sign) & (tr != 0), tr, 0) for tr in trimmed])
+    return jnp.stack(ties_elected_vectors(p, [ft.astype(p.dtype) for ft in fts], thresholds))
 
 
 def _ties_vectors(pretrained, finetuned, flags, density):
-    from bcjax.masks import check_fraction, fraction_count
-
-    check_fraction("density", density)
-    thresholds = []
-    for model in finetuned:
-        thr, _ = _global_threshold_bits(
-            pretrained, model, flags, lambda total: total - jnp.maximum(fraction_count(density, total), 1))
-        thresholds.append(thr if thr is not None else jnp.int32(0))
-    thresholds = jnp.stack(thresholds)
+    thresholds = ties_thresholds(pretrained, finetuned, flags, density)
     num_tasks = len(finetuned)
 
     def zeros(p0):

@@ -371,45 +371,55 @@ def dare(pretrained, finetuned, flags, *, keep=0.1, alpha=0.3, key=None):
 _model_threshold_bits = jax.jit(order_stats.select_diff_bits_leaves)
 
 
+def ties_elected_vectors(p, fs, thresholds):
+    """TIES steps (1)–(2) on one leaf (SPEC §3): each τt = ft − p trimmed at its task's
+    threshold bits, then kept only where its sign equals s = sign(Σt trimmed τt) (sign(0) = +1).
+    ``p`` and ``fs`` already in the compute dtype; returns the T elected vectors."""
+    trimmed = [jnp.where(order_stats.magnitude_bits(f - p) >= thresholds[t], f - p, 0) for t, f in enumerate(fs)]
+    sign = jnp.where(sum(trimmed) >= 0, 1.0, -1.0).astype(p.dtype)
+    return [jnp.where((jnp.sign(tr) == sign) & (tr != 0), tr, 0) for tr in trimmed]
+
+
 @jax.jit
 def _ties_leaf(p0, fts, thresholds, alpha):
     p = _upcast(p0, p0)
     fs = [_upcast(ft, p0) for ft in fts]
-    trimmed = []
-    for t, f in enumerate(fs):
-        tau = f - p
-        trimmed.append(jnp.where(order_stats.magnitude_bits(tau) >= thresholds[t], tau, 0))
-    total = sum(trimmed)
-    sign = jnp.where(total >= 0, 1.0, -1.0).astype(p.dtype)  # sign(0) = +1
-    agree = [(jnp.sign(tr) == sign) & (tr != 0) for tr in trimmed]
-    num = sum(jnp.where(a, tr, 0) for a, tr in zip(agree, trimmed))
-    cnt = sum(a.astype(p.dtype) for a in agree)
+    elected = ties_elected_vectors(p, fs, thresholds)
+    num = sum(elected)
+    cnt = sum((e != 0).astype(p.dtype) for e in elected)
     mean = jnp.where(cnt > 0, num / jnp.maximum(cnt, 1), 0)
     return _nan_where_nonfinite(p + jnp.asarray(alpha, p.dtype) * mean, [p, *fs]).astype(p0.dtype)
+
+
+def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
+    """TIES's trim thresholds (SPEC §3): per task, the float32 magnitude bit pattern of the
+    (N − n_keep)-th smallest |τt| over all N entries of the merged leaves, n_keep =
+    max(1, ⌊density·N + 1e-6⌋); entries with bits ≥ the threshold are kept (ties kept).
+    One native/portable pass over all leaves and tasks; shape (T,), int32."""
+    check_fraction("density", density)
+    leaves0 = jax.tree.leaves(pretrained)
+    merged = [i for i, (p0, f) in enumerate(zip(leaves0, flags)) if f and np.size(p0) > 0]
+    total = sum(int(np.size(leaves0[i])) for i in merged)
+    if total == 0:
+        return jnp.zeros(len(finetuned), jnp.int32)
+    # keep n_keep = max(1, ⌊density·N + 1e-6⌋) largest: threshold = (N − n_keep)-th smallest,
+    # N over all merged leaves of the model, all tasks in one pass over the models
+    rank = jnp.asarray(total - jnp.maximum(fraction_count(density, total), 1), jnp.int32)
+    per_model = [jax.tree.leaves(model) for model in finetuned]
+    return _model_threshold_bits([leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model],
+                                 jnp.broadcast_to(rank, (len(finetuned), 1)))[:, 0]
 
 
 @register_method("ties")
 @propagates_nonfinite
 def ties(pretrained, finetuned, flags, *, density=0.2, alpha=1.0):
     """TIES-merging (Yadav et al., SPEC §3): trim to the top `density` of |τt| per model (global threshold, ties kept), elect signs, disjoint mean; θ* = θ0 + λ·mean."""
-    check_fraction("density", density)
     _check_finite_scalar("alpha", alpha)
     if not _is_traced((pretrained, finetuned)):
         # NumPy leaves are read by two passes (thresholds, then the merge): copy them once
         # (zero-copy where aligned); the threshold pass holds them all at once anyway
         pretrained, finetuned = jax.tree.map(_host_to_device, (pretrained, list(finetuned)))
-    leaves0 = jax.tree.leaves(pretrained)
-    merged = [i for i, (p0, f) in enumerate(zip(leaves0, flags)) if f and np.size(p0) > 0]
-    total = sum(int(np.size(leaves0[i])) for i in merged)
-    if total == 0:
-        thresholds = jnp.zeros(len(finetuned), jnp.int32)
-    else:
-        # keep n_keep = max(1, ⌊density·N + 1e-6⌋) largest: threshold = (N − n_keep)-th smallest,
-        # N over all merged leaves of the model, all tasks in one pass over the models
-        rank = jnp.asarray(total - jnp.maximum(fraction_count(density, total), 1), jnp.int32)
-        per_model = [jax.tree.leaves(model) for model in finetuned]
-        thresholds = _model_threshold_bits([leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model],
-                                           jnp.broadcast_to(rank, (len(finetuned), 1)))[:, 0]
+    thresholds = ties_thresholds(pretrained, finetuned, flags, density)
     return map_merged_leaves(lambda i, p0, fts: _ties_leaf(p0, tuple(fts), thresholds, alpha),
                              pretrained, finetuned, flags)
 
