@@ -3,7 +3,8 @@ floor (issue 16, item 6).
 
 Times ``bcjax.merge`` for task arithmetic, Breadcrumbs and TIES (SPEC §2–3; the
 hyper-parameters of bench/merge_speed.py) on ViT-B/32 × 8 and ViT-L/14 × 2 vision towers
-(bench/shapes.py), with ``validate=False`` and with the default (``validate=True``).
+(bench/shapes.py), with ``validate=False``, with the default (``validate=True``), and traced whole
+into one program by an outer ``jax.jit`` ("jit": what a user gets inside their own jitted code).
 Inputs are generated on the device (θ0 ~ N(0, 0.02²), τt ~ N(0, 10⁻⁶) with 1 % of the
 entries ×10, the distribution of ``bench.shapes.random_models``) and stay there: what is
 timed is the merge, not host→device copies. Each configuration gets a warm-up call
@@ -140,8 +141,15 @@ def run_workload(name: str, shapes: dict, tasks: int, repeats: int, peak_gbps, c
     bytes_read, bytes_written = 4 * n * (tasks + 1), 4 * n
     rows = []
     for method, hp in METHODS.items():
-        for validate in (False, True):
-            r = timed(lambda: jax.block_until_ready(bcjax.merge(method, pre, fts, validate=validate, **hp)), repeats)
+        # validate off / on: bcjax.merge as users call it (leaf by leaf); "jit": the whole merge
+        # traced into one program by an outer jax.jit (no validation under tracing)
+        whole = jax.jit(lambda p, f, method=method, hp=hp: bcjax.merge(method, p, f, **hp))
+        for validate in (False, True, "jit"):
+            if validate == "jit":
+                call = lambda: jax.block_until_ready(whole(pre, fts))  # noqa: E731
+            else:
+                call = lambda: jax.block_until_ready(bcjax.merge(method, pre, fts, validate=validate, **hp))  # noqa: E731
+            r = timed(call, repeats)
             r.update(workload=name, tasks=tasks, params_per_model=n, method=method, validate=validate,
                      bytes_read=bytes_read, bytes_written=bytes_written)
             for label, gbps in (("peak", peak_gbps), ("copy", copy_gbps)):
@@ -182,7 +190,7 @@ def markdown(result: dict) -> str:
         ta = next(x for x in result["rows"] if x["workload"] == r["workload"] and x["validate"] == r["validate"]
                   and x["method"] == "task_arithmetic")
         peak = f"{r['x_floor_read_peak']:.1f}" if "x_floor_read_peak" in r else "–"
-        lines.append(f"| {r['workload']} × {r['tasks']} | {r['method']} | {'on' if r['validate'] else 'off'} | "
+        lines.append(f"| {r['workload']} × {r['tasks']} | {r['method']} | { {False: 'off', True: 'on'}.get(r['validate'], r['validate'])} | "
                      f"{r['median_s'] * 1e3:.2f} | {r['median_s'] / ta['median_s']:.2f} | "
                      f"{r['floor_read_copy_s'] * 1e3:.2f} | {r['x_floor_read_copy']:.1f} | {peak} |")
     return "\n".join(lines)

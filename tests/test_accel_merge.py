@@ -25,7 +25,7 @@ def result(tmp_path_factory):
 
 def test_rows_cover_every_method_and_validate_setting(result):
     rows = result["rows"]
-    assert {(r["method"], r["validate"]) for r in rows} == {(m, v) for m in am.METHODS for v in (False, True)}
+    assert {(r["method"], r["validate"]) for r in rows} == {(m, v) for m in am.METHODS for v in (False, True, "jit")}
     assert all(r["median_s"] > 0 and len(r["times_s"]) == 1 for r in rows)
     assert result["device"]["platform"] == "cpu"
     assert result["selection_path"] in ("native CPU kernel", "portable scatter-add histograms")
