@@ -24,7 +24,11 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from bcjax._optional import requires
+
+with requires("demo"):
+    import optax
 
 from bcjax import evaluate, plots, sweeps
 from bcjax.fisher import diagonal_fisher

@@ -31,3 +31,8 @@ class UnknownMethodError(BcjaxError, KeyError):
 
 class EmptyModelListError(BcjaxError):
     """A merge was asked for with no fine-tuned models."""
+
+
+class MissingDependencyError(BcjaxError, ImportError):
+    """An optional dependency is not installed (or is an incompatible version); the
+    message names the package and the extra to install, e.g. ``pip install 'bcjax[train]'``."""

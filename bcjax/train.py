@@ -20,8 +20,12 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bcjax._optional import requires
+
+with requires("train"):
+    import optax
 
 __all__ = ["TrainConfig", "make_optimizer", "batch_indices", "data_mesh", "finetune", "FinetuneResult"]
 
@@ -98,7 +102,8 @@ class FinetuneResult:
 
 
 def _checkpoint_manager(directory, keep: int = 2):
-    import orbax.checkpoint as ocp
+    with requires("train"):
+        import orbax.checkpoint as ocp
 
     return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=keep))
 
@@ -135,7 +140,8 @@ def finetune(loss_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array], param
     start, resumed = 0, None
     manager = _checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
     if manager is not None and manager.latest_step() is not None:
-        import orbax.checkpoint as ocp
+        with requires("train"):
+            import orbax.checkpoint as ocp
 
         start = resumed = int(manager.latest_step())
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -146,7 +152,8 @@ def finetune(loss_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array], param
     def save(step):
         if manager is None:
             return
-        import orbax.checkpoint as ocp
+        with requires("train"):
+            import orbax.checkpoint as ocp
 
         manager.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
         manager.wait_until_finished()
