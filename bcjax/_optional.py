@@ -40,8 +40,8 @@ def requires(extra: str) -> Iterator[None]:
     try:
         yield
     except ImportError as e:
-        missing = getattr(e, "name", None) or ""
-        if missing.split(".")[0] == "bcjax":
+        missing = (getattr(e, "name", None) or "").split(".")[0]
+        if missing == "bcjax":
             raise
         what = f"module {missing!r} is not installed" if isinstance(e, ModuleNotFoundError) \
             else f"an incompatible version is installed ({e})"
