@@ -114,3 +114,21 @@ def test_metadata_has_ranges_and_constraints_pin_every_dependency():
     lowest = _pins("constraints-lowest.txt")
     assert f"jax>={lowest['jax']}" in meta["dependencies"] and lowest["jaxlib"] == lowest["jax"]
     assert f"numpy>={lowest['numpy'].rsplit('.', 1)[0]}" in meta["dependencies"]
+
+
+def test_run_sh_test_groups_name_existing_files_and_core_tests_need_no_extras():
+    """`bash run.sh test` runs TEST_GROUPS, then every other file; `test-lowest` runs CORE_TESTS
+    in a venv with only the test-core extra, so those files must not import optional packages."""
+    text = open(os.path.join(ROOT, "run.sh")).read()
+    groups = re.search(r"TEST_GROUPS=\((.*?)\)\n", text, flags=re.S).group(1)
+    core = re.search(r"CORE_TESTS=\((.*?)\)\n", text, flags=re.S).group(1)
+    files = re.findall(r"tests/test_\w+\.py", groups)
+    core_files = re.findall(r"tests/test_\w+\.py", core)
+    assert len(files) == len(set(files)) >= 4 and len(core_files) >= 6
+    for f in files + core_files:
+        assert os.path.isfile(os.path.join(ROOT, f)), f
+    assert not set(files) & set(core_files)
+    for f in core_files:
+        src = open(os.path.join(ROOT, f)).read()
+        imported = set(re.findall(r"^\s*(?:import|from) (\w+)", src, flags=re.M))
+        assert not imported & set(OPTIONAL), (f, imported & set(OPTIONAL))
