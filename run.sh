@@ -19,9 +19,10 @@ CORE_TESTS=(tests/test_merging.py tests/test_native.py tests/test_properties.py 
 # `bash run.sh test` without arguments runs the suite as a few separate pytest processes, so the
 # memory one group's models, data and compiled programs hold is returned to the system before the
 # next group starts: CI's peak RSS is the largest group's, not the whole session's (one pytest
-# process over every file grew to 22 GB). Per-file peaks (2-core CPU, 2026-11-30): the quick demo
-# subprocess 4.6 GB, the notebook kernel 4.3 GB, test_clip 1.7 GB, test_dinov2 1.5 GB,
-# test_t5_pipeline 1.4 GB. The last group is every other test file (new files land there).
+# process over every file grew to 22 GB). Per-file peak RSS (/usr/bin/time -v, 2-core CPU,
+# 2026-11-30): test_demo 4.6 GB (its demo subprocess), test_experiments 4.5 GB, test_notebook
+# 4.3 GB (its kernel), test_clip 1.7, test_dinov2 1.5, test_t5_pipeline 1.4, the others < 1.2 GB.
+# The last group is every other test file (new files land there).
 TEST_GROUPS=("tests/test_demo.py tests/test_notebook.py tests/test_dinov2.py"
              "tests/test_clip.py tests/test_clip_notebook.py"
              "tests/test_t5_model.py tests/test_t5_pipeline.py tests/test_t5_glue.py tests/test_t5_notebook.py")
