@@ -24,7 +24,11 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+from bcjax._optional import requires
+
+with requires("demo"):
+    import optax
 
 from bcjax import evaluate, plots, sweeps
 from bcjax.fisher import diagonal_fisher
@@ -233,7 +237,10 @@ def finetune_tasks(ctx: DemoContext, *, progress: bool = True) -> list:
         res = finetune(ctx.loss, ctx.params0, {"x": x, "y": y}, ctx.cfg.train,
                        checkpoint_dir=os.path.join(root, t.name), progress=progress,
                        description=f"fine-tune {t.name}", loss_args=ctx.heads[t.name])
-        out.append(res.params)
+        # one copy on the default device: the fine-tune's parameters are replicated over its
+        # data mesh (every device), and merges, sweeps and evaluation need only one of them
+        out.append(jax.device_put(res.params, jax.devices()[0]))
+        del res
     ctx.log("finetune", f"{ctx.cfg.train.steps} steps x {ctx.cfg.train.batch_size} per task (cached in {root})")
     return out
 

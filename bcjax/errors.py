@@ -47,3 +47,8 @@ class SingularGramError(BcjaxError):
 class DataAccessError(BcjaxError):
     """A method read data it must not read: labels during unsupervised adaptation
     (AdaMerging, SPEC §3) — the analogue of the engine's guard on test reads while tuning."""
+
+
+class MissingDependencyError(BcjaxError, ImportError):
+    """An optional dependency is not installed (or is an incompatible version); the
+    message names the package and the extra to install, e.g. ``pip install 'bcjax[train]'``."""

@@ -149,7 +149,11 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
 
 # --------------------------------------------------------------------------- plumbing
 def _is_traced(tree) -> bool:
-    return is_tracing() or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+    """True under tracing, and for arrays that span several processes (multi-host): their
+    computations contain collectives, which every process must issue in the same order, so
+    leaves are then processed one after another (see :func:`parallel_map`)."""
+    return is_tracing() or any(isinstance(x, jax.core.Tracer) or not getattr(x, "is_fully_addressable", True)
+                               for x in jax.tree.leaves(tree))
 
 
 def parallel_map(fn: Callable, items: Sequence, *, traced: bool = False) -> list:

@@ -6,14 +6,17 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from bcjax._optional import requires
+
 __all__ = ["subset_curves", "cosine_heatmaps", "per_task_bars", "grid_heatmap", "violins"]
 
 
 def _plt():
-    import matplotlib
+    with requires("demo"):
+        import matplotlib
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
 
     return plt
 

@@ -20,8 +20,12 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bcjax._optional import requires
+
+with requires("train"):
+    import optax
 
 __all__ = ["TrainConfig", "make_optimizer", "batch_indices", "data_mesh", "finetune", "FinetuneResult"]
 
@@ -98,7 +102,8 @@ class FinetuneResult:
 
 
 def _checkpoint_manager(directory, keep: int = 2):
-    import orbax.checkpoint as ocp
+    with requires("train"):
+        import orbax.checkpoint as ocp
 
     return ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(max_to_keep=keep))
 
@@ -129,24 +134,30 @@ def finetune(loss_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array], param
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {ndev} devices of the data mesh")
     replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     tx = make_optimizer(cfg)
-    params = jax.tree.map(lambda x: jnp.array(x, copy=True), jax.device_put(params, replicated))  # donated below
-    opt_state = jax.device_put(tx.init(params), replicated)
     loss_args = jax.device_put(tuple(loss_args), replicated)
     start, resumed = 0, None
     manager = _checkpoint_manager(checkpoint_dir) if checkpoint_dir else None
     if manager is not None and manager.latest_step() is not None:
-        import orbax.checkpoint as ocp
+        with requires("train"):
+            import orbax.checkpoint as ocp
 
         start = resumed = int(manager.latest_step())
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                {"params": params, "opt_state": opt_state})
+        # restore straight into the replicated layout; nothing is allocated before (the initial
+        # parameters and optimizer state would be replaced anyway: one copy per device each)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                {"params": jax.eval_shape(lambda p: p, params),
+                                 "opt_state": jax.eval_shape(tx.init, params)})
         state = manager.restore(start, args=ocp.args.StandardRestore(abstract))
         params, opt_state = state["params"], state["opt_state"]
+    else:
+        params = jax.tree.map(lambda x: jnp.array(x, copy=True), jax.device_put(params, replicated))  # donated below
+        opt_state = jax.device_put(tx.init(params), replicated)
 
     def save(step):
         if manager is None:
             return
-        import orbax.checkpoint as ocp
+        with requires("train"):
+            import orbax.checkpoint as ocp
 
         manager.save(step, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}), force=True)
         manager.wait_until_finished()

@@ -19,5 +19,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory):
     """One cold bcjax cache shared by the demo test and the notebook test (the notebook then
-    reuses the quick demo's fine-tunes)."""
-    return str(tmp_path_factory.mktemp("bcjax_cache"))
+    reuses the quick demo's fine-tunes). ``bash run.sh test`` runs them in separate pytest
+    processes and passes one fresh folder to both as ``BCJAX_TEST_DEMO_CACHE``."""
+    shared = os.environ.get("BCJAX_TEST_DEMO_CACHE")
+    return shared if shared else str(tmp_path_factory.mktemp("bcjax_cache"))

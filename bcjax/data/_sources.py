@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from bcjax.errors import BcjaxError
+from bcjax._optional import requires
 
 __all__ = [
     "MissingDataSourceError",
@@ -284,18 +285,21 @@ def animal_shapes() -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------------
 
 def _skimage(name: str) -> np.ndarray:
-    import skimage.data as skd
+    with requires("demo"):
+        import skimage.data as skd
     return np.asarray(getattr(skd, name)())
 
 
 def _sklearn_sample(fname: str) -> np.ndarray:
-    from sklearn.datasets import load_sample_image
+    with requires("demo"):
+        from sklearn.datasets import load_sample_image
     return np.asarray(load_sample_image(fname))
 
 
 def _mpl_sample(fname: str) -> np.ndarray:
-    import matplotlib.cbook as cbook
-    import matplotlib.image as mimage
+    with requires("demo"):
+        import matplotlib.cbook as cbook
+        import matplotlib.image as mimage
     with cbook.get_sample_data(fname, asfileobj=True) as f:
         im = mimage.imread(f, format=fname.rsplit(".", 1)[-1])
     return np.asarray(im)
@@ -364,7 +368,8 @@ def font_files() -> dict[str, str]:
 @functools.lru_cache(maxsize=None)
 def render_glyph(font_file: str, char: str, size_px: int = 96) -> np.ndarray:
     """``char`` rendered (anti-aliased, white on black) with ``font_file``, tightly cropped."""
-    from matplotlib.ft2font import FT2Font
+    with requires("demo"):
+        from matplotlib.ft2font import FT2Font
 
     files = font_files()
     if font_file not in files:

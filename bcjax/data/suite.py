@@ -92,6 +92,7 @@ import numpy as np
 from bcjax.errors import BcjaxError
 from bcjax.data import _sources as src
 from bcjax.data._sources import MissingDataSourceError
+from bcjax._optional import requires
 
 __all__ = [
     "Task",
@@ -538,8 +539,9 @@ FONT_SPLITS: dict[str, tuple[str, ...]] = {
 
 
 def _render_letter(glyph: np.ndarray, res: int, rng: np.random.Generator) -> np.ndarray:
-    from scipy.ndimage import gaussian_filter
-    from skimage.transform import AffineTransform, warp
+    with requires("demo"):
+        from scipy.ndimage import gaussian_filter
+        from skimage.transform import AffineTransform, warp
 
     g = glyph.astype(np.float32) / 255.0
     h, w = g.shape

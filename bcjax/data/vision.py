@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from bcjax.errors import BcjaxError
+from bcjax._optional import requires
 
 __all__ = [
     "TASKS", "TEMPLATES", "GTSRB_CLASSNAMES", "GTSRB_HELP", "TaskSpec", "VisionTask", "ImageArray",
@@ -197,7 +198,8 @@ TASKS: dict[str, TaskSpec] = {
 
 # ----------------------------------------------------------------------------- preprocessing
 def _to_pil(image):
-    from PIL import Image
+    with requires("clip"):
+        from PIL import Image
 
     if isinstance(image, (bytes, bytearray)):
         return Image.open(io.BytesIO(image)).convert("RGB")
@@ -222,7 +224,8 @@ def clip_preprocess(image, size: int) -> np.ndarray:
 
     Accepts encoded bytes, PIL images, or arrays (grey, RGB, RGBA; uint8 or float in [0, 1]).
     """
-    from PIL import Image
+    with requires("clip"):
+        from PIL import Image
 
     img = _to_pil(image)
     w, h = img.size
@@ -437,7 +440,8 @@ def load_tfds_task(spec: TaskSpec | str, *, data_dir: str | None = None, image_s
     set is not prepared yet (network; TensorFlow for some builders); otherwise an
     unprepared data set is an error saying how to prepare it.
     """
-    import tensorflow_datasets as tfds
+    with requires("clip"):
+        import tensorflow_datasets as tfds
 
     if isinstance(spec, str):
         if spec not in TASKS:

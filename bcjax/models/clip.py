@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcjax.errors import BcjaxError, TreeMismatchError
+from bcjax._optional import requires
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "HUB_NAMES", "FUSIONBENCH_TASKS", "OPENCLIP_MAPPING", "Clip", "ClipModelError",
@@ -120,7 +121,8 @@ def _has_flax_weights(path: str) -> bool | None:
 
 def load_tokenizer(name_or_path: str):
     """``CLIPTokenizer`` (or fast) from a hub name or folder; ``None`` when there is none."""
-    from transformers import AutoTokenizer
+    with requires("clip"):
+        from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(_resolve(name_or_path))
@@ -142,7 +144,8 @@ def load_clip(name_or_path: str, *, dtype=jnp.float32, from_pt: bool | None = No
 
     ``from_pt=None`` picks Flax weights when present and otherwise converts PyTorch ones.
     """
-    from transformers import FlaxCLIPModel
+    with requires("clip"):
+        from transformers import FlaxCLIPModel
 
     path = _resolve(name_or_path)
     if from_pt is None:
@@ -204,7 +207,8 @@ def image_embeds(vision: Mapping, images, proj_kernel, *, vision_config, dtype=j
     ``vision`` is the ``{"vision_model": ...}`` tree (an argument: it is differentiated and
     merged); ``images`` NHWC uint8 or [0, 1] float at the model's image size.
     """
-    from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionTransformer
+    with requires("clip"):
+        from transformers.models.clip.modeling_flax_clip import FlaxCLIPVisionTransformer
 
     _check_images(images, vision_config)
     module = FlaxCLIPVisionTransformer(vision_config, dtype=dtype)
@@ -224,7 +228,8 @@ def clip_logits(embeds, logit_scale, head_w, head_valid=None):
 
 @functools.lru_cache(maxsize=16)
 def _classifier(vision_config_json: str, dtype_name: str):
-    from transformers import CLIPVisionConfig
+    with requires("clip"):
+        from transformers import CLIPVisionConfig
 
     vcfg = CLIPVisionConfig.from_dict(json.loads(vision_config_json))
     dtype = jnp.dtype(dtype_name)
@@ -234,7 +239,8 @@ def _classifier(vision_config_json: str, dtype_name: str):
         return clip_logits(e, logit_scale, head_w, head_valid)
 
     def loss(vision, batch, proj_kernel, logit_scale, head_w, head_valid):
-        import optax
+        with requires("clip"):
+            import optax
 
         logits = predict(vision, batch["x"], proj_kernel, logit_scale, head_w, head_valid)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
@@ -260,8 +266,9 @@ def make_classifier(config, dtype=jnp.float32) -> tuple[Callable, Callable]:
 # ----------------------------------------------------------------------------- zero-shot heads
 @functools.lru_cache(maxsize=8)
 def _text_embed_fn(config_json: str):
-    from transformers import CLIPConfig
-    from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
+    with requires("clip"):
+        from transformers import CLIPConfig
+        from transformers.models.clip.modeling_flax_clip import FlaxCLIPModule
 
     module = FlaxCLIPModule(CLIPConfig.from_dict(json.loads(config_json)))
 
@@ -363,7 +370,8 @@ def load_vision_finetune(name_or_path: str, reference: Mapping | None = None, *,
     """Vision tree of a fine-tuned ``CLIPVisionModel`` (HF; PyTorch or Flax weights),
     e.g. :func:`fusionbench_name` ``("mnist")``; checked against ``reference`` (the
     pretrained :func:`vision_params`) when given. Dtypes follow ``reference``."""
-    from transformers import FlaxCLIPVisionModel
+    with requires("clip"):
+        from transformers import FlaxCLIPVisionModel
 
     if from_pt is None:
         has_flax = _has_flax_weights(name_or_path)
@@ -481,11 +489,13 @@ def load_openclip_checkpoint(path: str | os.PathLike, reference: Mapping | None 
     Flax tree ready to merge."""
     path = os.fspath(path)
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+        with requires("clip"):
+            from safetensors.numpy import load_file
 
         state = load_file(path)
     else:
-        import torch
+        with requires("torch"):
+            import torch
 
         obj = torch.load(path, map_location="cpu", weights_only=False)
         state = obj.state_dict() if hasattr(obj, "state_dict") else obj
@@ -523,7 +533,8 @@ def export_vision(vision: Mapping, config, out_dir: str | os.PathLike, *, format
     * ``pytorch``: ``<out_dir>/pytorch`` with ``config.json`` + ``model.safetensors`` in
       PyTorch ``CLIPVisionModel`` names (loads with ``CLIPVisionModel.from_pretrained``).
     """
-    from transformers import FlaxCLIPVisionModel
+    with requires("clip"):
+        from transformers import FlaxCLIPVisionModel
 
     vcfg = getattr(config, "vision_config", config)
     unknown = sorted(set(formats) - {"flax", "pytorch"})
@@ -537,7 +548,8 @@ def export_vision(vision: Mapping, config, out_dir: str | os.PathLike, *, format
         model.save_pretrained(d, params=jax.tree.map(np.asarray, dict(vision)))
         written["flax"] = str(d)
     if "pytorch" in formats:
-        from safetensors.numpy import save_file
+        with requires("clip"):
+            from safetensors.numpy import save_file
 
         d = out_dir / "pytorch"
         d.mkdir(parents=True, exist_ok=True)

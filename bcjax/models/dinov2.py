@@ -65,6 +65,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bcjax._optional import requires
 
 __all__ = [
     "ONNX_RESOURCE",
@@ -174,7 +175,8 @@ def _resolve_onnx_path(onnx_path) -> pathlib.Path:
 
 def onnx_input_size(onnx_path=None) -> tuple[int, int] | None:
     """(height, width) of the ONNX graph's image input, or ``None`` if it is dynamic."""
-    import onnx
+    with requires("demo"):
+        import onnx
 
     model = onnx.load(str(_resolve_onnx_path(onnx_path)), load_external_data=False)
     return _graph_input_size(model.graph)
@@ -202,7 +204,8 @@ class _Graph:
     """Read-only index over an ONNX graph: producers, consumers, constants, initializers."""
 
     def __init__(self, graph):
-        from onnx import numpy_helper
+        with requires("demo"):
+            from onnx import numpy_helper
 
         self.graph = graph
         self.nodes = list(graph.node)
@@ -349,7 +352,8 @@ def _position_embedding_entry(g: _Graph, claimed: set[str]) -> tuple[tuple[str, 
 
 def _derive_config(g: _Graph, named: Mapping[str, np.ndarray], matmuls) -> Any:
     """Build a ``Dinov2Config`` from tensor shapes and graph constants."""
-    from transformers import Dinov2Config
+    with requires("demo"):
+        from transformers import Dinov2Config
 
     def need(name):
         if name not in named:
@@ -434,8 +438,9 @@ def param_shapes(config) -> dict:
 
 @functools.lru_cache(maxsize=8)
 def _param_shapes_flat(config_json: str) -> tuple:
-    from transformers import Dinov2Config
-    from transformers.models.dinov2.modeling_flax_dinov2 import FlaxDinov2Module
+    with requires("demo"):
+        from transformers import Dinov2Config
+        from transformers.models.dinov2.modeling_flax_dinov2 import FlaxDinov2Module
 
     config = Dinov2Config.from_dict(json.loads(config_json))
     module = FlaxDinov2Module(config=config)
@@ -510,7 +515,8 @@ def convert_onnx_backbone(onnx_path=None) -> tuple[Any, Params]:
         Dinov2ConversionError: an unexpected graph; a backbone tensor that maps nowhere; a
             Flax parameter left unfilled, filled twice, or with the wrong shape.
     """
-    import onnx
+    with requires("demo"):
+        import onnx
 
     path = _resolve_onnx_path(onnx_path)
     model = onnx.load(str(path))
@@ -613,7 +619,8 @@ def normalize_images(images):
 
 
 def _module(config, dtype):
-    from transformers.models.dinov2.modeling_flax_dinov2 import FlaxDinov2Module
+    with requires("demo"):
+        from transformers.models.dinov2.modeling_flax_dinov2 import FlaxDinov2Module
 
     return FlaxDinov2Module(config=config, dtype=dtype)
 
@@ -751,7 +758,8 @@ def _write_cache(target: pathlib.Path, config, params: Params, source: pathlib.P
 
 def _read_cache(target: pathlib.Path, source: pathlib.Path | None) -> tuple[Any, Params]:
     """Load and fully validate a cache directory; raise :class:`_CacheInvalid` on any problem."""
-    from transformers import Dinov2Config
+    with requires("demo"):
+        from transformers import Dinov2Config
 
     manifest_path, npz = target / _MANIFEST_FILE, target / _PARAMS_FILE
     if not target.is_dir():
@@ -887,8 +895,9 @@ def verify_against_onnxruntime(
     Raises:
         Dinov2ConversionError: the difference exceeds ``atol`` or the shapes differ.
     """
-    import onnx
-    import onnxruntime as ort
+    with requires("test"):
+        import onnx
+        import onnxruntime as ort
 
     path = _resolve_onnx_path(onnx_path)
     model = onnx.load(str(path))

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bcjax.errors import BcjaxError
+from bcjax._optional import requires
 
 __all__ = [
     "T5LoadError",
@@ -99,7 +100,8 @@ def _clip_needs_shim() -> bool:
 def install_clip_shim() -> bool:
     """Give transformers' Flax T5 module (and nothing else) a ``jnp`` whose ``clip`` takes
     ``a_min``/``a_max``. Idempotent; returns whether the shim is (now) installed."""
-    from transformers.models.t5 import modeling_flax_t5 as mod
+    with requires("t5"):
+        from transformers.models.t5 import modeling_flax_t5 as mod
 
     if isinstance(mod.jnp, _JnpWithLegacyClip):
         return True
@@ -140,7 +142,8 @@ def load_t5(name_or_path: str, *, from_pt: bool | None = None, dtype: str = "flo
       local_only: never touch the network (default: ``HF_HUB_OFFLINE`` / on for local folders).
     """
     install_clip_shim()
-    from transformers import FlaxT5ForConditionalGeneration
+    with requires("t5"):
+        from transformers import FlaxT5ForConditionalGeneration
 
     if from_pt is None:
         from_pt = _detect_from_pt(os.fspath(name_or_path))
@@ -176,9 +179,10 @@ def _load_pt_folder(folder: str, dtype: str):
     shapes come from ``jax.eval_shape`` and transformers' own key/layout conversion is used.
     Entries absent from the Flax tree (tied ``lm_head`` / ``embed_tokens`` copies) are
     dropped; a missing or mis-shaped entry is a :class:`T5LoadError` naming it."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-    from transformers import FlaxT5ForConditionalGeneration, T5Config
-    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+    with requires("t5"):
+        from flax.traverse_util import flatten_dict, unflatten_dict
+        from transformers import FlaxT5ForConditionalGeneration, T5Config
+        from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
     path = _single_pt_file(folder)
     try:
@@ -188,11 +192,13 @@ def _load_pt_folder(folder: str, dtype: str):
     model = FlaxT5ForConditionalGeneration(config, dtype=getattr(jnp, dtype), _do_init=False)
     shapes = flatten_dict(model.params_shape_tree)
     if path.endswith(".safetensors"):
-        from safetensors.flax import load_file
+        with requires("t5"):
+            from safetensors.flax import load_file
 
         state = dict(load_file(path))
     else:
-        import torch
+        with requires("torch"):
+            import torch
 
         state = torch.load(path, map_location="cpu", weights_only=True)
     stand_in = types.SimpleNamespace(params=unflatten_dict(shapes), base_model_prefix=model.base_model_prefix)
@@ -210,7 +216,8 @@ def _load_pt_folder(folder: str, dtype: str):
 
 def load_tokenizer(name_or_path: str):
     """The model's tokenizer (a T5 SentencePiece tokenizer, fast when available)."""
-    from transformers import AutoTokenizer
+    with requires("t5"):
+        from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(os.fspath(name_or_path))
@@ -276,7 +283,8 @@ def merge_lora_checkpoint(base_dir: str, adapter_dir: str, out_dir: str) -> str:
     Load the result with :func:`load_t5` (``from_pt`` is auto-detected)."""
     import shutil
 
-    from safetensors.numpy import load_file, save_file
+    with requires("t5"):
+        from safetensors.numpy import load_file, save_file
 
     cfg_path = os.path.join(adapter_dir, "adapter_config.json")
     if not os.path.isfile(cfg_path):

@@ -14,6 +14,7 @@ import os
 import pathlib
 
 import numpy as np
+from bcjax._optional import requires
 
 __all__ = ["TINY_TASKS", "tiny_clip_config", "write_tiny_tokenizer", "write_tiny_clip", "write_tiny_tfds",
            "tiny_config", "setup_tiny"]
@@ -47,7 +48,8 @@ def write_tiny_tokenizer(path: str | os.PathLike) -> str:
     """A CLIP BPE tokenizer over all 256 byte symbols (+ ``</w>`` forms), a few merges and
     the two special tokens (``<|endoftext|>`` has the largest id, as in CLIP); saved with
     ``CLIPTokenizer.save_pretrained``."""
-    from transformers import CLIPTokenizer
+    with requires("clip"):
+        from transformers import CLIPTokenizer
 
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -63,7 +65,8 @@ def write_tiny_tokenizer(path: str | os.PathLike) -> str:
 
 def tiny_clip_config(vocab_size: int = 528, *, image_size: int = 32, patch_size: int = 8):
     """``CLIPConfig`` with hidden 32, 2 layers, 2 heads; ``eos_token_id`` is the last id."""
-    from transformers import CLIPConfig
+    with requires("clip"):
+        from transformers import CLIPConfig
 
     text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=2, max_position_embeddings=24, bos_token_id=vocab_size - 2,
@@ -78,18 +81,21 @@ def write_tiny_clip(path: str | os.PathLike, *, seed: int = 0, framework: str = 
     (``framework="flax"``: ``flax_model.msgpack``; ``"pytorch"``: ``model.safetensors``)."""
     path = pathlib.Path(path)
     write_tiny_tokenizer(path)
-    from transformers import AutoTokenizer
+    with requires("clip"):
+        from transformers import AutoTokenizer
 
     vocab_size = len(AutoTokenizer.from_pretrained(str(path)))
     config = tiny_clip_config(vocab_size)
     if framework == "flax":
-        from transformers import FlaxCLIPModel
+        with requires("clip"):
+            from transformers import FlaxCLIPModel
 
         model = FlaxCLIPModel(config, _do_init=False)
         model.save_pretrained(str(path), params=_random_params(model, seed))
     elif framework == "pytorch":
-        import torch
-        from transformers import CLIPModel
+        with requires("torch"):
+            import torch
+            from transformers import CLIPModel
 
         torch.manual_seed(seed)
         CLIPModel(config).eval().save_pretrained(str(path))
@@ -140,8 +146,9 @@ def _image(task: str, label: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _builder_class(task: str):
-    import tensorflow_datasets as tfds
-    from PIL import Image
+    with requires("clip"):
+        import tensorflow_datasets as tfds
+        from PIL import Image
 
     names = TINY_TASKS[task]
 
@@ -170,7 +177,8 @@ def _builder_class(task: str):
 
 def write_tiny_tfds(data_dir: str | os.PathLike, tasks=tuple(TINY_TASKS)) -> str:
     """Prepare the tiny tfds data sets (array_record) in ``data_dir`` (skips prepared ones)."""
-    import tensorflow_datasets as tfds
+    with requires("clip"):
+        import tensorflow_datasets as tfds
 
     tfds.disable_progress_bar()
     for task in tasks:

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from bcjax._optional import requires
+
 __all__ = ["TINY_WORDS", "tiny_corpus", "train_tiny_tokenizer", "make_tiny_t5", "prepare_tiny_glue", "tiny_assets"]
 
 _POS, _NEG = ("good", "great", "fine"), ("bad", "awful", "poor")
@@ -64,8 +66,9 @@ def train_tiny_tokenizer(out_dir: str, vocab_size: int = 200) -> str:
     """Train a SentencePiece unigram model on :func:`tiny_corpus` (pad 0, eos 1, unk 2, as T5;
     every word, prompt prefix and label word a user-defined piece) and save it as a
     ``T5TokenizerFast`` in ``out_dir``."""
-    import sentencepiece as spm
-    from transformers import T5TokenizerFast
+    with requires("t5"):
+        import sentencepiece as spm
+        from transformers import T5TokenizerFast
 
     from bcjax.data.glue import TASKS
 
@@ -94,22 +97,24 @@ def make_tiny_t5(out_dir: str, vocab_size: int, *, seed: int = 0, pytorch: bool 
     PyTorch ``model.safetensors`` with ``pytorch=True`` (needs torch). ``config`` overrides
     ``T5Config`` fields (e.g. Flan-T5's ``feed_forward_proj="gated-gelu"``,
     ``tie_word_embeddings=False``)."""
-    from transformers import T5Config
+    with requires("t5"):
+        from transformers import T5Config
 
     cfg = T5Config(vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2,
                    relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **config)
     if pytorch:
-        import torch
-        from transformers import T5ForConditionalGeneration
+        with requires("torch"):
+            import torch
+            from transformers import T5ForConditionalGeneration
 
         torch.manual_seed(seed)
         T5ForConditionalGeneration(cfg).save_pretrained(out_dir)
     else:
         import bcjax.models.t5  # noqa: F401  (the jnp.clip shim)
-        from transformers import FlaxT5ForConditionalGeneration
-
-        from flax.traverse_util import flatten_dict, unflatten_dict
+        with requires("t5"):
+            from flax.traverse_util import flatten_dict, unflatten_dict
+            from transformers import FlaxT5ForConditionalGeneration
 
         # random weights straight from the parameter shapes (numpy, instant; running the
         # model's init on a 2-core CPU takes tens of seconds): kernels N(0, 1/fan_in),
@@ -134,9 +139,10 @@ def prepare_tiny_glue(data_dir: str, tasks: Sequence[str] = ("mrpc", "rte", "col
     GLUE builder (same name, features and version; ``file_format='array_record'``), so
     ``tfds.data_source('glue/<task>', data_dir=data_dir)`` reads it by name. ``test`` has
     hidden labels (-1), as GLUE's."""
-    import tensorflow_datasets as tfds
-    from tensorflow_datasets.core import registered
-    from tensorflow_datasets.text import glue as tfds_glue
+    with requires("t5"):
+        import tensorflow_datasets as tfds
+        from tensorflow_datasets.core import registered
+        from tensorflow_datasets.text import glue as tfds_glue
 
     with registered.skip_registration():
         class Glue(tfds_glue.Glue):  # noqa: B903
@@ -163,7 +169,8 @@ def prepare_tiny_glue(data_dir: str, tasks: Sequence[str] = ("mrpc", "rte", "col
 def tiny_assets(root: str, tasks: Sequence[str] = ("mrpc", "rte", "cola", "sst2", "stsb"), **data_kwargs) -> dict:
     """Tokenizer + random tiny Flax T5 (in ``root/tiny_t5``) and tiny GLUE data
     (``root/tfds``); idempotent. Returns ``{"model": path, "data_dir": path}``."""
-    from transformers import AutoTokenizer
+    with requires("t5"):
+        from transformers import AutoTokenizer
 
     model_dir, data_dir = os.path.join(root, "tiny_t5"), os.path.join(root, "tfds")
     if not os.path.isfile(os.path.join(model_dir, "flax_model.msgpack")):
