@@ -241,10 +241,10 @@ def _make_step(logits_fn, optimizer, merged, num_tasks: int, clamp, batch_tasks:
 
 
 def _optax():
-    try:
+    from bcjax._optional import requires
+
+    with requires("train"):
         import optax
-    except ImportError as e:  # pragma: no cover - optax is a core dependency
-        raise ImportError("AdaMerging needs optax (pip install 'optax>=0.2'): it is bcjax's optimizer library") from e
     return optax
 
 

@@ -26,12 +26,15 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax._optional import requires
 from bcjax.errors import BcjaxError
+
+with requires("train"):
+    import flax.linen as nn
 from bcjax.tree import leaf_paths
 
 __all__ = ["collect_grams", "gram_sums"]
