@@ -5,7 +5,8 @@ exact semantics every function follows.
 """
 from bcjax import errors
 from bcjax.masks import breadcrumbs_from_mergekit, breadcrumbs_from_official, breadcrumbs_mask
-from bcjax.merging import MergeMethod, get_method, map_merged_leaves, merge, methods, register_method
+from bcjax.merging import (MergeMethod, get_method, map_merged_leaves, merge, methods, register_method,
+                           unregister_method)
 from bcjax.tree import (apply_task_vector, keystr, leaf_paths, make_leaf_filter, task_vector,
                         validate_models)
 
@@ -22,6 +23,7 @@ __all__ = [
     "methods",
     "get_method",
     "register_method",
+    "unregister_method",
     "MergeMethod",
     "map_merged_leaves",
     "make_leaf_filter",

@@ -16,9 +16,8 @@ def _enable_compile_cache(cache_root: str) -> None:
 
 def _cmd_demo(args) -> int:
     from bcjax.demo import run_demo
-    from bcjax.models.dinov2 import default_cache_dir
 
-    cache_root = os.path.abspath(args.cache_dir) if args.cache_dir else str(default_cache_dir())
+    cache_root = _cache_root(args)
     _enable_compile_cache(cache_root)
     results = run_demo(args.out, quick=args.quick, cache_dir=cache_root, progress=not args.no_progress)
     bc = results["methods"]["breadcrumbs"]["avg_normalized_acc"]
@@ -69,9 +68,9 @@ def _cmd_sweep(args) -> int:
 
 
 def _cache_root(args) -> str:
-    from bcjax.models.dinov2 import default_cache_dir
+    from bcjax.cache import cache_root
 
-    return os.path.abspath(args.cache_dir) if args.cache_dir else str(default_cache_dir())
+    return os.path.abspath(args.cache_dir) if args.cache_dir else str(cache_root())
 
 
 def _cmd_methods(args) -> int:

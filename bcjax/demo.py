@@ -129,7 +129,7 @@ def make_classifier(model_config, scale: float):
     return feats, predict, loss
 
 
-class _Log:
+class StageLog:
     def __init__(self, progress: bool):
         self.progress, self.t0, self.timings = progress, time.perf_counter(), {}
         self._last = self.t0
@@ -166,7 +166,7 @@ class DemoContext:
     heads: dict
     predict: Callable
     loss: Callable
-    log: "_Log"
+    log: "StageLog"
     store: ResultsStore
 
     def cached(self, kind: str, compute: Callable, **config):
@@ -195,7 +195,7 @@ def setup(cfg: DemoConfig, cache_root: str, *, progress: bool = True) -> DemoCon
     from bcjax.data.suite import load_suite
     from bcjax.models import dinov2
 
-    log = _Log(progress)
+    log = StageLog(progress)
     log("start", f"{len(cfg.tasks)} tasks at {cfg.resolution}px, config {cfg.fingerprint()}")
     model_config, params0 = dinov2.load_pretrained(cache_root)
     log("backbone", f"DINOv2 ViT-S/14, {dinov2.count_params(params0) / 1e6:.1f}M parameters")

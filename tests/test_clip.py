@@ -12,7 +12,7 @@ from bcjax.data import vision
 from bcjax.errors import BcjaxError, TreeMismatchError
 from bcjax.models import clip as clip_lib
 from bcjax.pipelines import clip as pipeline
-from bcjax.pipelines import clip_tiny
+from bcjax.testing import clip_tiny
 
 
 @pytest.fixture(scope="module")

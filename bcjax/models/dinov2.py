@@ -688,11 +688,10 @@ def make_features(config, *, normalize: bool = True, dtype=jnp.float32) -> Calla
 # --------------------------------------------------------------------------------------------
 
 def default_cache_dir() -> pathlib.Path:
-    """``$BCJAX_CACHE``, else ``$XDG_CACHE_HOME/bcjax``, else ``~/.cache/bcjax``."""
-    if os.environ.get("BCJAX_CACHE"):
-        return pathlib.Path(os.environ["BCJAX_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache") / "bcjax"
+    """``$BCJAX_CACHE``, else ``$XDG_CACHE_HOME/bcjax``, else ``~/.cache/bcjax`` (:func:`bcjax.cache.cache_root`)."""
+    from bcjax.cache import cache_root
+
+    return cache_root()
 
 
 def _sha256(path: pathlib.Path) -> str:

@@ -53,23 +53,17 @@ __all__ = ["finetune", "evaluate", "model_suite", "setup", "ClipSetup", "train_c
 
 
 def default_cache_dir() -> str:
-    from bcjax.models.dinov2 import default_cache_dir as root
+    from bcjax.cache import cache_root
 
-    return str(root() / "clip")
+    return str(cache_root("clip"))
 
 
 def train_config(config: dict):
     """:class:`bcjax.train.TrainConfig` from ``config["train"]`` (paper defaults, SPEC §5)."""
-    from bcjax.train import TrainConfig
+    from bcjax.train import train_config_from_dict
 
-    t = get(config, "train", {}, types=dict)
-    allowed = {f.name for f in dataclasses.fields(TrainConfig)}
-    bad = sorted(set(t) - allowed)
-    require(not bad, config, f"train: unknown key(s) {bad}; allowed: {sorted(allowed)}")
-    try:
-        return TrainConfig(**t)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{config.get('_source', '<config>')}: train: {e}") from None
+    src = config.get("_source")
+    return train_config_from_dict(get(config, "train", {}, types=dict), where=f"{src}: train" if src else "train")
 
 
 @dataclasses.dataclass
