@@ -28,7 +28,7 @@ import optax
 
 from bcjax import evaluate, plots, sweeps
 from bcjax.fisher import diagonal_fisher
-from bcjax.merging import merge
+from bcjax.merging import get_method, merge
 from bcjax.models import heads as heads_lib
 from bcjax.results_store import ResultsStore
 from bcjax.train import TrainConfig, finetune
@@ -150,9 +150,6 @@ def _bar(items, desc, progress, total=None):
     return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, total=total)
 
 
-_FISHER_METHODS = ("fisher", "gradient_matching")
-
-
 # ----------------------------------------------------------------------------- steps
 @dataclasses.dataclass
 class DemoContext:
@@ -247,16 +244,30 @@ def task_fishers(ctx: DemoContext, finetuned: Sequence) -> list:
     return out
 
 
-def merge_for_demo(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Sequence, fishers: Sequence | None):
-    """``bcjax.merge`` with the demo's fixed extras (PRNG key, Fishers, data-set sizes)."""
-    hp = dict(hparams)
-    if method in ("random_sparse", "dare"):
-        hp["key"] = jax.random.key(ctx.cfg.seed)
-    if method in ("fisher", "gradient_matching"):
-        hp["fishers"] = fishers
-    if method == "gradient_matching":
-        hp["dataset_sizes"] = [ctx.task(t).sizes["train"] for t in ctx.names]
-    return merge(method, ctx.params0, finetuned, **hp)
+def requirement_suite(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequence] | None = None):
+    """The demo's models as a :class:`bcjax.experiments.ModelSuite` that provides what merge
+    methods require (per-task Fishers from ``fishers()``, called only when a method needs them,
+    and training-set sizes)."""
+    from bcjax.experiments import ModelSuite
+
+    names = ctx.names
+    provides = {"dataset_sizes": lambda t: ctx.task(t).sizes["train"]}
+    if fishers is not None:
+        provides["fishers"] = lambda t: fishers()[names.index(t)]
+    return ModelSuite(name=SUITE_NAME, tasks=tuple(names), pretrained=ctx.params0, finetuned=tuple(finetuned),
+                      evaluate=None, fingerprint=ctx.cfg.finetune_fingerprint(), provides=provides)
+
+
+def merge_for_demo(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Sequence,
+                   fishers: Callable[[], Sequence] | Sequence | None):
+    """``bcjax.merge`` with what the method requires (PRNG key from the config's seed, Fishers,
+    data-set sizes), resolved by :func:`bcjax.experiments.engine.method_inputs`."""
+    from bcjax.experiments.engine import method_inputs
+
+    if fishers is not None and not callable(fishers):
+        fishers = (lambda given: lambda: given)(list(fishers))
+    suite = requirement_suite(ctx, finetuned, fishers)
+    return merge(method, ctx.params0, finetuned, **method_inputs(suite, method, hparams, ctx.names, seed=ctx.cfg.seed))
 
 
 def select_and_test(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequence], finetuned_val: Mapping,
@@ -267,7 +278,7 @@ def select_and_test(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[],
 
     def scored(method, hp, split):
         return ctx.cached("merged_accuracy", lambda: ctx.accuracies(
-            merge_for_demo(ctx, method, hp, finetuned, fishers() if method in _FISHER_METHODS else None), split),
+            merge_for_demo(ctx, method, hp, finetuned, fishers), split),
             method=method, hparams=_jsonable(hp), split=split)
 
     for method, hps in _bar(ctx.cfg.grids, "methods (val grid)", progress):
@@ -349,11 +360,12 @@ def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = N
     methods_out, val_scores = select_and_test(ctx, finetuned, fishers, finetuned_val, finetuned_acc, progress=progress)
 
     subsets, subsets_all = {}, {}
-    for method in sweeps.LINEAR_METHODS:
+    linear = [m for m in methods_out if get_method(m).linear]  # one contraction per leaf serves all subsets
+    for method in linear:
         subsets[method], subsets_all[method] = subset_sweep(ctx, method, methods_out[method]["hparams"], finetuned,
                                                             progress=progress)
     log("subsets", f"{len(sweeps.all_subsets(len(names), cfg.subset_sizes))} subsets x "
-        f"{len(sweeps.LINEAR_METHODS)} methods, {cfg.subset_eval_examples} test images per task")
+        f"{len(linear)} methods, {cfg.subset_eval_examples} test images per task")
     bc = methods_out["breadcrumbs"]["hparams"]
     cos = cosine_matrices(ctx, finetuned, bc["beta"], bc["gamma"])
     log("cosine", ", ".join(f"{k}: mean off-diagonal {_offdiag(v):.4f}" for k, v in cos.items()))

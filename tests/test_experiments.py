@@ -332,3 +332,30 @@ def test_more_experiments_on_a_mesh_are_bit_identical(suite, split_suite, tmp_pa
         assert any(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(sharded))
         for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded), strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_all_methods_config_covers_every_registered_method():
+    """configs/all_methods.yaml runs every `bcjax methods` name (a new method must be added)."""
+    from bcjax.config import load_config
+    from bcjax.experiments.select import SelectSettings
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "all_methods.yaml")
+    s = E.parse_section(SelectSettings, load_config(path))
+    names = [m.name for m in s.methods]
+    assert sorted(names) == sorted(bcjax.methods()) and len(set(names)) == len(names)
+    assert all(len(m.points()) >= 1 for m in s.methods)
+
+
+def test_all_methods_sweep_on_the_synthetic_suite(tmp_path):
+    """The same config through `bcjax sweep` on the synthetic suite: one summary entry per method."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bcjax.cli", "sweep", "--config", os.path.join(root, "configs", "all_methods.yaml"),
+           "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+           "--set", "suite={name: synthetic, tasks: 3, steps: 20}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["methods"]) == sorted(bcjax.methods())
+    assert len(summary["validation_grid"]["task_arithmetic"]) == 3
+    assert (out / "normalized_accuracy.png").stat().st_size > 5000

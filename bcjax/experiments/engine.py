@@ -101,15 +101,16 @@ def jsonable(v):
     return v
 
 
-def method_inputs(suite: ModelSuite, method: str, hparams: Mapping, tasks: Sequence[str]) -> dict:
+def method_inputs(suite: ModelSuite, method: str, hparams: Mapping, tasks: Sequence[str], *, seed: int = 0) -> dict:
     """``hparams`` plus what ``method`` requires (:data:`bcjax.merging.REQUIREMENTS`) for merging
-    ``tasks``: a PRNG key from ``seed`` (default 0) for ``"key"``, the suite's per-task values
-    (:meth:`ModelSuite.requirement`) for the others. No runner names a method."""
+    ``tasks``: a PRNG key from the hyper-parameter ``seed`` (else ``seed``) for ``"key"``, the
+    suite's per-task values (:meth:`ModelSuite.requirement`) for the others. No runner names a
+    method."""
     from bcjax.merging import get_method
 
     m = get_method(method)
     hp = dict(hparams)
-    seed = hp.pop("seed", 0)
+    seed = hp.pop("seed", seed)
     for need in m.requires:
         if need == "key":
             hp["key"] = jax.random.key(int(seed))
