@@ -359,3 +359,28 @@ def test_all_methods_sweep_on_the_synthetic_suite(tmp_path):
     assert sorted(summary["methods"]) == sorted(bcjax.methods())
     assert len(summary["validation_grid"]["task_arithmetic"]) == 3
     assert (out / "normalized_accuracy.png").stat().st_size > 5000
+
+
+def test_no_import_time_side_effects():
+    """Importing bcjax's apps and adapters patches nothing: matplotlib's backend stays, the
+    transformers T5 module keeps jax.numpy until load_t5/t5_functions apply the shim."""
+    code = ("import matplotlib, jax.numpy as jnp; before = matplotlib.get_backend(); "
+            "import bcjax.plots, bcjax.experiments, bcjax.demo, bcjax.models.t5, bcjax.cli; "
+            "from transformers.models.t5 import modeling_flax_t5 as mod; "
+            "assert matplotlib.get_backend() == before, matplotlib.get_backend(); "
+            "assert mod.jnp is jnp, 'T5 patched at import'; "
+            "import sys; assert 'matplotlib.pyplot' not in sys.modules; print('clean')")
+    env = dict(os.environ, MPLBACKEND="svg")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_plots_return_figures_without_pyplot(tmp_path):
+    from matplotlib.figure import Figure
+
+    from bcjax import plots
+
+    fig = plots.subset_curves({"a": {0: 0.5, 1: 0.8}}, None, title="t")
+    assert isinstance(fig, Figure)
+    path = plots.violins({"a": [0.5, 0.6]}, str(tmp_path / "v.png"))
+    assert os.path.getsize(path) > 1000

@@ -106,8 +106,11 @@ def make_tiny_t5(out_dir: str, vocab_size: int, *, seed: int = 0, pytorch: bool 
         torch.manual_seed(seed)
         T5ForConditionalGeneration(cfg).save_pretrained(out_dir)
     else:
-        import bcjax.models.t5  # noqa: F401  (the jnp.clip shim)
         from transformers import FlaxT5ForConditionalGeneration
+
+        from bcjax.models.t5 import install_clip_shim
+
+        install_clip_shim()
 
         from flax.traverse_util import flatten_dict, unflatten_dict
 
