@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["accuracy", "accuracy_of_stack", "normalized_accuracy", "stack_trees", "unstack_tree"]
+__all__ = ["accuracy", "accuracy_of_stack", "correct_of_stack", "normalized_accuracy", "stack_trees", "unstack_tree"]
 
 Predict = Callable[[Any, jax.Array], jax.Array]
 
@@ -82,6 +82,31 @@ def accuracy_of_stack(predict: Predict, stacked_params: Any, inputs: np.ndarray,
                                     tuple(predict_args))
             out[ms:me] += np.asarray(counts)[: me - ms]
     return out / len(labels)
+
+
+def correct_of_stack(predict: Predict, stacked_params: Any, inputs: np.ndarray, labels: np.ndarray, *,
+                     batch_size: int = 128, models_per_call: int = 4, predict_args: tuple = ()) -> np.ndarray:
+    """bool[M, N]: whether each of M stacked models classifies each example right — the
+    per-example record a bootstrap over examples needs; its row means are
+    :func:`accuracy_of_stack` (same batching, same compiled forward)."""
+    m = jax.tree.leaves(stacked_params)[0].shape[0]
+    chunk = max(1, min(models_per_call, m))
+    bs = batch_size
+    out = np.zeros((m, len(labels)), bool)
+    for ms in range(0, m, chunk):
+        me = min(ms + chunk, m)
+        params_chunk = jax.tree.map(lambda x: _pad_models(x[ms:me], chunk), stacked_params)
+        for s, e in _batches(len(labels), bs):
+            hits = _hits_stack(predict, params_chunk, _padded(inputs[s:e], bs), _padded(labels[s:e], bs),
+                               tuple(predict_args))
+            out[ms:me, s:e] = np.asarray(hits)[: me - ms, : e - s]
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _hits_stack(predict, params_chunk, x, y, args):
+    logits = jax.vmap(lambda p: predict(p, x, *args))(params_chunk)
+    return jnp.argmax(logits, -1) == y[None]
 
 
 def _pad_models(x, size):
