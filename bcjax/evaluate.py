@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax.batching import pad_rows
+
 __all__ = ["accuracy", "accuracy_of_stack", "correct_of_stack", "normalized_accuracy", "stack_trees", "unstack_tree"]
 
 Predict = Callable[[Any, jax.Array], jax.Array]
@@ -23,10 +25,7 @@ def _batches(n: int, batch_size: int):
 
 
 def _padded(x: np.ndarray, size: int) -> np.ndarray:
-    if len(x) == size:
-        return x
-    pad = np.repeat(x[-1:], size - len(x), axis=0)
-    return np.concatenate([x, pad])
+    return pad_rows(x, size)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -110,9 +109,7 @@ def _hits_stack(predict, params_chunk, x, y, args):
 
 
 def _pad_models(x, size):
-    if x.shape[0] == size:
-        return x
-    return jnp.concatenate([jnp.asarray(x), jnp.repeat(jnp.asarray(x)[-1:], size - x.shape[0], 0)])
+    return pad_rows(jnp.asarray(x), size)
 
 
 @functools.partial(jax.jit, static_argnums=0)

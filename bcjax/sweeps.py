@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax.batching import pad_rows
 from bcjax.merging import get_method, merge, methods
 from bcjax.tree import compute_dtype, is_floating
 
@@ -84,7 +85,7 @@ def iter_subset_merges(pretrained, deltas, indicator: np.ndarray, alpha, chunk: 
     for start in range(0, s, chunk):
         rows = indicator[start:start + chunk]
         if len(rows) < chunk:
-            rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - len(rows), 0)])
+            rows = pad_rows(rows, chunk)
         yield start, subset_merges(pretrained, deltas, rows, alpha)
 
 

@@ -25,8 +25,9 @@ __all__ = ["reference_accuracy", "evaluate_models", "normalized", "mean_normaliz
 def pad_chunk(indices: Sequence[int], size: int) -> np.ndarray:
     """``indices`` padded to ``size`` by repeating the last one: every chunk has one shape, so
     one compilation serves all (the last, short chunk included)."""
-    idx = list(indices)
-    return np.array(idx + [idx[-1]] * (size - len(idx)))
+    from bcjax.batching import pad_rows
+
+    return pad_rows(np.asarray(list(indices)), size)
 
 
 def progress_bar(total: int, desc: str, progress: bool):

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax.batching import pad_rows
 from bcjax.config import ConfigError, get, require
 from bcjax.data import glue
 from bcjax.models import t5 as t5m
@@ -48,8 +49,7 @@ def _batches(arrays: Mapping[str, np.ndarray], batch_size: int):
     for s in range(0, n, batch_size):
         e = min(s + batch_size, n)
         pad = batch_size - (e - s)  # fixed shapes: one compilation per split size
-        yield e - s, {k: np.concatenate([v[s:e], np.repeat(v[e - 1:e], pad, 0)]) if pad else v[s:e]
-                      for k, v in arrays.items()}
+        yield e - s, {k: pad_rows(v[s:e], batch_size) if pad else v[s:e] for k, v in arrays.items()}
 
 
 def predict_classes(model, params, encoded: glue.Encoded, choices: tuple[np.ndarray, np.ndarray], *,
