@@ -34,7 +34,7 @@ from bcjax.results_store import ResultsStore
 from bcjax.train import TrainConfig, finetune
 
 __all__ = ["DemoConfig", "DemoContext", "setup", "finetune_tasks", "task_fishers", "merge_for_demo",
-           "select_and_test", "subset_sweep", "cosine_matrices", "run_demo", "validate_results", "render_report"]
+           "demo_suite", "requirement_suite", "select_and_test", "subset_sweep", "cosine_matrices", "run_demo", "validate_results", "render_report"]
 
 SUITE_NAME = "bcjax-offline-8 (DINOv2 ViT-S/14)"
 
@@ -140,14 +140,6 @@ class StageLog:
         self._last = now
         if self.progress:
             print(f"[{now - self.t0:7.1f}s] {stage}{': ' + msg if msg else ''}", flush=True)
-
-
-def _bar(items, desc, progress, total=None):
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, total=total)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -270,30 +262,44 @@ def merge_for_demo(ctx: DemoContext, method: str, hparams: Mapping, finetuned: S
     return merge(method, ctx.params0, finetuned, **method_inputs(suite, method, hparams, ctx.names, seed=ctx.cfg.seed))
 
 
+def demo_suite(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequence] | None = None, *,
+               examples: int | None = None):
+    """The demo's models as a :class:`bcjax.experiments.ModelSuite` for the engine's experiments.
+
+    ``evaluate`` scores on the first ``examples`` images of a split (all when None): a single
+    model with the single-model path (:meth:`DemoContext.accuracy`), a stack of models vmapped
+    ``models_per_call`` at a time. Provides Fishers (``fishers()``, called only when a method
+    needs them) and training-set sizes; the seed of key-requiring methods is the config's."""
+    from bcjax.experiments import ModelSuite
+    from bcjax.experiments.suite import fingerprint
+
+    cfg = ctx.cfg
+
+    def evaluate_stack(stacked, task, split):
+        if jax.tree.leaves(stacked)[0].shape[0] == 1:
+            return np.array([ctx.accuracy(jax.tree.map(lambda x: x[0], stacked), task, split, examples)])
+        x, y = ctx.task(task).splits[split]
+        n = examples or len(y)
+        return evaluate.accuracy_of_stack(ctx.predict, stacked, x[:n], y[:n], batch_size=cfg.eval_batch,
+                                          models_per_call=cfg.models_per_call, predict_args=ctx.heads[task])
+
+    base = requirement_suite(ctx, finetuned, fishers)
+    return dataclasses.replace(base, evaluate=evaluate_stack, models_per_call=cfg.models_per_call, seed=cfg.seed,
+                               fingerprint=fingerprint(dict(demo=cfg.eval_tag(), examples=examples)))
+
+
 def select_and_test(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequence], finetuned_val: Mapping,
                     finetuned_acc: Mapping, *, progress: bool = True) -> tuple[dict, dict]:
-    """Per method: the grid scored on *validation*, the best point evaluated on *test*.
-    ``fishers`` is called only if a Fisher-based point is not in the results store."""
-    methods_out, val_scores = {}, {}
+    """Per method: the grid scored on *validation*, the best point evaluated on *test* — the
+    engine's select-on-val-then-test (:func:`bcjax.experiments.select_and_test`) over
+    ``cfg.grids``. ``fishers`` is called only if a Fisher-based point is not in the results
+    store. (``finetuned_val`` / ``finetuned_acc``: the references, recomputed identically.)"""
+    from bcjax.experiments import MethodSpec
+    from bcjax.experiments import select_and_test as engine_select
 
-    def scored(method, hp, split):
-        return ctx.cached("merged_accuracy", lambda: ctx.accuracies(
-            merge_for_demo(ctx, method, hp, finetuned, fishers), split),
-            method=method, hparams=_jsonable(hp), split=split)
-
-    for method, hps in _bar(ctx.cfg.grids, "methods (val grid)", progress):
-        best = None
-        for hp in hps:
-            acc = scored(method, hp, "val")
-            score = float(np.mean(list(evaluate.normalized_accuracy(acc, finetuned_val).values())))
-            val_scores.setdefault(method, []).append({"hparams": _jsonable(hp), "val_avg_normalized_acc": score})
-            if best is None or score > best[0]:
-                best = (score, hp)
-        acc = scored(method, best[1], "test")
-        norm = evaluate.normalized_accuracy(acc, finetuned_acc)
-        methods_out[method] = {"hparams": _jsonable(best[1]), "acc": acc, "normalized_acc": norm,
-                               "avg_normalized_acc": float(np.mean(list(norm.values()))),
-                               "avg_acc": float(np.mean(list(acc.values()))), "val_avg_normalized_acc": best[0]}
+    specs = [MethodSpec(method, {}, settings=tuple(hps)) for method, hps in ctx.cfg.grids]
+    res = engine_select(demo_suite(ctx, finetuned, fishers), ctx.store, methods=specs, progress=progress)
+    methods_out, val_scores = res["methods"], res["validation_grid"]
     ctx.log("methods", f"{sum(len(h) for _, h in ctx.cfg.grids)} merges scored on val; best of each on test: " +
             " ".join(f"{m}={100 * r['avg_normalized_acc']:.1f}" for m, r in methods_out.items()))
     return methods_out, val_scores
@@ -301,32 +307,15 @@ def select_and_test(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[],
 
 def subset_sweep(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Sequence, *,
                  progress: bool = True) -> tuple[dict, dict]:
-    """Curves (observed-task and all-task protocols) over all subsets of the tasks; every
-    merged model comes from one contraction per leaf, ``models_per_call`` vmapped at a time."""
-    cfg, names = ctx.cfg, ctx.names
-    ind = sweeps.all_subsets(len(names), cfg.subset_sizes)
-    n = cfg.subset_eval_examples
-    refs = {t: ctx.accuracy(p, t, "test", n) for t, p in zip(names, finetuned)}
-    point = lambda row: dict(method=method, hparams=_jsonable(hparams), subset=[int(v) for v in row])  # noqa: E731
-    todo = [i for i in range(len(ind)) if dict(kind="subset_accuracy", eval=cfg.eval_tag(), **point(ind[i]))
-            not in ctx.store]
-    if todo:
-        deltas = sweeps.task_deltas(method, ctx.params0, finetuned,
-                                    **{k: v for k, v in hparams.items() if k != "alpha"})
-        chunks = sweeps.iter_subset_merges(ctx.params0, deltas, ind[todo], hparams["alpha"], cfg.models_per_call)
-        total = -(-len(todo) // cfg.models_per_call)
-        for start, stacked in _bar(chunks, f"subsets {method}", progress, total=total):  # lazily: one chunk in memory
-            rows = todo[start:start + cfg.models_per_call]
-            accs = {}
-            for t in names:
-                x, y = ctx.task(t).splits["test"]
-                accs[t] = evaluate.accuracy_of_stack(ctx.predict, stacked, x[:n], y[:n], batch_size=cfg.eval_batch,
-                                                     models_per_call=cfg.models_per_call, predict_args=ctx.heads[t])
-            for j, i in enumerate(rows):
-                ctx.cached("subset_accuracy", lambda j=j: {t: float(accs[t][j]) for t in names}, **point(ind[i]))
-    scores = {i: {t: a / max(refs[t], 1e-9) for t, a in ctx.cached("subset_accuracy", None, **point(row)).items()}
-              for i, row in enumerate(ind)}
-    return sweeps.subset_curve(ind, scores, names, "observed"), sweeps.subset_curve(ind, scores, names, "all")
+    """Curves (observed-task and all-task protocols) over all subsets of the tasks — the engine's
+    subsets experiment (:func:`bcjax.experiments.subsets_experiment`) on the first
+    ``subset_eval_examples`` test images; linear methods use one contraction per leaf."""
+    from bcjax.experiments import subsets_experiment
+
+    suite = demo_suite(ctx, finetuned, examples=ctx.cfg.subset_eval_examples)
+    res = subsets_experiment(suite, ctx.store, methods=[(method, dict(hparams))], sizes=ctx.cfg.subset_sizes,
+                             split="test", chunk=ctx.cfg.models_per_call, progress=progress)
+    return res["methods"][method]["observed"], res["methods"][method]["all"]
 
 
 def cosine_matrices(ctx: DemoContext, finetuned: Sequence, beta: float, gamma: float) -> dict[str, np.ndarray]:

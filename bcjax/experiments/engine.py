@@ -102,16 +102,17 @@ def jsonable(v):
     return v
 
 
-def method_inputs(suite: ModelSuite, method: str, hparams: Mapping, tasks: Sequence[str], *, seed: int = 0) -> dict:
+def method_inputs(suite: ModelSuite, method: str, hparams: Mapping, tasks: Sequence[str], *,
+                  seed: int | None = None) -> dict:
     """``hparams`` plus what ``method`` requires (:data:`bcjax.merging.REQUIREMENTS`) for merging
-    ``tasks``: a PRNG key from the hyper-parameter ``seed`` (else ``seed``) for ``"key"``, the
+    ``tasks``: a PRNG key from the hyper-parameter ``seed`` (else ``seed``, else the suite's) for ``"key"``, the
     suite's per-task values (:meth:`ModelSuite.requirement`) for the others. No runner names a
     method."""
     from bcjax.merging import get_method
 
     m = get_method(method)
     hp = dict(hparams)
-    seed = hp.pop("seed", seed)
+    seed = hp.pop("seed", suite.seed if seed is None else seed)
     for need in m.requires:
         if need == "key":
             hp["key"] = jax.random.key(int(seed))
@@ -121,9 +122,10 @@ def method_inputs(suite: ModelSuite, method: str, hparams: Mapping, tasks: Seque
 
 
 def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray,
-                   mesh: Mesh | None = None) -> Callable:
+                   mesh: Mesh | None = None, *, contract: bool = True) -> Callable:
     """``build(indices)`` for merged models of the subsets ``indicator[indices]``: one
-    contraction per leaf for methods registered ``linear=True``, else ``bcjax.merge`` per subset.
+    contraction per leaf for methods registered ``linear=True`` (unless ``contract`` is False),
+    else ``bcjax.merge`` per subset.
 
     With a one-axis ``mesh``, the stacked task vectors Δ are sharded over it (each leaf's
     first divisible parameter axis, :func:`bcjax.grids.leaf_shardings`) and the contraction
@@ -134,7 +136,7 @@ def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: 
 
     m = get_method(method)
     hp = dict(hparams)
-    if m.linear:
+    if m.linear and contract:
         alpha = hp.pop("alpha", m.hparams.get("alpha", 1.0))
         deltas = sweeps.task_deltas(method, suite.pretrained, suite.finetuned, exclude=suite.exclude, **hp)
         if mesh is None:
@@ -165,13 +167,13 @@ def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: 
 
 
 def lazy_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray,
-                 mesh: Mesh | None = None) -> Callable:
+                 mesh: Mesh | None = None, *, contract: bool = True) -> Callable:
     """:func:`method_builder`, set up (task deltas) only if some point is not stored yet."""
     state = {}
 
     def build(idx):
         if "fn" not in state:
-            state["fn"] = method_builder(suite, method, hparams, indicator, mesh)
+            state["fn"] = method_builder(suite, method, hparams, indicator, mesh, contract=contract)
         return state["fn"](idx)
 
     return build

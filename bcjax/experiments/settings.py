@@ -39,10 +39,13 @@ class MethodSpec:
     name: str
     hparams: Mapping[str, Any]
     grid: Mapping[str, Sequence[Any]] = dataclasses.field(default_factory=dict)
+    settings: Sequence[Mapping[str, Any]] = ()  # explicit candidate settings (instead of a product)
 
     def points(self) -> list[dict]:
-        """The hyper-parameter settings of this entry: ``hparams`` alone, or combined with every
-        point of ``grid`` (Cartesian product, in the order the keys are written)."""
+        """The hyper-parameter settings of this entry: ``settings`` when given, else ``hparams``
+        alone, or combined with every point of ``grid`` (Cartesian product, keys in written order)."""
+        if self.settings:
+            return [{**self.hparams, **dict(s)} for s in self.settings]
         if not self.grid:
             return [dict(self.hparams)]
         keys = list(self.grid)

@@ -52,6 +52,7 @@ class ModelSuite:
       info: free-form JSON-serializable metadata for the summary (data provenance...).
       provides: requirement name (:data:`bcjax.merging.REQUIREMENTS`) → ``fn(task) -> value``
         for one task; computed on first use and kept (see :meth:`requirement`).
+      seed: the PRNG seed of methods requiring a key when the hyper-parameters give no ``seed``.
     """
 
     name: str
@@ -65,6 +66,7 @@ class ModelSuite:
     models_per_call: int = 4
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     provides: Mapping[str, Callable[[str], Any]] = dataclasses.field(default_factory=dict)
+    seed: int = 0
     _computed: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
