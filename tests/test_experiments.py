@@ -384,3 +384,17 @@ def test_plots_return_figures_without_pyplot(tmp_path):
     assert isinstance(fig, Figure)
     path = plots.violins({"a": [0.5, 0.6]}, str(tmp_path / "v.png"))
     assert os.path.getsize(path) > 1000
+
+
+def test_select_scores_the_core_merge_and_explicit_settings(suite):
+    """select merges with bcjax.merge itself (no contraction) and keeps explicit candidate lists."""
+    from bcjax.evaluate import stack_trees
+
+    spec = E.MethodSpec("breadcrumbs", {"beta": 0.8}, settings=({"alpha": 0.3}, {"alpha": 0.6, "gamma": 0.95}))
+    assert spec.points() == [{"beta": 0.8, "alpha": 0.3}, {"beta": 0.8, "alpha": 0.6, "gamma": 0.95}]
+    res = E.select_and_test(suite, ResultsStore(None), methods=[spec], progress=False)
+    best = res["methods"]["breadcrumbs"]["hparams"]
+    merged = bcjax.merge("breadcrumbs", suite.pretrained, list(suite.finetuned), **best)
+    expect = {t: float(suite.evaluate(stack_trees([merged]), t, "test")[0]) for t in suite.tasks}
+    assert res["methods"]["breadcrumbs"]["acc"] == expect
+    assert [g["hparams"] for g in res["validation_grid"]["breadcrumbs"]] == spec.points()
