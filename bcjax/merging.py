@@ -39,7 +39,8 @@ __all__ = ["MergeMethod", "REQUIREMENTS", "register_method", "unregister_method"
 #: What a method may need besides its hyper-parameters. Each name is also the keyword
 #: argument the method receives; a runner (``bcjax.experiments``) obtains the value from the
 #: model suite (:meth:`bcjax.experiments.ModelSuite.requirement`), never by naming a method.
-#: The per-task entries hold one value per fine-tuned model passed to the method, in order.
+#: Every entry but ``key`` is per task: a list with one value per fine-tuned model passed to
+#: the method, in order (so a method merging a subset gets exactly its members' values).
 REQUIREMENTS: dict[str, str] = {
     "key": "a jax.random key (configs give an integer `seed`, default 0)",
     "fishers": "per task: a diagonal-Fisher tree shaped like θ0 (non-negative)",
@@ -49,7 +50,8 @@ REQUIREMENTS: dict[str, str] = {
     "unlabeled_batches": "per task: an iterable of unlabeled input batches (test-time adaptation, "
                          "e.g. AdaMerging)",
     "labeled_batches": "per task: an iterable of (inputs, labels) batches",
-    "model_fn": "logits(params, task_index, inputs): the model function for the merged tasks",
+    "model_fn": "per task: logits(params, inputs) with that task's head (test-time adaptation, "
+                "e.g. AdaMerging)",
 }
 
 
