@@ -6,7 +6,7 @@ exact semantics every function follows.
 from bcjax import errors
 from bcjax.masks import breadcrumbs_from_mergekit, breadcrumbs_from_official, breadcrumbs_mask
 from bcjax.merging import (MergeMethod, enable_compilation_cache, get_method, map_merged_leaves, merge, methods,
-                           register_method)
+                           register_method, unregister_method)
 from bcjax import regmean as _regmean  # noqa: F401  (registers "regmean")
 from bcjax.adamerging import adamerging, load_coefficients
 from bcjax.tree import (apply_task_vector, keystr, leaf_paths, make_leaf_filter, task_vector,
@@ -26,6 +26,7 @@ __all__ = [
     "methods",
     "get_method",
     "register_method",
+    "unregister_method",
     "MergeMethod",
     "map_merged_leaves",
     "make_leaf_filter",

@@ -16,9 +16,8 @@ def _enable_compile_cache(cache_root: str) -> None:
 
 def _cmd_demo(args) -> int:
     from bcjax.demo import run_demo
-    from bcjax.models.dinov2 import default_cache_dir
 
-    cache_root = os.path.abspath(args.cache_dir) if args.cache_dir else str(default_cache_dir())
+    cache_root = _cache_root(args)
     _enable_compile_cache(cache_root)
     results = run_demo(args.out, quick=args.quick, cache_dir=cache_root, progress=not args.no_progress)
     bc = results["methods"]["breadcrumbs"]["avg_normalized_acc"]
@@ -69,9 +68,9 @@ def _cmd_sweep(args) -> int:
 
 
 def _cache_root(args) -> str:
-    from bcjax.models.dinov2 import default_cache_dir
+    from bcjax.cache import cache_root
 
-    return os.path.abspath(args.cache_dir) if args.cache_dir else str(default_cache_dir())
+    return os.path.abspath(args.cache_dir) if args.cache_dir else str(cache_root())
 
 
 def _cmd_methods(args) -> int:
@@ -82,28 +81,47 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo_out", help="output folder (results.json, report.md, PNG plots)")
+    p.add_argument("--quick", action="store_true", help="fewer tasks, steps and images (minutes; used by CI)")
+    _common_args(p)
+
+
+def _config_args(name: str):
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", required=True, help="YAML file (see configs/)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config entry, e.g. --set train.steps=100 (repeatable)")
+        p.add_argument("--out", default=f"{name}_out", help="output folder")
+        _common_args(p)
+
+    return add
+
+
+def _common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None,
+                   help="cache folder (default $BCJAX_CACHE, else $XDG_CACHE_HOME/bcjax, else ~/.cache/bcjax)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
+
+
+#: Subcommands: (name, handler, help, add_arguments). A new subcommand is one handler
+#: ``_cmd_x(args) -> int`` and one entry here.
+COMMANDS = [
+    ("demo", _cmd_demo, "pretrained ViT → 8 offline fine-tunes → merge with every method → report", _demo_args),
+    ("finetune", _cmd_finetune, "fine-tune one model per task from a config (CLIP, T5)", _config_args("finetune")),
+    ("eval", _cmd_eval, "evaluate pretrained / fine-tuned / merged models from a config", _config_args("eval")),
+    ("sweep", _cmd_sweep, "run a merging experiment (subsets, grids, ...) from a config", _config_args("sweep")),
+    ("methods", _cmd_methods, "list merge methods, their hyper-parameters and requirements", lambda p: None),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bcjax", description="Model Breadcrumbs and model merging in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="pretrained ViT → 8 offline fine-tunes → merge with every method → report")
-    d.add_argument("--out", default="demo_out", help="output folder (results.json, report.md, PNG plots)")
-    d.add_argument("--quick", action="store_true", help="fewer tasks, steps and images (minutes; used by CI)")
-    d.add_argument("--cache-dir", default=None, help="cache folder (default $BCJAX_CACHE or ~/.cache/bcjax)")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars or stage lines")
-    d.set_defaults(fn=_cmd_demo)
-    for name, fn, what in (("finetune", _cmd_finetune, "fine-tune one model per task from a config (CLIP, T5)"),
-                           ("eval", _cmd_eval, "evaluate pretrained / fine-tuned / merged models from a config"),
-                           ("sweep", _cmd_sweep, "run a merging experiment (subsets, grids, ...) from a config")):
+    for name, fn, what, add_arguments in COMMANDS:
         c = sub.add_parser(name, help=what)
-        c.add_argument("--config", required=True, help="YAML file (see configs/)")
-        c.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config entry, e.g. --set train.steps=100 (repeatable)")
-        c.add_argument("--out", default=f"{name}_out", help="output folder")
-        c.add_argument("--cache-dir", default=None, help="cache folder (default $BCJAX_CACHE or ~/.cache/bcjax)")
-        c.add_argument("--no-progress", action="store_true", help="no progress bars")
+        add_arguments(c)
         c.set_defaults(fn=fn)
-    m = sub.add_parser("methods", help="list merge methods and their hyper-parameters")
-    m.set_defaults(fn=_cmd_methods)
     return p
 
 

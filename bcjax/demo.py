@@ -32,13 +32,13 @@ with requires("demo"):
 
 from bcjax import evaluate, plots, sweeps
 from bcjax.fisher import diagonal_fisher
-from bcjax.merging import merge
+from bcjax.merging import get_method, merge
 from bcjax.models import heads as heads_lib
 from bcjax.results_store import ResultsStore
 from bcjax.train import TrainConfig, finetune
 
 __all__ = ["DemoConfig", "DemoContext", "setup", "finetune_tasks", "task_fishers", "merge_for_demo",
-           "select_and_test", "subset_sweep", "cosine_matrices", "run_demo", "validate_results", "render_report"]
+           "demo_suite", "requirement_suite", "select_and_test", "subset_sweep", "cosine_matrices", "run_demo", "validate_results", "render_report"]
 
 SUITE_NAME = "bcjax-offline-8 (DINOv2 ViT-S/14)"
 
@@ -133,7 +133,7 @@ def make_classifier(model_config, scale: float):
     return feats, predict, loss
 
 
-class _Log:
+class StageLog:
     def __init__(self, progress: bool):
         self.progress, self.t0, self.timings = progress, time.perf_counter(), {}
         self._last = self.t0
@@ -144,17 +144,6 @@ class _Log:
         self._last = now
         if self.progress:
             print(f"[{now - self.t0:7.1f}s] {stage}{': ' + msg if msg else ''}", flush=True)
-
-
-def _bar(items, desc, progress, total=None):
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False, dynamic_ncols=True, total=total)
-
-
-_FISHER_METHODS = ("fisher", "gradient_matching")
 
 
 # ----------------------------------------------------------------------------- steps
@@ -170,7 +159,7 @@ class DemoContext:
     heads: dict
     predict: Callable
     loss: Callable
-    log: "_Log"
+    log: "StageLog"
     store: ResultsStore
 
     def cached(self, kind: str, compute: Callable, **config):
@@ -199,7 +188,7 @@ def setup(cfg: DemoConfig, cache_root: str, *, progress: bool = True) -> DemoCon
     from bcjax.data.suite import load_suite
     from bcjax.models import dinov2
 
-    log = _Log(progress)
+    log = StageLog(progress)
     log("start", f"{len(cfg.tasks)} tasks at {cfg.resolution}px, config {cfg.fingerprint()}")
     model_config, params0 = dinov2.load_pretrained(cache_root)
     log("backbone", f"DINOv2 ViT-S/14, {dinov2.count_params(params0) / 1e6:.1f}M parameters")
@@ -254,42 +243,70 @@ def task_fishers(ctx: DemoContext, finetuned: Sequence) -> list:
     return out
 
 
-def merge_for_demo(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Sequence, fishers: Sequence | None):
-    """``bcjax.merge`` with the demo's fixed extras (PRNG key, Fishers, data-set sizes)."""
-    hp = dict(hparams)
-    if method in ("random_sparse", "dare"):
-        hp["key"] = jax.random.key(ctx.cfg.seed)
-    if method in ("fisher", "gradient_matching"):
-        hp["fishers"] = fishers
-    if method == "gradient_matching":
-        hp["dataset_sizes"] = [ctx.task(t).sizes["train"] for t in ctx.names]
-    return merge(method, ctx.params0, finetuned, **hp)
+def requirement_suite(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequence] | None = None):
+    """The demo's models as a :class:`bcjax.experiments.ModelSuite` that provides what merge
+    methods require (per-task Fishers from ``fishers()``, called only when a method needs them,
+    and training-set sizes)."""
+    from bcjax.experiments import ModelSuite
+
+    names = ctx.names
+    provides = {"dataset_sizes": lambda t: ctx.task(t).sizes["train"]}
+    if fishers is not None:
+        provides["fishers"] = lambda t: fishers()[names.index(t)]
+    return ModelSuite(name=SUITE_NAME, tasks=tuple(names), pretrained=ctx.params0, finetuned=tuple(finetuned),
+                      evaluate=None, fingerprint=ctx.cfg.finetune_fingerprint(), provides=provides)
+
+
+def merge_for_demo(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Sequence,
+                   fishers: Callable[[], Sequence] | Sequence | None):
+    """``bcjax.merge`` with what the method requires (PRNG key from the config's seed, Fishers,
+    data-set sizes), resolved by :func:`bcjax.experiments.engine.method_inputs`."""
+    from bcjax.experiments.engine import method_inputs
+
+    if fishers is not None and not callable(fishers):
+        fishers = (lambda given: lambda: given)(list(fishers))
+    suite = requirement_suite(ctx, finetuned, fishers)
+    return merge(method, ctx.params0, finetuned, **method_inputs(suite, method, hparams, ctx.names, seed=ctx.cfg.seed))
+
+
+def demo_suite(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequence] | None = None, *,
+               examples: int | None = None):
+    """The demo's models as a :class:`bcjax.experiments.ModelSuite` for the engine's experiments.
+
+    ``evaluate`` scores on the first ``examples`` images of a split (all when None): a single
+    model with the single-model path (:meth:`DemoContext.accuracy`), a stack of models vmapped
+    ``models_per_call`` at a time. Provides Fishers (``fishers()``, called only when a method
+    needs them) and training-set sizes; the seed of key-requiring methods is the config's."""
+    from bcjax.experiments import ModelSuite
+    from bcjax.experiments.suite import fingerprint
+
+    cfg = ctx.cfg
+
+    def evaluate_stack(stacked, task, split):
+        if jax.tree.leaves(stacked)[0].shape[0] == 1:
+            return np.array([ctx.accuracy(jax.tree.map(lambda x: x[0], stacked), task, split, examples)])
+        x, y = ctx.task(task).splits[split]
+        n = examples or len(y)
+        return evaluate.accuracy_of_stack(ctx.predict, stacked, x[:n], y[:n], batch_size=cfg.eval_batch,
+                                          models_per_call=cfg.models_per_call, predict_args=ctx.heads[task])
+
+    base = requirement_suite(ctx, finetuned, fishers)
+    return dataclasses.replace(base, evaluate=evaluate_stack, models_per_call=cfg.models_per_call, seed=cfg.seed,
+                               fingerprint=fingerprint(dict(demo=cfg.eval_tag(), examples=examples)))
 
 
 def select_and_test(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequence], finetuned_val: Mapping,
                     finetuned_acc: Mapping, *, progress: bool = True) -> tuple[dict, dict]:
-    """Per method: the grid scored on *validation*, the best point evaluated on *test*.
-    ``fishers`` is called only if a Fisher-based point is not in the results store."""
-    methods_out, val_scores = {}, {}
+    """Per method: the grid scored on *validation*, the best point evaluated on *test* — the
+    engine's select-on-val-then-test (:func:`bcjax.experiments.select_and_test`) over
+    ``cfg.grids``. ``fishers`` is called only if a Fisher-based point is not in the results
+    store. (``finetuned_val`` / ``finetuned_acc``: the references, recomputed identically.)"""
+    from bcjax.experiments import MethodSpec
+    from bcjax.experiments import select_and_test as engine_select
 
-    def scored(method, hp, split):
-        return ctx.cached("merged_accuracy", lambda: ctx.accuracies(
-            merge_for_demo(ctx, method, hp, finetuned, fishers() if method in _FISHER_METHODS else None), split),
-            method=method, hparams=_jsonable(hp), split=split)
-
-    for method, hps in _bar(ctx.cfg.grids, "methods (val grid)", progress):
-        best = None
-        for hp in hps:
-            acc = scored(method, hp, "val")
-            score = float(np.mean(list(evaluate.normalized_accuracy(acc, finetuned_val).values())))
-            val_scores.setdefault(method, []).append({"hparams": _jsonable(hp), "val_avg_normalized_acc": score})
-            if best is None or score > best[0]:
-                best = (score, hp)
-        acc = scored(method, best[1], "test")
-        norm = evaluate.normalized_accuracy(acc, finetuned_acc)
-        methods_out[method] = {"hparams": _jsonable(best[1]), "acc": acc, "normalized_acc": norm,
-                               "avg_normalized_acc": float(np.mean(list(norm.values()))),
-                               "avg_acc": float(np.mean(list(acc.values()))), "val_avg_normalized_acc": best[0]}
+    specs = [MethodSpec(method, {}, settings=tuple(hps)) for method, hps in ctx.cfg.grids]
+    res = engine_select(demo_suite(ctx, finetuned, fishers), ctx.store, methods=specs, progress=progress)
+    methods_out, val_scores = res["methods"], res["validation_grid"]
     ctx.log("methods", f"{sum(len(h) for _, h in ctx.cfg.grids)} merges scored on val; best of each on test: " +
             " ".join(f"{m}={100 * r['avg_normalized_acc']:.1f}" for m, r in methods_out.items()))
     return methods_out, val_scores
@@ -297,32 +314,15 @@ def select_and_test(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[],
 
 def subset_sweep(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Sequence, *,
                  progress: bool = True) -> tuple[dict, dict]:
-    """Curves (observed-task and all-task protocols) over all subsets of the tasks; every
-    merged model comes from one contraction per leaf, ``models_per_call`` vmapped at a time."""
-    cfg, names = ctx.cfg, ctx.names
-    ind = sweeps.all_subsets(len(names), cfg.subset_sizes)
-    n = cfg.subset_eval_examples
-    refs = {t: ctx.accuracy(p, t, "test", n) for t, p in zip(names, finetuned)}
-    point = lambda row: dict(method=method, hparams=_jsonable(hparams), subset=[int(v) for v in row])  # noqa: E731
-    todo = [i for i in range(len(ind)) if dict(kind="subset_accuracy", eval=cfg.eval_tag(), **point(ind[i]))
-            not in ctx.store]
-    if todo:
-        deltas = sweeps.task_deltas(method, ctx.params0, finetuned,
-                                    **{k: v for k, v in hparams.items() if k != "alpha"})
-        chunks = sweeps.iter_subset_merges(ctx.params0, deltas, ind[todo], hparams["alpha"], cfg.models_per_call)
-        total = -(-len(todo) // cfg.models_per_call)
-        for start, stacked in _bar(chunks, f"subsets {method}", progress, total=total):  # lazily: one chunk in memory
-            rows = todo[start:start + cfg.models_per_call]
-            accs = {}
-            for t in names:
-                x, y = ctx.task(t).splits["test"]
-                accs[t] = evaluate.accuracy_of_stack(ctx.predict, stacked, x[:n], y[:n], batch_size=cfg.eval_batch,
-                                                     models_per_call=cfg.models_per_call, predict_args=ctx.heads[t])
-            for j, i in enumerate(rows):
-                ctx.cached("subset_accuracy", lambda j=j: {t: float(accs[t][j]) for t in names}, **point(ind[i]))
-    scores = {i: {t: a / max(refs[t], 1e-9) for t, a in ctx.cached("subset_accuracy", None, **point(row)).items()}
-              for i, row in enumerate(ind)}
-    return sweeps.subset_curve(ind, scores, names, "observed"), sweeps.subset_curve(ind, scores, names, "all")
+    """Curves (observed-task and all-task protocols) over all subsets of the tasks — the engine's
+    subsets experiment (:func:`bcjax.experiments.subsets_experiment`) on the first
+    ``subset_eval_examples`` test images; linear methods use one contraction per leaf."""
+    from bcjax.experiments import subsets_experiment
+
+    suite = demo_suite(ctx, finetuned, examples=ctx.cfg.subset_eval_examples)
+    res = subsets_experiment(suite, ctx.store, methods=[(method, dict(hparams))], sizes=ctx.cfg.subset_sizes,
+                             split="test", chunk=ctx.cfg.models_per_call, progress=progress)
+    return res["methods"][method]["observed"], res["methods"][method]["all"]
 
 
 def cosine_matrices(ctx: DemoContext, finetuned: Sequence, beta: float, gamma: float) -> dict[str, np.ndarray]:
@@ -356,11 +356,12 @@ def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = N
     methods_out, val_scores = select_and_test(ctx, finetuned, fishers, finetuned_val, finetuned_acc, progress=progress)
 
     subsets, subsets_all = {}, {}
-    for method in sweeps.LINEAR_METHODS:
+    linear = [m for m in methods_out if get_method(m).linear]  # one contraction per leaf serves all subsets
+    for method in linear:
         subsets[method], subsets_all[method] = subset_sweep(ctx, method, methods_out[method]["hparams"], finetuned,
                                                             progress=progress)
     log("subsets", f"{len(sweeps.all_subsets(len(names), cfg.subset_sizes))} subsets x "
-        f"{len(sweeps.LINEAR_METHODS)} methods, {cfg.subset_eval_examples} test images per task")
+        f"{len(linear)} methods, {cfg.subset_eval_examples} test images per task")
     bc = methods_out["breadcrumbs"]["hparams"]
     cos = cosine_matrices(ctx, finetuned, bc["beta"], bc["gamma"])
     log("cosine", ", ".join(f"{k}: mean off-diagonal {_offdiag(v):.4f}" for k, v in cos.items()))

@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["accuracy", "accuracy_of_stack", "correctness", "correctness_of_stack", "normalized_accuracy",
-           "stack_trees", "unstack_tree"]
+from bcjax.batching import pad_rows
+
+__all__ = ["accuracy", "accuracy_of_stack", "correctness", "correctness_of_stack",
+           "normalized_accuracy", "stack_trees", "unstack_tree"]
 
 Predict = Callable[[Any, jax.Array], jax.Array]
 
@@ -24,10 +26,7 @@ def _batches(n: int, batch_size: int):
 
 
 def _padded(x: np.ndarray, size: int) -> np.ndarray:
-    if len(x) == size:
-        return x
-    pad = np.repeat(x[-1:], size - len(x), axis=0)
-    return np.concatenate([x, pad])
+    return pad_rows(x, size)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -86,9 +85,7 @@ def accuracy_of_stack(predict: Predict, stacked_params: Any, inputs: np.ndarray,
 
 
 def _pad_models(x, size):
-    if x.shape[0] == size:
-        return x
-    return jnp.concatenate([jnp.asarray(x), jnp.repeat(jnp.asarray(x)[-1:], size - x.shape[0], 0)])
+    return pad_rows(jnp.asarray(x), size)
 
 
 @functools.partial(jax.jit, static_argnums=0)

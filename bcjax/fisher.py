@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax.batching import pad_rows
+
 __all__ = ["diagonal_fisher"]
 
 
@@ -40,7 +42,7 @@ def diagonal_fisher(predict: Callable, params: Any, inputs: np.ndarray, key: jax
         valid = np.ones(batch_size, bool)
         if len(x) < batch_size:
             valid[len(x):] = False
-            x = np.concatenate([x, np.repeat(x[-1:], batch_size - len(x), 0)])
+            x = pad_rows(x, batch_size)
         keys = jax.random.split(jax.random.fold_in(key, s), batch_size)
         part = _sum_sq_grads(predict, params, x, keys, valid, tuple(predict_args))
         total = part if total is None else jax.tree.map(jnp.add, total, part)

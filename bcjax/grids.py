@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bcjax import order_stats
+from bcjax.batching import pad_rows
 from bcjax.masks import breadcrumbs_counts, check_beta_gamma
 from bcjax.tree import compute_dtype, merged_leaf_flags, validate_models
 
@@ -242,9 +243,7 @@ def iter_grid_merges(pretrained, finetuned, alphas, betas, gammas, *, exclude=No
     for start in range(0, len(points), size):
         w, gi = weights[start:start + size], gidx[start:start + size]
         n = len(w)
-        if n < size:
-            w = np.concatenate([w, np.repeat(w[-1:], size - n, 0)])
-            gi = np.concatenate([gi, np.repeat(gi[-1:], size - n, 0)])
+        w, gi = pad_rows(w, size), pad_rows(gi, size)
         yield start, weighted_masked_merges(pretrained, taus, thresholds, w, gi, kernel=kernel), \
             points[start:start + n]
 

@@ -32,42 +32,92 @@ from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_ro
 from bcjax.tree import (PyTree, all_finite, check_finite, compute_dtype, is_tracing, keystr, merged_leaf_flags,
                         validate_models)
 
-__all__ = ["MergeMethod", "register_method", "methods", "get_method", "merge", "map_merged_leaves",
-           "propagates_nonfinite", "enable_compilation_cache"]
+__all__ = ["MergeMethod", "REQUIREMENTS", "register_method", "unregister_method", "methods", "get_method", "merge",
+           "map_merged_leaves", "propagates_nonfinite", "enable_compilation_cache", "ties_thresholds",
+           "ties_elected_vectors"]
 
 
 # --------------------------------------------------------------------------- registry
+#: What a method may need besides its hyper-parameters. Each name is also the keyword
+#: argument the method receives; a runner (``bcjax.experiments``) obtains the value from the
+#: model suite (:meth:`bcjax.experiments.ModelSuite.requirement`), never by naming a method.
+#: Every entry but ``key`` is per task: a list with one value per fine-tuned model passed to
+#: the method, in order (so a method merging a subset gets exactly its members' values).
+REQUIREMENTS: dict[str, str] = {
+    "key": "a jax.random key (configs give an integer `seed`, default 0)",
+    "fishers": "per task: a diagonal-Fisher tree shaped like θ0 (non-negative)",
+    "dataset_sizes": "per task: the number of training examples (scales the Fishers)",
+    "grams": "per task: per-layer Gram matrices X^T X of the layer inputs, a tree keyed like θ0's "
+             "linear kernels (RegMean)",
+    "unlabeled_batches": "per task: an iterable of unlabeled input batches (test-time adaptation, "
+                         "e.g. AdaMerging)",
+    "labeled_batches": "per task: an iterable of (inputs, labels) batches",
+    "model_fn": "per task: logits(params, inputs) with that task's head (test-time adaptation, "
+                "e.g. AdaMerging)",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class MergeMethod:
     """A registered merge method: its function and hyper-parameters with defaults
-    (``inspect.Parameter.empty`` for required ones)."""
+    (``inspect.Parameter.empty`` for required ones).
+
+    ``requires`` names what the method needs besides hyper-parameters (keys of
+    :data:`REQUIREMENTS`); each is passed as the keyword argument of that name. ``linear`` is
+    True when the merge of any subset S is θ0 + α Σ_{t∈S} Δt with Δt independent of S (then
+    subset sweeps use one contraction per leaf, :func:`bcjax.sweeps.task_deltas`)."""
 
     name: str
     fn: Callable
     hparams: dict[str, Any]
     summary: str
+    requires: tuple[str, ...] = ()
+    linear: bool = False
 
     def __repr__(self):
-        hp = ", ".join(k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in self.hparams.items())
-        return f"{self.name}({hp})"
+        hp = ", ".join(k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in self.hparams.items()
+                       if k not in self.requires)
+        needs = f" requires {', '.join(self.requires)}" if self.requires else ""
+        return f"{self.name}({hp}){needs}"
+
+    @property
+    def tunable(self) -> dict[str, Any]:
+        """Hyper-parameters proper: ``hparams`` less the requirements."""
+        return {k: v for k, v in self.hparams.items() if k not in self.requires}
 
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
 
-def register_method(name: str | None = None):
+def register_method(name: str | None = None, *, requires: Sequence[str] = (), linear: bool = False):
     """Decorator registering ``fn(pretrained, finetuned, flags, *, **hparams)`` as a merge
-    method. Hyper-parameters are ``fn``'s keyword-only parameters."""
+    method. Hyper-parameters are ``fn``'s keyword-only parameters; ``requires`` lists those
+    that are not tuned but supplied by the runner (names in :data:`REQUIREMENTS`, each a
+    keyword-only parameter of ``fn``); ``linear`` marks methods linear in the task vectors."""
 
     def deco(fn):
         key = name or fn.__name__
         sig = inspect.signature(fn)
         hp = {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        unknown = [r for r in requires if r not in REQUIREMENTS]
+        if unknown:
+            raise ValueError(f"register_method({key!r}): unknown requirement(s) {unknown}; known: "
+                             f"{sorted(REQUIREMENTS)}")
+        missing = [r for r in requires if r not in hp]
+        if missing:
+            raise ValueError(f"register_method({key!r}): requirement(s) {missing} must be keyword-only "
+                             "parameters of the method")
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
-        _REGISTRY[key] = MergeMethod(key, fn, hp, summary)
+        _REGISTRY[key] = MergeMethod(key, fn, hp, summary, tuple(requires), bool(linear))
         return fn
 
     return deco
+
+
+def unregister_method(name: str) -> MergeMethod:
+    """Remove a registered method (e.g. one a test registered) and return it."""
+    get_method(name)
+    return _REGISTRY.pop(name)
 
 
 def methods() -> dict[str, MergeMethod]:
@@ -250,7 +300,7 @@ def _weighted_task_sum(p0, fts, scales, alphas):
 
 
 # --------------------------------------------------------------------------- methods
-@register_method("task_arithmetic")
+@register_method("task_arithmetic", linear=True)
 @propagates_nonfinite
 def task_arithmetic(pretrained, finetuned, flags, *, alpha=1.0):
     """Task arithmetic (Ilharco et al.): θ* = θ0 + α Σt τt (α scalar or one per task)."""
@@ -312,7 +362,7 @@ def _breadcrumbs_row_leaf(p0, fts, alphas, beta, gamma, axis):
     return _nan_where_nonfinite(p + acc, [p, *fs]).astype(p0.dtype)
 
 
-@register_method("breadcrumbs")
+@register_method("breadcrumbs", linear=True)
 @propagates_nonfinite
 def breadcrumbs(pretrained, finetuned, flags, *, alpha=0.3, beta=0.9, gamma=0.99, granularity="tensor", axis=None):
     """Model Breadcrumbs (SPEC §2): θ* = θ0 + α Σt mt ⊙ τt, mt keeps ranks n_bot … n−n_top−1 of |τt| per leaf."""
@@ -357,14 +407,14 @@ def _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, rescale
     return map_merged_leaves(leaf, pretrained, finetuned, flags)
 
 
-@register_method("random_sparse")
+@register_method("random_sparse", requires=("key",))
 @propagates_nonfinite
 def random_sparse(pretrained, finetuned, flags, *, keep=0.1, alpha=0.3, key=None):
     """Random-sparsified TA (paper Table 1): θ* = θ0 + α Σt mt ⊙ τt, mt ~ Bernoulli(keep) per entry, no rescale."""
     return _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, False, "random_sparse")
 
 
-@register_method("dare")
+@register_method("dare", requires=("key",))
 @propagates_nonfinite
 def dare(pretrained, finetuned, flags, *, keep=0.1, alpha=0.3, key=None):
     """DARE: θ* = θ0 + α Σt mt ⊙ τt / keep, mt ~ Bernoulli(keep) per entry and task."""
@@ -454,7 +504,7 @@ def _fisher_leaf(p0, fts, fs, weights, eps):
     return _nan_where_nonfinite(out, [p, *(_upcast(ft, p0) for ft in fts)]).astype(p0.dtype)
 
 
-@register_method("fisher")
+@register_method("fisher", requires=("fishers",))
 @propagates_nonfinite
 def fisher(pretrained, finetuned, flags, *, fishers=None, weights=None, eps=1e-6):
     """Fisher merging (Matena & Raffel): θ* = Σt λt Ft θt / Σt λt Ft per entry, F floored at eps; plain mean where Σ λt Ft = 0."""
@@ -484,7 +534,7 @@ def _gradient_matching_leaf(p0, fts, hs, alphas, h0):
     return _nan_where_nonfinite(p + acc, [p, *(_upcast(ft, p0) for ft in fts)]).astype(p0.dtype)
 
 
-@register_method("gradient_matching")
+@register_method("gradient_matching", requires=("fishers", "dataset_sizes"))
 @propagates_nonfinite
 def gradient_matching(pretrained, finetuned, flags, *, fishers=None, alpha=1.0, h0=1.0, dataset_sizes=None):
     """Gradient matching (Daheim et al., eq. 10, diagonal): θ* = θ0 + Σt αt (H0+Ht)/H̄ τt, H̄ = H0 + Σt αt Ht."""

@@ -1,8 +1,10 @@
 """Figures like the paper's: subset curves (Fig. 2), cosine-similarity heatmaps (Fig. 8),
-per-task normalized accuracy. Matplotlib with the Agg backend; each function writes a PNG."""
+per-task normalized accuracy. Each function draws on a fresh :class:`matplotlib.figure.Figure`
+(no pyplot, no backend switch: importing bcjax never changes a notebook's plotting) and writes
+it to ``path`` as a PNG (returning the path), or returns the Figure when ``path`` is None."""
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -11,21 +13,26 @@ from bcjax._optional import requires
 __all__ = ["subset_curves", "cosine_heatmaps", "per_task_bars", "grid_heatmap", "violins"]
 
 
-def _plt():
+def _figure(figsize):
     with requires("demo"):
-        import matplotlib
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=figsize)
 
 
-def subset_curves(curves: Mapping[str, Mapping[int, float]], path: str, *, title: str = "",
-                  ylabel: str = "avg normalized accuracy (%)") -> str:
+def _finish(fig, path):
+    fig.tight_layout()
+    if path is None:
+        return fig
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def subset_curves(curves: Mapping[str, Mapping[int, float]], path: str | None, *, title: str = "",
+                  ylabel: str = "avg normalized accuracy (%)") -> Any:
     """One line per method: x = number of merged tasks, y = mean over subsets of that size."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = _figure((5.5, 4))
+    ax = fig.subplots()
     for name, curve in curves.items():
         ks = sorted(int(k) for k in curve)
         ax.plot(ks, [100 * curve[k] if k in curve else 100 * curve[str(k)] for k in ks], marker="o", label=name)
@@ -35,17 +42,14 @@ def subset_curves(curves: Mapping[str, Mapping[int, float]], path: str, *, title
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
-def cosine_heatmaps(matrices: Mapping[str, np.ndarray], tasks: Sequence[str], path: str) -> str:
+def cosine_heatmaps(matrices: Mapping[str, np.ndarray], tasks: Sequence[str], path: str | None) -> Any:
     """Side-by-side heatmaps of cos(τi, τj), e.g. raw vs Breadcrumbs-masked."""
-    plt = _plt()
     n = len(matrices)
-    fig, axes = plt.subplots(1, n, figsize=(4.6 * n, 4.2), squeeze=False)
+    fig = _figure((4.6 * n, 4.2))
+    axes = fig.subplots(1, n, squeeze=False)
     vmax = max(float(np.max(np.abs(m - np.eye(len(m))))) for m in matrices.values()) or 1.0
     for ax, (name, m) in zip(axes[0], matrices.items(), strict=True):
         shown = np.where(np.eye(len(m), dtype=bool), np.nan, m)  # the diagonal (1) would swamp the scale
@@ -57,17 +61,14 @@ def cosine_heatmaps(matrices: Mapping[str, np.ndarray], tasks: Sequence[str], pa
                 ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6)
         ax.set_title(f"{name}: cos(τi, τj)")
         fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
-def per_task_bars(values: Mapping[str, Mapping[str, float]], tasks: Sequence[str], path: str, *,
-                  ylabel: str = "normalized accuracy (%)") -> str:
+def per_task_bars(values: Mapping[str, Mapping[str, float]], tasks: Sequence[str], path: str | None, *,
+                  ylabel: str = "normalized accuracy (%)") -> Any:
     """Grouped bars: one group per task, one bar per method."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks)), 4))
+    fig = _figure((max(6, 1.2 * len(tasks)), 4))
+    ax = fig.subplots()
     width = 0.8 / max(len(values), 1)
     for i, (name, per_task) in enumerate(values.items()):
         ax.bar(np.arange(len(tasks)) + i * width, [100 * per_task[t] for t in tasks], width, label=name)
@@ -75,17 +76,14 @@ def per_task_bars(values: Mapping[str, Mapping[str, float]], tasks: Sequence[str
     ax.set_ylabel(ylabel)
     ax.axhline(100, color="k", lw=0.6)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
-def grid_heatmap(values: np.ndarray, rows: Sequence, cols: Sequence, path: str, *, row_label: str,
-                 col_label: str, title: str = "") -> str:
+def grid_heatmap(values: np.ndarray, rows: Sequence, cols: Sequence, path: str | None, *, row_label: str,
+                 col_label: str, title: str = "") -> Any:
     """Fig. 9-style heatmap of a score over a 2-D hyper-parameter grid."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(1 + 0.9 * len(cols), 1 + 0.6 * len(rows)))
+    fig = _figure((1 + 0.9 * len(cols), 1 + 0.6 * len(rows)))
+    ax = fig.subplots()
     values = np.asarray(values, float)
     im = ax.imshow(values, cmap="viridis")
     ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
@@ -98,19 +96,16 @@ def grid_heatmap(values: np.ndarray, rows: Sequence, cols: Sequence, path: str, 
                 ax.text(j, i, f"{100 * values[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w")
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)
 
 
-def violins(distributions: Mapping[str, Sequence[float]], path: str, *, title: str = "",
-            ylabel: str = "avg normalized accuracy (%)") -> str:
+def violins(distributions: Mapping[str, Sequence[float]], path: str | None, *, title: str = "",
+            ylabel: str = "avg normalized accuracy (%)") -> Any:
     """Fig. 7-style violins: one per masking variant (or method), the distribution of a score
     over grid points or subsets; the points themselves are overlaid."""
-    plt = _plt()
     names = [k for k, v in distributions.items() if len(v)]
-    fig, ax = plt.subplots(figsize=(1.5 + 1.4 * len(names), 4))
+    fig = _figure((1.5 + 1.4 * len(names), 4))
+    ax = fig.subplots()
     data = [100 * np.asarray(distributions[k], float) for k in names]
     multi = [i for i, d in enumerate(data) if len(d) > 1]
     if multi:
@@ -121,7 +116,4 @@ def violins(distributions: Mapping[str, Sequence[float]], path: str, *, title: s
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, path)

@@ -112,7 +112,7 @@ def _check_grams(pretrained, grams, flags, num_tasks: int) -> dict[int, list]:
     return out
 
 
-@register_method("regmean")
+@register_method("regmean", requires=("grams",))
 def regmean(pretrained, finetuned, flags, *, grams=None, nondiag=0.95, jitter=0.0):
     """RegMean (Jin et al., SPEC §3): W* = (Σt G̃t)⁻¹ Σt G̃t Wt per 2-D kernel with Grams, G̃t = off-diagonals × nondiag; other leaves the simple average.
 

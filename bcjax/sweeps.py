@@ -1,7 +1,7 @@
 """Experiments over many merged models as compiled programs (SPEC §4).
 
-*Subset sweeps*: for a method whose masks are computed per task independently
-(task arithmetic, Breadcrumbs), θ*(S) = θ0 + α Σ_{t∈S} Δt with Δt = mt ⊙ τt, so the merged
+*Subset sweeps*: for a method registered ``linear=True`` (its masks are computed per task
+independently: task arithmetic, Breadcrumbs), θ*(S) = θ0 + α Σ_{t∈S} Δt with Δt = mt ⊙ τt, so the merged
 parameters of every subset S come from one contraction per leaf,
 ``θ0 + α · (indicator[S, T] @ Δ[T, ...])``, computed a chunk of subsets at a time and
 evaluated with the models vmapped (:func:`bcjax.evaluate.accuracy_of_stack`).
@@ -15,14 +15,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bcjax.merging import merge
+from bcjax.batching import pad_rows
+from bcjax.merging import get_method, merge, methods
 from bcjax.tree import compute_dtype, is_floating
 
-__all__ = ["LINEAR_METHODS", "all_subsets", "task_deltas", "subset_merges", "iter_subset_merges",
+__all__ = ["is_linear", "all_subsets", "task_deltas", "subset_merges", "iter_subset_merges",
            "subset_curve", "cosine_similarity_matrix"]
 
-#: Methods whose merge of a subset is θ0 + α Σ_{t∈S} Δt with Δt independent of S.
-LINEAR_METHODS = ("task_arithmetic", "breadcrumbs")
+
+def is_linear(method: str) -> bool:
+    """Whether ``method``'s merge of a subset S is θ0 + α Σ_{t∈S} Δt with Δt independent of S
+    (registered with ``linear=True``, :func:`bcjax.register_method`)."""
+    return get_method(method).linear
 
 
 def all_subsets(num_tasks: int, sizes: Sequence[int] | None = None) -> np.ndarray:
@@ -42,10 +46,11 @@ def all_subsets(num_tasks: int, sizes: Sequence[int] | None = None) -> np.ndarra
 
 def task_deltas(method: str, pretrained: Any, finetuned: Sequence[Any], **hparams) -> Any:
     """Stacked Δt (leading axis T) such that the method's merge of any subset S is
-    θ0 + α Σ_{t∈S} Δt: τt for task arithmetic, mt ⊙ τt for Breadcrumbs. Non-merged
-    leaves get zeros."""
-    if method not in LINEAR_METHODS:
-        raise ValueError(f"subset contraction needs a per-task-linear method {LINEAR_METHODS}, got {method!r}")
+    θ0 + α Σ_{t∈S} Δt: τt for task arithmetic, mt ⊙ τt for Breadcrumbs (any method
+    registered ``linear=True``). Non-merged leaves get zeros."""
+    if not is_linear(method):
+        linear = sorted(n for n, m in methods().items() if m.linear)
+        raise ValueError(f"subset contraction needs a per-task-linear method {linear}, got {method!r}")
     hp = {k: v for k, v in hparams.items() if k != "alpha"}
     singles = [merge(method, pretrained, [ft], alpha=1.0, **hp) for ft in finetuned]
 
@@ -80,7 +85,7 @@ def iter_subset_merges(pretrained, deltas, indicator: np.ndarray, alpha, chunk: 
     for start in range(0, s, chunk):
         rows = indicator[start:start + chunk]
         if len(rows) < chunk:
-            rows = np.concatenate([rows, np.repeat(rows[-1:], chunk - len(rows), 0)])
+            rows = pad_rows(rows, chunk)
         yield start, subset_merges(pretrained, deltas, rows, alpha)
 
 

@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import os
 import types
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,8 @@ from bcjax._optional import requires
 with requires("train"):
     import optax
 
-__all__ = ["TrainConfig", "make_optimizer", "batch_indices", "data_mesh", "finetune", "FinetuneResult"]
+__all__ = ["train_config_from_dict", "TrainConfig", "make_optimizer", "batch_indices", "data_mesh", "finetune",
+           "FinetuneResult"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,27 @@ class TrainConfig:
             raise ValueError(f"warmup_steps must lie in [0, steps={self.steps}], got {self.warmup_steps}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def train_config_from_dict(values: Mapping | None, *, base: TrainConfig | None = None, where: str = "train",
+                          ignore: Sequence[str] = (), **fixed) -> TrainConfig:
+    """A :class:`TrainConfig` from a config section: ``base``'s fields (default: the paper's)
+    updated by ``values`` and ``fixed``; keys in ``ignore`` are skipped (e.g. a pipeline's own
+    ``seeds``). Unknown keys and invalid values raise :class:`bcjax.config.ConfigError`
+    prefixed with ``where`` (e.g. ``"configs/x.yaml: train"``)."""
+    from bcjax.config import ConfigError
+
+    values = dict(values or {})
+    allowed = {f.name for f in dataclasses.fields(TrainConfig)}
+    bad = sorted(set(values) - allowed - set(ignore))
+    if bad:
+        raise ConfigError(f"{where}: unknown key(s) {bad}; allowed: {sorted(allowed | set(ignore))}")
+    merged = {**dataclasses.asdict(base or TrainConfig()), **{k: v for k, v in values.items() if k in allowed},
+              **fixed}
+    try:
+        return TrainConfig(**merged)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:

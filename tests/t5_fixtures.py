@@ -2,7 +2,7 @@
 ``tiny_assets`` is idempotent in the session's base temp folder)."""
 import pytest
 
-from bcjax.pipelines.t5_offline import tiny_assets
+from bcjax.testing.t5_offline import tiny_assets
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from bcjax.data import vision
 from bcjax.errors import BcjaxError, TreeMismatchError
 from bcjax.models import clip as clip_lib
 from bcjax.pipelines import clip as pipeline
-from bcjax.pipelines import clip_tiny
+from bcjax.testing import clip_tiny
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +325,15 @@ def test_cli_finetune_then_eval(tiny, tmp_path, monkeypatch, capsys):
     t = suite.tasks[1]
     accs = suite.evaluate(stack_trees([suite.pretrained, suite.finetuned[1]]), t, "test")
     np.testing.assert_allclose(accs, [ev["zero_shot"][t], ev["finetuned"][t]])
+    # every method runs on CLIP: Fishers and sizes come from the suite, the PRNG key from `seed`
+    from bcjax.experiments import parse_methods, select_and_test
+    from bcjax.results_store import ResultsStore
+
+    specs = parse_methods({"methods": [{"name": "fisher"}, {"name": "gradient_matching", "alpha": 0.5},
+                                       {"name": "dare", "keep": 0.5, "seed": 1}]})
+    res = select_and_test(suite, ResultsStore(None), methods=specs, progress=False)
+    assert set(res["methods"]) == {"fisher", "gradient_matching", "dare"}
+    assert all(0 <= r["avg_acc"] <= 1 for r in res["methods"].values())
     capsys.readouterr()
     # bad inputs: one clear line, exit code 2
     bad = dict(tiny, data={**tiny["data"], "tasks": ["imagenet"]})

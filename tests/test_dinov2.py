@@ -58,7 +58,7 @@ def counting_converter(monkeypatch, converted):
 
 
 def _leaves(params):
-    return dict(dinov2._flatten(params))
+    return dict(dinov2.flatten_params(params))
 
 
 def _assert_same_params(a, b):
@@ -85,7 +85,7 @@ def test_config_derived_from_graph(converted):
 @needs_weights
 def test_every_parameter_filled_with_right_shape(converted):
     config, params = converted
-    expected = dict(dinov2._flatten(dinov2.param_shapes(config)))
+    expected = dict(dinov2.flatten_params(dinov2.param_shapes(config)))
     got = _leaves(params)
     assert got.keys() == expected.keys()
     for key, value in got.items():
@@ -100,11 +100,11 @@ def test_every_parameter_filled_with_right_shape(converted):
 def test_shape_check_names_the_problem():
     expected = {("a", "kernel"): (2, 3), ("a", "bias"): (3,)}
     with pytest.raises(dinov2.Dinov2ConversionError, match=r"unfilled: \['a/bias'\]"):
-        dinov2._check_against_expected({("a", "kernel"): np.zeros((2, 3))}, expected)
+        dinov2.check_against_expected({("a", "kernel"): np.zeros((2, 3))}, expected)
     with pytest.raises(dinov2.Dinov2ConversionError, match=r"a/kernel: got \(3, 2\), expected \(2, 3\)"):
-        dinov2._check_against_expected({("a", "kernel"): np.zeros((3, 2)), ("a", "bias"): np.zeros(3)}, expected)
+        dinov2.check_against_expected({("a", "kernel"): np.zeros((3, 2)), ("a", "bias"): np.zeros(3)}, expected)
     with pytest.raises(dinov2.Dinov2ConversionError, match=r"unexpected: \['b'\]"):
-        dinov2._check_against_expected({("a", "kernel"): np.zeros((2, 3)), ("a", "bias"): np.zeros(3), ("b",): 0}, expected)
+        dinov2.check_against_expected({("a", "kernel"): np.zeros((2, 3)), ("a", "bias"): np.zeros(3), ("b",): 0}, expected)
 
 
 @needs_weights
@@ -206,9 +206,9 @@ def test_forward_is_differentiable_in_params(converted):
 
 
 def test_bicubic_matrix_matches_known_properties():
-    m = dinov2._bicubic_matrix(37, 4)
+    m = dinov2.bicubic_matrix(37, 4)
     np.testing.assert_allclose(m.sum(axis=1), 1.0, atol=1e-6)  # partition of unity
-    np.testing.assert_array_equal(dinov2._bicubic_matrix(5, 5), np.eye(5, dtype=np.float32))
+    np.testing.assert_array_equal(dinov2.bicubic_matrix(5, 5), np.eye(5, dtype=np.float32))
     table = jnp.arange(1 * 10 * 2, dtype=jnp.float32).reshape(1, 10, 2)  # CLS + 3x3 grid
     out = dinov2.interpolate_position_embeddings(table, (2, 4))
     assert out.shape == (1, 9, 2)

@@ -57,7 +57,7 @@ def test_subset_builder_equals_core_merges(suite, method, hp):
     from bcjax import sweeps
 
     ind = sweeps.all_subsets(len(suite.tasks))
-    build = E._method_builder(suite, method, hp, ind)
+    build = E.method_builder(suite, method, hp, ind)
     idx = np.array([0, 3, 7, 15])
     for j, tree in enumerate(unstack_tree(build(idx))):
         members = [f for f, on in zip(suite.finetuned, ind[idx[j]], strict=True) if on]
@@ -72,7 +72,7 @@ def test_grid_builder_equals_core_merges_exactly(suite):
     pairs = grids.beta_gamma_pairs([0.0, 0.7], [0.95, 1.0])
     points = [(a, b, g) for b, g in pairs for a in (0.5, 1.0)]
     rows = np.tile(sweeps.all_subsets(4, [2]), (len(points), 1))[: len(points)]
-    build = E._grid_builder(suite, pairs, points, rows, np.arange(len(points)))
+    build = E.grid_builder(suite, pairs, points, rows, np.arange(len(points)))
     for j, tree in enumerate(unstack_tree(build(np.arange(len(points))))):
         a, b, g = points[j]
         members = [f for f, on in zip(suite.finetuned, rows[j], strict=True) if on]
@@ -230,8 +230,8 @@ def test_subsets_sweep_on_a_mesh_is_bit_identical(suite, tmp_path):
     ind = sweeps.all_subsets(len(suite.tasks))
     hp = dict(alpha=0.4, beta=0.8, gamma=0.99)
     idx = np.array([1, 6, 11, 15])
-    plain = E._method_builder(suite, "breadcrumbs", hp, ind)(idx)
-    sharded = E._method_builder(suite, "breadcrumbs", hp, ind, mesh)(idx)
+    plain = E.method_builder(suite, "breadcrumbs", hp, ind)(idx)
+    sharded = E.method_builder(suite, "breadcrumbs", hp, ind, mesh)(idx)
     assert any(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(sharded))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -243,3 +243,158 @@ def test_subsets_sweep_on_a_mesh_is_bit_identical(suite, tmp_path):
     assert one["methods"] == eight["methods"]
     with pytest.raises(ConfigError, match="mesh.devices"):
         E.sweep_mesh({"mesh": {"devices": 99}})
+
+
+def test_every_registered_method_runs_through_select_with_its_requirements(suite):
+    """Requirements (PRNG key from `seed`, Fishers, data-set sizes) come from the suite; the
+    selected merge equals the core merge with those inputs."""
+    from bcjax.experiments.engine import method_inputs
+
+    specs = E.parse_methods({"methods": [{"name": n} for n in bcjax.methods()]})
+    res = E.select_and_test(suite, ResultsStore(None), methods=specs, progress=False)
+    assert set(res["methods"]) == set(bcjax.methods())
+    for name, r in res["methods"].items():
+        assert set(r["acc"]) == set(suite.tasks) and 0 < r["avg_normalized_acc"] < 2, name
+    hp = method_inputs(suite, "gradient_matching", {"alpha": 0.5}, list(suite.tasks))
+    assert len(hp["fishers"]) == 4 and hp["dataset_sizes"] == [96] * 4
+    assert method_inputs(suite, "gradient_matching", {}, ["task1"])["fishers"][0] is hp["fishers"][1]  # computed once
+    key_a = method_inputs(suite, "dare", {"seed": 3}, [])["key"]
+    np.testing.assert_array_equal(jax.random.key_data(key_a), jax.random.key_data(jax.random.key(3)))
+    build = E.method_builder(suite, "dare", {"keep": 0.5, "alpha": 0.3, "seed": 1}, np.ones((1, 4), bool))
+    expect = bcjax.merge("dare", suite.pretrained, list(suite.finetuned), keep=0.5, alpha=0.3, key=jax.random.key(1))
+    for a, b in zip(jax.tree.leaves(build(np.array([0]))), jax.tree.leaves(expect), strict=True):
+        np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b))
+
+
+def test_a_suite_without_fishers_names_the_missing_requirement(suite):
+    bare = E.ModelSuite(name="bare", tasks=suite.tasks, pretrained=suite.pretrained, finetuned=suite.finetuned,
+                        evaluate=suite.evaluate, fingerprint="bare")
+    with pytest.raises(E.MissingRequirementError, match="'fisher' requires 'fishers'.*'bare'"):
+        E.method_builder(bare, "fisher", {}, np.ones((1, 4), bool))(np.array([0]))
+
+
+def test_new_method_with_a_requirement_runs_without_runner_changes(suite):
+    """A method registered with requires=("fishers",) runs through the engine unchanged."""
+    @bcjax.register_method("test_fisher_weighted_ta", requires=("fishers",), linear=False)
+    def fisher_weighted(pretrained, finetuned, flags, *, alpha=1.0, fishers=None):
+        """Test method."""
+        return bcjax.merge("fisher", pretrained, finetuned, fishers=fishers)
+
+    try:
+        res = E.select_and_test(suite, ResultsStore(None), methods=E.parse_methods(
+            {"methods": [{"name": "test_fisher_weighted_ta", "grid": {"alpha": [0.5, 1.0]}}]}), progress=False)
+        assert len(res["validation_grid"]["test_fisher_weighted_ta"]) == 2
+    finally:
+        bcjax.unregister_method("test_fisher_weighted_ta")
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("experiment: grid\nalpha: [0.5]\n", "unknown key 'alpha'"),
+    ("experiment: grid\nalphas: [a]\n", "alphas\\[0\\] must be a number"),
+    ("experiment: subsets\nmethods: [{name: breadcrumbs, alfa: 0.3}]\n", "methods\\[0\\].alfa"),
+    ("experiment: subsets\nmethods: [{name: nope}]\n", "methods\\[0\\].name: unknown merge method 'nope'"),
+    ("experiment: subsets\nmethods: [{name: ties, seed: 1}]\n", "methods\\[0\\].seed"),
+    ("experiment: validation_free\nvariants: {breadcrumbs: {beta: [0.9]}}\n", "variants.breadcrumbs: unknown key"),
+    ("experiment: grid\nmesh: {axes: models}\n", "mesh.axes"),
+])
+def test_typed_configs_reject_unknown_keys_naming_file_and_key(tmp_path, bad, match):
+    from bcjax.config import load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(bad + "suite: {name: synthetic}\n")
+    with pytest.raises(ConfigError, match=f"bad.yaml: .*{match}"):
+        E.run_sweep(load_config(path), out_dir=str(tmp_path / "out"), progress=False, suite=object())
+
+
+@pytest.mark.parametrize("experiment", ["grid", "validation_free", "class_split"])
+def test_more_experiments_on_a_mesh_are_bit_identical(suite, split_suite, tmp_path, experiment):
+    """`mesh:` also shards the grid, validation-free and class-split experiments (8 fake devices)."""
+    cfgs = {"grid": {"alphas": [0.5, 1.0], "betas": [0.0, 0.8], "gammas": [0.99, 1.0]},
+            "validation_free": {"alphas": [0.5], "tune_size": 2,
+                                "variants": {"breadcrumbs": {"betas": [0.8], "gammas": [0.99]}}},
+            "class_split": {"methods": [{"name": "breadcrumbs", "alpha": 0.5}, {"name": "ties", "density": 0.5}]}}
+    s = split_suite if experiment == "class_split" else suite
+    cfg = {"experiment": experiment, "models_per_call": 4, **cfgs[experiment]}
+    one = E.run_sweep(cfg, out_dir=str(tmp_path / "plain"), progress=False, suite=s)
+    eight = E.run_sweep({**cfg, "mesh": {"axis": "models", "devices": 8}}, out_dir=str(tmp_path / "mesh"),
+                        progress=False, suite=s)
+    drop = ("results_file",)
+    assert {k: v for k, v in one.items() if k not in drop} == {k: v for k, v in eight.items() if k not in drop}
+    if experiment == "grid":
+        from bcjax import grids
+
+        pairs = grids.beta_gamma_pairs([0.0, 0.8], [0.99, 1.0])
+        points = [(a, b, g) for b, g in pairs for a in (0.5, 1.0)]
+        rows = np.ones((len(points), 4), bool)
+        mesh = E.sweep_mesh({"mesh": {"devices": 8}})
+        sharded = E.grid_builder(suite, pairs, points, rows, np.arange(len(points)), mesh)(np.arange(4))
+        plain = E.grid_builder(suite, pairs, points, rows, np.arange(len(points)))(np.arange(4))
+        assert any(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(sharded))
+        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(sharded), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_all_methods_config_covers_every_registered_method():
+    """configs/all_methods.yaml runs every `bcjax methods` name (a new method must be added)."""
+    from bcjax.config import load_config
+    from bcjax.experiments.select import SelectSettings
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "all_methods.yaml")
+    s = E.parse_section(SelectSettings, load_config(path))
+    names = [m.name for m in s.methods]
+    assert sorted(names) == sorted(bcjax.methods()) and len(set(names)) == len(names)
+    assert all(len(m.points()) >= 1 for m in s.methods)
+
+
+def test_all_methods_sweep_on_the_synthetic_suite(tmp_path):
+    """The same config through `bcjax sweep` on the synthetic suite: one summary entry per method."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bcjax.cli", "sweep", "--config", os.path.join(root, "configs", "all_methods.yaml"),
+           "--out", str(out), "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+           "--set", "suite={name: synthetic, tasks: 3, steps: 20}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert sorted(summary["methods"]) == sorted(bcjax.methods())
+    assert len(summary["validation_grid"]["task_arithmetic"]) == 3
+    assert (out / "normalized_accuracy.png").stat().st_size > 5000
+
+
+def test_no_import_time_side_effects():
+    """Importing bcjax's apps and adapters patches nothing: matplotlib's backend stays, the
+    transformers T5 module keeps jax.numpy until load_t5/t5_functions apply the shim."""
+    code = ("import matplotlib, jax.numpy as jnp; before = matplotlib.get_backend(); "
+            "import bcjax.plots, bcjax.experiments, bcjax.demo, bcjax.models.t5, bcjax.cli; "
+            "from transformers.models.t5 import modeling_flax_t5 as mod; "
+            "assert matplotlib.get_backend() == before, matplotlib.get_backend(); "
+            "assert mod.jnp is jnp, 'T5 patched at import'; "
+            "import sys; assert 'matplotlib.pyplot' not in sys.modules; print('clean')")
+    env = dict(os.environ, MPLBACKEND="svg")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0 and "clean" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_plots_return_figures_without_pyplot(tmp_path):
+    from matplotlib.figure import Figure
+
+    from bcjax import plots
+
+    fig = plots.subset_curves({"a": {0: 0.5, 1: 0.8}}, None, title="t")
+    assert isinstance(fig, Figure)
+    path = plots.violins({"a": [0.5, 0.6]}, str(tmp_path / "v.png"))
+    assert os.path.getsize(path) > 1000
+
+
+def test_select_scores_the_core_merge_and_explicit_settings(suite):
+    """select merges with bcjax.merge itself (no contraction) and keeps explicit candidate lists."""
+    from bcjax.evaluate import stack_trees
+
+    spec = E.MethodSpec("breadcrumbs", {"beta": 0.8}, settings=({"alpha": 0.3}, {"alpha": 0.6, "gamma": 0.95}))
+    assert spec.points() == [{"beta": 0.8, "alpha": 0.3}, {"beta": 0.8, "alpha": 0.6, "gamma": 0.95}]
+    res = E.select_and_test(suite, ResultsStore(None), methods=[spec], progress=False)
+    best = res["methods"]["breadcrumbs"]["hparams"]
+    merged = bcjax.merge("breadcrumbs", suite.pretrained, list(suite.finetuned), **best)
+    expect = {t: float(suite.evaluate(stack_trees([merged]), t, "test")[0]) for t in suite.tasks}
+    assert res["methods"]["breadcrumbs"]["acc"] == expect
+    assert [g["hparams"] for g in res["validation_grid"]["breadcrumbs"]] == spec.points()

@@ -346,8 +346,25 @@ def test_methods_registry_lists_hparams_and_accepts_new_method():
         np.testing.assert_allclose(leaves(out)[0], leaves(pre)[0] + 3 * (leaves(fts[0])[0] - leaves(pre)[0]), rtol=1e-5)
         assert bcjax.methods()["test_scaled_copy"].summary.startswith("Test method")
     finally:
-        from bcjax import merging
-        merging._REGISTRY.pop("test_scaled_copy")
+        assert bcjax.unregister_method("test_scaled_copy").name == "test_scaled_copy"
+    assert "test_scaled_copy" not in bcjax.methods()
+    with pytest.raises(errors.UnknownMethodError):
+        bcjax.unregister_method("test_scaled_copy")
+
+
+def test_methods_declare_requirements_and_linearity():
+    ms = bcjax.methods()
+    assert ms["random_sparse"].requires == ("key",) and ms["dare"].requires == ("key",)
+    assert ms["fisher"].requires == ("fishers",)
+    assert ms["gradient_matching"].requires == ("fishers", "dataset_sizes")
+    assert {n for n, m in ms.items() if m.linear} >= {"task_arithmetic", "breadcrumbs"}
+    assert not ms["ties"].linear and not ms["dare"].linear and ms["ties"].requires == ()
+    assert "key" not in ms["dare"].tunable and "requires key" in repr(ms["dare"])
+    with pytest.raises(ValueError, match="unknown requirement"):
+        bcjax.register_method("test_bad_need", requires=("oracle",))(lambda p, f, fl, *, oracle=None: p)
+    with pytest.raises(ValueError, match="keyword-only"):
+        bcjax.register_method("test_bad_need", requires=("grams",))(lambda p, f, fl, *, alpha=1.0: p)
+    assert "test_bad_need" not in bcjax.methods()
 
 
 def test_converters():

@@ -14,8 +14,10 @@ def test_readme_python_blocks_execute():
         assert namespace["kept"] > 0
         assert namespace["stacked"]["Dense_0"]["kernel"].shape[0] == 2
     finally:
-        from bcjax import merging
-        merging._REGISTRY.pop("scaled_mean_tv", None)
+        import bcjax
+
+        if "scaled_mean_tv" in bcjax.methods():
+            bcjax.unregister_method("scaled_mean_tv")
 
 
 def test_readme_opens_with_the_two_commands_ci_uses():

@@ -63,3 +63,18 @@ def test_cosine_similarity(models):
     expect = np.array([[a @ b / np.linalg.norm(a) / np.linalg.norm(b) for b in flat] for a in flat])
     np.testing.assert_allclose(c, expect, rtol=1e-5, atol=1e-6)
     assert c.shape == (4, 4) and np.allclose(np.diag(c), 1, atol=1e-6)
+
+
+def test_pad_rows_repeats_the_last_row_for_numpy_and_jax():
+    import jax.numpy as jnp
+    import pytest
+
+    from bcjax.batching import pad_rows
+
+    x = np.arange(6).reshape(3, 2)
+    np.testing.assert_array_equal(pad_rows(x, 5), [[0, 1], [2, 3], [4, 5], [4, 5], [4, 5]])
+    assert pad_rows(x, 3) is x
+    out = pad_rows(jnp.asarray(x), 4)
+    assert isinstance(out, jnp.ndarray) and out.tolist() == [[0, 1], [2, 3], [4, 5], [4, 5]]
+    with pytest.raises(ValueError, match="cannot pad"):
+        pad_rows(x, 2)

@@ -10,7 +10,7 @@ import pytest
 
 from bcjax.errors import BcjaxError
 from bcjax.models import t5 as t5m
-from bcjax.pipelines.t5_offline import make_tiny_t5
+from bcjax.testing.t5_offline import make_tiny_t5
 
 import torch  # noqa: E402  (the test extra installs it: a missing torch must fail, not skip)
 

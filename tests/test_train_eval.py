@@ -117,3 +117,21 @@ def test_normalized_accuracy_and_errors():
         evaluate.accuracy(predict, None, np.zeros((3, 5)), np.zeros(2))
     with pytest.raises(ValueError, match="warmup"):
         train.TrainConfig(steps=5, warmup_steps=10)
+
+
+def test_correct_of_stack_rows_average_to_accuracy_of_stack():
+    """Per-example correctness (for bootstraps) agrees with the stacked accuracy."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bcjax.evaluate import accuracy_of_stack, correctness_of_stack
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((3, 4, 5)).astype(np.float32))  # 3 models
+    x = rng.standard_normal((11, 4)).astype(np.float32)
+    y = rng.integers(0, 5, 11)
+    predict = lambda p, xb: xb @ p  # noqa: E731
+    hits = correctness_of_stack(predict, w, x, y, batch_size=4, models_per_call=2)
+    expect = np.argmax(np.einsum("nd,mdk->mnk", x, np.asarray(w)), -1) == y[None]
+    np.testing.assert_array_equal(hits, expect)
+    np.testing.assert_array_equal(hits.mean(1), accuracy_of_stack(predict, w, x, y, batch_size=4, models_per_call=2))

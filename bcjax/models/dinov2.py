@@ -68,6 +68,9 @@ import numpy as np
 from bcjax._optional import requires
 
 __all__ = [
+    "flatten_params",
+    "check_against_expected",
+    "bicubic_matrix",
     "ONNX_RESOURCE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -447,7 +450,7 @@ def _param_shapes_flat(config_json: str) -> tuple:
     size = config.image_size
     dummy = jax.ShapeDtypeStruct((1, size, size, config.num_channels), jnp.float32)
     variables = jax.eval_shape(lambda x: module.init(jax.random.PRNGKey(0), x), dummy)
-    flat = _flatten(_unfreeze(variables["params"]))
+    flat = flatten_params(_unfreeze(variables["params"]))
     return tuple(sorted((path, tuple(leaf.shape)) for path, leaf in flat.items()))
 
 
@@ -457,12 +460,13 @@ def _unfreeze(tree):
     return tree
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+def flatten_params(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    """``{("a", "b", ...): leaf}`` of a nested mapping (key tuples as in param_shapes)."""
     out = {}
     for key, value in tree.items():
         path = (*prefix, str(key))
         if isinstance(value, Mapping):
-            out.update(_flatten(value, path))
+            out.update(flatten_params(value, path))
         else:
             out[path] = value
     return out
@@ -483,7 +487,7 @@ def count_params(params: Params) -> int:
     return int(sum(np.prod(np.shape(x)) for x in jax.tree_util.tree_leaves(params)))
 
 
-def _check_against_expected(flat: Mapping[tuple[str, ...], Any], expected: Mapping[tuple[str, ...], tuple]) -> None:
+def check_against_expected(flat: Mapping[tuple[str, ...], Any], expected: Mapping[tuple[str, ...], tuple]) -> None:
     """Raise :class:`Dinov2ConversionError` listing unfilled, unexpected and misshapen entries."""
     missing = sorted("/".join(p) for p in expected if p not in flat)
     extra = sorted("/".join(p) for p in flat if p not in expected)
@@ -553,7 +557,7 @@ def convert_onnx_backbone(onnx_path=None) -> tuple[Any, Params]:
     if side * side != grid:
         raise Dinov2ConversionError(f"position-embedding grid of {grid} entries is not square")
     config.image_size = side * config.patch_size
-    _check_against_expected(flat, _flatten(param_shapes(config)))
+    check_against_expected(flat, flatten_params(param_shapes(config)))
     return config, _unflatten(flat)
 
 
@@ -573,7 +577,7 @@ def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) matrix of ``F.interpolate(mode="bicubic", align_corners=False)``
     along one axis (half-pixel centres, a=-0.75, edge-clamped taps, no antialiasing)."""
     scale = in_size / out_size
@@ -604,7 +608,7 @@ def interpolate_position_embeddings(position_embeddings, grid_hw: tuple[int, int
     dim = position_embeddings.shape[-1]
     cls_pos = position_embeddings[:, :1]
     grid = position_embeddings[0, 1:].reshape(side, side, dim).astype(jnp.float32)
-    rows, cols = _bicubic_matrix(side, gh), _bicubic_matrix(side, gw)
+    rows, cols = bicubic_matrix(side, gh), bicubic_matrix(side, gw)
     resized = jnp.einsum("ah,bw,hwd->abd", rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
     resized = resized.reshape(1, gh * gw, dim).astype(position_embeddings.dtype)
     return jnp.concatenate([cls_pos, resized], axis=1)
@@ -695,11 +699,10 @@ def make_features(config, *, normalize: bool = True, dtype=jnp.float32) -> Calla
 # --------------------------------------------------------------------------------------------
 
 def default_cache_dir() -> pathlib.Path:
-    """``$BCJAX_CACHE``, else ``$XDG_CACHE_HOME/bcjax``, else ``~/.cache/bcjax``."""
-    if os.environ.get("BCJAX_CACHE"):
-        return pathlib.Path(os.environ["BCJAX_CACHE"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (pathlib.Path(xdg) if xdg else pathlib.Path.home() / ".cache") / "bcjax"
+    """``$BCJAX_CACHE``, else ``$XDG_CACHE_HOME/bcjax``, else ``~/.cache/bcjax`` (:func:`bcjax.cache.cache_root`)."""
+    from bcjax.cache import cache_root
+
+    return cache_root()
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -722,7 +725,7 @@ def _write_cache(target: pathlib.Path, config, params: Params, source: pathlib.P
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        flat = {"/".join(k): np.asarray(v, np.float32) for k, v in _flatten(params).items()}
+        flat = {"/".join(k): np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
         npz = tmp / _PARAMS_FILE
         with open(npz, "wb") as f:
             np.savez(f, **flat)
@@ -796,7 +799,7 @@ def _read_cache(target: pathlib.Path, source: pathlib.Path | None) -> tuple[Any,
         if not np.isfinite(value).all():
             raise _CacheInvalid(f"{npz}: {'/'.join(key)} holds NaN/Inf")
     try:
-        _check_against_expected(flat, _flatten(param_shapes(config)))
+        check_against_expected(flat, flatten_params(param_shapes(config)))
     except Dinov2ConversionError as err:
         raise _CacheInvalid(str(err)) from err
     return config, _unflatten(flat)

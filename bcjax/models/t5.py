@@ -34,6 +34,7 @@ import json
 import math
 import os
 import types
+import weakref
 from typing import Any, Mapping
 
 import jax
@@ -111,7 +112,8 @@ def install_clip_shim() -> bool:
     return True
 
 
-install_clip_shim()
+# No import-time patching: load_t5 and t5_functions apply the shim (idempotently) before any
+# transformers T5 code runs.
 
 
 # --------------------------------------------------------------------------- loading
@@ -389,15 +391,18 @@ class T5Functions:
         return buf[:, 1:]
 
 
-@functools.lru_cache(maxsize=16)
-def _functions_for(model_id: int, model) -> T5Functions:
-    return T5Functions(model)
+_FUNCTIONS: "weakref.WeakKeyDictionary[Any, T5Functions]" = weakref.WeakKeyDictionary()
 
 
 def t5_functions(model) -> T5Functions:
-    """The (cached) :class:`T5Functions` of ``model``: the same object for the same model, so
-    jitted code keyed on it is compiled once."""
-    return _functions_for(id(model), model)
+    """The :class:`T5Functions` of ``model``: the same object for the same model while the
+    model lives, so jitted code keyed on it is compiled once. Held weakly (a dropped model is
+    not kept alive); also applies the ``jnp.clip`` shim (:func:`install_clip_shim`)."""
+    install_clip_shim()
+    fns = _FUNCTIONS.get(model)
+    if fns is None:
+        fns = _FUNCTIONS[model] = T5Functions(model)
+    return fns
 
 
 @functools.partial(jax.jit, static_argnums=0)

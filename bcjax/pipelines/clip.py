@@ -53,23 +53,17 @@ __all__ = ["finetune", "evaluate", "model_suite", "setup", "ClipSetup", "train_c
 
 
 def default_cache_dir() -> str:
-    from bcjax.models.dinov2 import default_cache_dir as root
+    from bcjax.cache import cache_root
 
-    return str(root() / "clip")
+    return str(cache_root("clip"))
 
 
 def train_config(config: dict):
     """:class:`bcjax.train.TrainConfig` from ``config["train"]`` (paper defaults, SPEC §5)."""
-    from bcjax.train import TrainConfig
+    from bcjax.train import train_config_from_dict
 
-    t = get(config, "train", {}, types=dict)
-    allowed = {f.name for f in dataclasses.fields(TrainConfig)}
-    bad = sorted(set(t) - allowed)
-    require(not bad, config, f"train: unknown key(s) {bad}; allowed: {sorted(allowed)}")
-    try:
-        return TrainConfig(**t)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{config.get('_source', '<config>')}: train: {e}") from None
+    src = config.get("_source")
+    return train_config_from_dict(get(config, "train", {}, types=dict), where=f"{src}: train" if src else "train")
 
 
 @dataclasses.dataclass
@@ -196,21 +190,39 @@ def _finetuned_models(s: ClipSetup, out: pathlib.Path) -> list:
     return models
 
 
-def _merge_models(s: ClipSetup, finetuned: list) -> list[tuple[str, dict, object]]:
-    from bcjax.merging import merge
+def provides(s: ClipSetup, finetuned: list) -> dict:
+    """What merge methods may require (:data:`bcjax.merging.REQUIREMENTS`), per task: the
+    diagonal Fisher of the task's fine-tune on its first ``eval.fisher_examples`` (default 64)
+    training images, labels sampled from the model, seed ``eval.fisher_seed`` (default 0);
+    the training-set size."""
+    from bcjax.fisher import diagonal_fisher
 
+    n = get(s.config, "eval.fisher_examples", 64, types=int)
+    seed = get(s.config, "eval.fisher_seed", 0, types=int)
+    by_name = dict(zip(s.names, finetuned, strict=True))
+    return {"fishers": lambda t: diagonal_fisher(s.predict, by_name[t], s.task(t).splits["train"][0][:n],
+                                                 jax.random.key(seed), predict_args=s.heads[t]),
+            "dataset_sizes": lambda t: s.task(t).sizes["train"]}
+
+
+def _merge_models(s: ClipSetup, finetuned: list) -> list[tuple[str, dict, object]]:
+    from bcjax.experiments import ModelSuite
+    from bcjax.experiments.engine import method_inputs
+    from bcjax.merging import get_method, merge
+
+    suite = ModelSuite(name=f"CLIP {s.clip.name}", tasks=tuple(s.names), pretrained=s.clip.vision,
+                       finetuned=tuple(finetuned), evaluate=None, fingerprint="", provides=provides(s, finetuned))
     out = []
     for i, entry in enumerate(get(s.config, "eval.merges", [], types=list)):
         require(isinstance(entry, dict) and "method" in entry, s.config,
                 f"eval.merges[{i}] must be a mapping with 'method', got {entry!r}")
         hp = {k: v for k, v in entry.items() if k not in ("method", "label")}
         method = entry["method"]
-        if method in ("random_sparse", "dare"):
-            hp["key"] = jax.random.key(int(hp.pop("seed", 0)))
-        require(method not in ("fisher", "gradient_matching"), s.config,
-                f"eval.merges[{i}]: {method} needs Fisher information, which the CLIP pipeline does not compute yet")
-        label = entry.get("label") or f"{method}" + "".join(f" {k}={v}" for k, v in sorted(hp.items()) if k != "key")
-        out.append((label, entry, merge(method, s.clip.vision, finetuned, **hp)))
+        needs = get_method(method).requires
+        label = entry.get("label") or f"{method}" + "".join(f" {k}={v}" for k, v in sorted(hp.items())
+                                                             if k != "seed" and k not in needs)
+        out.append((label, entry, merge(method, s.clip.vision, finetuned,
+                                        **method_inputs(suite, method, hp, s.names))))
     return out
 
 
@@ -313,4 +325,5 @@ def model_suite(config: dict, *, cache_dir: str | None = None, progress: bool = 
     return ModelSuite(name=f"CLIP {s.clip.name}", tasks=tuple(s.names), pretrained=s.clip.vision,
                       finetuned=tuple(finetuned), evaluate=evaluate, fingerprint=fingerprint,
                       heads={n: s.heads[n][2] for n in s.names}, models_per_call=per_call,
-                      info={"model": s.clip.name, "sizes": {t.name: t.sizes for t in s.tasks}})
+                      info={"model": s.clip.name, "sizes": {t.name: t.sizes for t in s.tasks}},
+                      provides=provides(s, finetuned))

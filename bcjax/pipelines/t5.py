@@ -23,7 +23,6 @@ the output to the label word it equals (anything else is wrong, class −1).
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -32,11 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax.batching import pad_rows
 from bcjax.config import ConfigError, get, require
 from bcjax.data import glue
-from bcjax.merging import merge
 from bcjax.models import t5 as t5m
-from bcjax.tree import apply_task_vector, task_vector
+from bcjax.experiments.target_task import mean_and_stderr, target_task_experiment, target_task_merge  # noqa: F401
 
 __all__ = ["predict_classes", "evaluate_split", "finetune_task", "target_task_merge", "target_task_experiment",
            "mean_and_stderr", "finetune", "evaluate"]
@@ -50,8 +49,7 @@ def _batches(arrays: Mapping[str, np.ndarray], batch_size: int):
     for s in range(0, n, batch_size):
         e = min(s + batch_size, n)
         pad = batch_size - (e - s)  # fixed shapes: one compilation per split size
-        yield e - s, {k: np.concatenate([v[s:e], np.repeat(v[e - 1:e], pad, 0)]) if pad else v[s:e]
-                      for k, v in arrays.items()}
+        yield e - s, {k: pad_rows(v[s:e], batch_size) if pad else v[s:e] for k, v in arrays.items()}
 
 
 def predict_classes(model, params, encoded: glue.Encoded, choices: tuple[np.ndarray, np.ndarray], *,
@@ -112,67 +110,6 @@ def finetune_task(model, params, tokenizer, train_split: glue.GlueSplit, train_c
 
 
 # --------------------------------------------------------------------------- target-task
-def target_task_merge(target: Any, base: Any, auxiliary: Sequence[Any], method: str, **hparams) -> Any:
-    """θ* = θ_target + Σ_aux (method's masked, scaled τ_aux), τ_aux = θ_aux − θ_base (SPEC §4,
-    paper Table 2). Generic over pytrees: the auxiliary task vectors are merged with
-    :func:`bcjax.merge` around a zero tree — so ``breadcrumbs`` gives α Σ m_t ⊙ τ_t and
-    ``task_arithmetic`` α Σ τ_t exactly — and the result is added to the target. With α = 0
-    the target is returned unchanged (bit for bit)."""
-    if not auxiliary:
-        raise glue.GlueDataError("target-task merge needs at least one auxiliary model")
-    taus = [task_vector(a, base) for a in auxiliary]  # validates trees against θ_base
-    zero = jax.tree.map(jnp.zeros_like, taus[0])
-    delta = merge(method, zero, taus, **hparams)
-    return apply_task_vector(target, delta, 1.0)
-
-
-def _grid(spec: Mapping[str, Sequence]) -> list[dict]:
-    keys = sorted(spec)
-    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(list(spec[k]) for k in keys))]
-
-
-def mean_and_stderr(values: Sequence[float]) -> dict:
-    """Mean and standard error (sample std / √n; 0 for one value)."""
-    v = np.asarray(values, np.float64)
-    se = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
-    return {"mean": float(v.mean()), "stderr": se, "n": int(v.size), "values": [float(x) for x in v]}
-
-
-def target_task_experiment(base: Any, targets: Sequence[Any], auxiliary: Sequence[Any],
-                           score: Callable[[Any, str], float], grids: Mapping[str, Mapping[str, Sequence]],
-                           progress: Callable[[str], None] | None = None) -> dict:
-    """Paper Table 2 for one target task: for each seed's target model and each method,
-    pick the hyper-parameters maximizing ``score(params, "validation")`` over the grid,
-    then report ``score(params, "test")``; aggregated over seeds as mean ± standard error.
-
-    ``targets`` are the target fine-tunes (one per seed), ``auxiliary`` the auxiliary
-    fine-tunes of the same base. The fine-tuned target itself is the reference row.
-    """
-    rows: dict[str, dict] = {"finetuned": {"test": [], "validation": []}}
-    for m in grids:
-        rows[m] = {"test": [], "validation": [], "chosen": []}
-    for s, target in enumerate(targets):
-        rows["finetuned"]["validation"].append(score(target, "validation"))
-        rows["finetuned"]["test"].append(score(target, "test"))
-        for m, spec in grids.items():
-            best = None
-            for hp in _grid(spec):
-                merged = target_task_merge(target, base, auxiliary, m, **hp)
-                v = score(merged, "validation")
-                if progress:
-                    progress(f"seed {s} {m} {hp}: validation {v:.2f}")
-                if best is None or v > best[0]:
-                    best = (v, hp, merged)
-            rows[m]["validation"].append(best[0])
-            rows[m]["chosen"].append(best[1])
-            rows[m]["test"].append(score(best[2], "test"))
-    out = {}
-    for m, r in rows.items():
-        out[m] = {"test": mean_and_stderr(r["test"]), "validation": mean_and_stderr(r["validation"])}
-        if "chosen" in r:
-            out[m]["chosen"] = r["chosen"]
-    return out
-
 
 # --------------------------------------------------------------------------- config plumbing
 def _settings(config: dict) -> dict:
@@ -209,19 +146,10 @@ def _settings(config: dict) -> dict:
 
 
 def _train_config(config: dict, seed: int):
-    from bcjax.train import TrainConfig
+    from bcjax.train import train_config_from_dict
 
-    fields = {f for f in TrainConfig.__dataclass_fields__} - {"seed"}
-    train = config.get("train") or {}
-    unknown = sorted(set(train) - fields - {"seed", "seeds"})
-    if unknown:
-        raise ConfigError(f"{config.get('_source', '<config>')}: train: unknown key(s) {unknown}; "
-                          f"known: {sorted(fields | {'seed', 'seeds'})}")
-    kwargs = {k: v for k, v in train.items() if k in fields}
-    try:
-        return TrainConfig(seed=seed, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{config.get('_source', '<config>')}: train: {e}") from None
+    return train_config_from_dict(config.get("train") or {}, where=f"{config.get('_source', '<config>')}: train",
+                                  ignore=("seed", "seeds"), seed=seed)
 
 
 def _load(s: dict):

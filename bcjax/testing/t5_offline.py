@@ -111,10 +111,12 @@ def make_tiny_t5(out_dir: str, vocab_size: int, *, seed: int = 0, pytorch: bool 
         torch.manual_seed(seed)
         T5ForConditionalGeneration(cfg).save_pretrained(out_dir)
     else:
-        import bcjax.models.t5  # noqa: F401  (the jnp.clip shim)
+        from bcjax.models.t5 import install_clip_shim
+
         with requires("t5"):
             from flax.traverse_util import flatten_dict, unflatten_dict
             from transformers import FlaxT5ForConditionalGeneration
+        install_clip_shim()
 
         # random weights straight from the parameter shapes (numpy, instant; running the
         # model's init on a 2-core CPU takes tens of seconds): kernels N(0, 1/fan_in),

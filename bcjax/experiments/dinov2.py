@@ -1,0 +1,138 @@
+"""The embedded DINOv2 suites (SPEC §5 offline stand-in): ``dinov2_demo`` (DINOv2 ViT-S/14 on
+the offline 8-task suite, reusing the demo's cached fine-tunes) and ``dinov2_class_split`` (one
+data set's classes split into k-class tasks, Fig. 4). Both provide per-task Fishers and
+training-set sizes, so every registered method runs on them."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+
+from bcjax.config import ConfigError, get
+from bcjax.experiments.class_split import class_subset, split_classes
+from bcjax.experiments.settings import where
+from bcjax.experiments.suite import Evaluate, ModelSuite, fingerprint, register_suite
+
+__all__ = ["demo_config", "stack_evaluator", "dinov2_demo_suite", "dinov2_class_split_suite"]
+
+_DEMO_KEYS = ("tasks", "resolution", "max_train", "max_val", "max_test", "k_shot", "eval_batch", "models_per_call",
+              "seed")
+_SUITE_KEYS = ("name", "preset", "train", "eval_examples", "dataset", "classes_per_task", "class_order", *_DEMO_KEYS)
+
+
+def demo_config(config: Mapping):
+    """A :class:`bcjax.demo.DemoConfig` from ``suite.preset`` (quick | full) plus overrides
+    (``suite.tasks``, ``suite.max_train``, ..., ``suite.train.steps``, ...)."""
+    from bcjax.demo import DemoConfig
+    from bcjax.train import train_config_from_dict
+
+    unknown = sorted(set(get(config, "suite", {}, types=dict)) - set(_SUITE_KEYS))
+    if unknown:
+        raise ConfigError(f"{where(config)}: unknown key suite.{unknown[0]}; accepted: {sorted(_SUITE_KEYS)}")
+    preset = get(config, "suite.preset", "quick", types=str)
+    if preset not in ("quick", "full"):
+        raise ConfigError(f"{where(config)}: suite.preset must be 'quick' or 'full', got {preset!r}")
+    cfg = DemoConfig.quick() if preset == "quick" else DemoConfig.full()
+    over = {}
+    for key in _DEMO_KEYS:
+        v = get(config, f"suite.{key}", None)
+        if v is not None:
+            over[key] = tuple(v) if key == "tasks" else v
+    train = get(config, "suite.train", None, types=(dict, type(None)))
+    if train:
+        over["train"] = train_config_from_dict(train, base=cfg.train, where=f"{where(config)}: suite.train")
+    return dataclasses.replace(cfg, **over)
+
+
+def stack_evaluator(predict, tasks: Mapping[str, Any], heads: Mapping[str, tuple], eval_examples: Mapping[str, int],
+                    batch: int, models_per_call: int) -> Evaluate:
+    """``evaluate(stacked, task, split)`` on the first ``eval_examples[split]`` examples (all if None)."""
+    from bcjax.evaluate import accuracy_of_stack
+
+    def evaluate(stacked, task, split):
+        x, y = tasks[task].splits[split]
+        n = int(eval_examples.get(split) or len(y))
+        return accuracy_of_stack(predict, stacked, x[:n], y[:n], batch_size=min(batch, n),
+                                 models_per_call=models_per_call, predict_args=heads[task])
+
+    return evaluate
+
+
+def _provides(ctx, finetuned) -> dict:
+    """Per-task Fishers (on the task's first ``fisher_examples`` training images, labels sampled
+    from the model, as the demo) and training-set sizes."""
+    from bcjax.fisher import diagonal_fisher
+
+    by_name = dict(zip(ctx.names, finetuned, strict=True))
+    n = ctx.cfg.fisher_examples
+    return {
+        "fishers": lambda t: diagonal_fisher(ctx.predict, by_name[t], ctx.task(t).splits["train"][0][:n],
+                                             jax.random.key(ctx.cfg.seed), predict_args=ctx.heads[t]),
+        "dataset_sizes": lambda t: ctx.task(t).sizes["train"],
+    }
+
+
+def _eval_examples(config):
+    return {s: get(config, f"suite.eval_examples.{s}", None, types=(int, type(None))) for s in ("val", "test")}
+
+
+@register_suite("dinov2_demo")
+def dinov2_demo_suite(config: Mapping, *, cache_dir: str, progress: bool = True) -> ModelSuite:
+    """The embedded suite (DINOv2 ViT-S/14, offline tasks, frozen prototype heads); fine-tunes
+    are the demo's, cached under ``cache_dir`` (a rerun loads them)."""
+    from bcjax import demo
+
+    cfg = demo_config(config)
+    ctx = demo.setup(cfg, cache_dir, progress=progress)
+    finetuned = demo.finetune_tasks(ctx, progress=progress)
+    eval_examples = _eval_examples(config)
+    tasks = {t.name: t for t in ctx.tasks}
+    evaluate = stack_evaluator(ctx.predict, tasks, ctx.heads, eval_examples, cfg.eval_batch, cfg.models_per_call)
+    fp = fingerprint(dict(suite="dinov2_demo", finetune=cfg.finetune_fingerprint(), tasks=list(cfg.tasks),
+                          max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples))
+    return ModelSuite(name=demo.SUITE_NAME, tasks=tuple(ctx.names), pretrained=ctx.params0, finetuned=tuple(finetuned),
+                      evaluate=evaluate, fingerprint=fp, heads=ctx.heads, models_per_call=cfg.models_per_call,
+                      info={"sizes": {t.name: t.sizes for t in ctx.tasks}, "config_fingerprint": cfg.fingerprint()},
+                      provides=_provides(ctx, finetuned))
+
+
+@register_suite("dinov2_class_split")
+def dinov2_class_split_suite(config: Mapping, *, cache_dir: str, progress: bool = True) -> ModelSuite:
+    """One data set of the offline suite (``suite.dataset``, e.g. mnist) split into tasks of
+    ``suite.classes_per_task`` classes; per-task prototype heads; one cached fine-tune per task."""
+    from bcjax import demo
+    from bcjax.data.suite import Task, load_suite
+    from bcjax.models import dinov2
+
+    cfg = demo_config(config)
+    dataset = get(config, "suite.dataset", "mnist", types=str)
+    k = get(config, "suite.classes_per_task", 2, types=int)
+    log = demo.StageLog(progress)
+    model_config, params0 = dinov2.load_pretrained(cache_dir)
+    (full,) = load_suite([dataset], resolution=cfg.resolution, max_train=cfg.max_train, max_val=cfg.max_val,
+                         max_test=cfg.max_test, seed=cfg.seed, cache_root=f"{cache_dir}/data")
+    order = get(config, "suite.class_order", None, types=(list, type(None)))
+    groups = split_classes(full.num_classes, k, order)
+    tasks = []
+    for cl in groups:
+        splits = {s: class_subset(*full.splits[s], cl) for s in ("train", "val", "test")}
+        tasks.append(Task(name=f"{dataset}-c{'-'.join(map(str, cl))}",
+                          class_names=tuple(full.class_names[c] for c in cl), splits=splits,
+                          provenance=full.provenance, license=full.license))
+    feats, predict, loss = demo.make_classifier(model_config, cfg.head_scale)
+    heads = demo.prototype_heads(feats, params0, tasks, k_shot=cfg.k_shot, seed=cfg.seed, pad_to=k)
+    ctx = demo.DemoContext(cfg=dataclasses.replace(cfg, tasks=tuple(t.name for t in tasks)), cache_root=cache_dir,
+                           model_config=model_config, params0=params0, tasks=tasks, heads=heads, predict=predict,
+                           loss=loss, log=log, store=None)
+    finetuned = demo.finetune_tasks(ctx, progress=progress)
+    eval_examples = _eval_examples(config)
+    evaluate = stack_evaluator(predict, {t.name: t for t in tasks}, heads, eval_examples, cfg.eval_batch,
+                               cfg.models_per_call)
+    fp = fingerprint(dict(suite="dinov2_class_split", finetune=cfg.finetune_fingerprint(), dataset=dataset,
+                          groups=groups, max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples))
+    return ModelSuite(name=f"{dataset} split into {len(groups)} tasks of {k} classes (DINOv2 ViT-S/14)",
+                      tasks=tuple(t.name for t in tasks), pretrained=params0, finetuned=tuple(finetuned),
+                      evaluate=evaluate, fingerprint=fp, heads=heads, models_per_call=cfg.models_per_call,
+                      info={"classes": [list(g) for g in groups], "sizes": {t.name: t.sizes for t in tasks}},
+                      provides=_provides(ctx, finetuned))

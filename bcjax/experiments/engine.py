@@ -1,0 +1,209 @@
+"""The evaluation engine shared by every experiment: reference accuracies, chunked evaluation
+of stacked merged models through the resumable results store, and model builders.
+
+A *builder* is ``build(indices) -> stacked trees``: the merged models of rows ``indices`` of an
+indicator matrix (subsets of tasks). Methods registered ``linear=True`` are built by one
+contraction per leaf (:func:`bcjax.sweeps.subset_merges`); the rest by :func:`bcjax.merge`
+per subset, with what the method ``requires`` obtained from the suite (:func:`method_inputs`).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from bcjax.experiments.suite import ModelSuite
+
+__all__ = ["reference_accuracy", "evaluate_models", "normalized", "mean_normalized", "members", "jsonable",
+           "method_inputs", "method_builder", "lazy_builder", "grid_builder", "pad_chunk", "progress_bar"]
+
+
+def pad_chunk(indices: Sequence[int], size: int) -> np.ndarray:
+    """``indices`` padded to ``size`` by repeating the last one: every chunk has one shape, so
+    one compilation serves all (the last, short chunk included)."""
+    from bcjax.batching import pad_rows
+
+    return pad_rows(np.asarray(list(indices)), size)
+
+
+def progress_bar(total: int, desc: str, progress: bool):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def reference_accuracy(suite: ModelSuite, store, split: str) -> dict[str, float]:
+    """acc(θk, k) on ``split`` for every task (the normalizer of SPEC §4), stored."""
+    from bcjax.evaluate import stack_trees
+
+    out = {}
+    for t, ft in zip(suite.tasks, suite.finetuned, strict=True):
+        out[t] = store.get_or_compute(dict(kind="finetuned_acc", suite=suite.fingerprint, task=t, split=split),
+                                      lambda ft=ft, t=t: float(suite.evaluate(stack_trees([ft]), t, split)[0]))
+        if out[t] <= 0:
+            raise ValueError(f"task {t!r}: the fine-tuned model's {split} accuracy is 0; normalized accuracy is "
+                             "undefined")
+    return out
+
+
+def evaluate_models(suite: ModelSuite, store, keys: Sequence[Mapping], tasks_of: Sequence[Sequence[str]],
+                    build: Callable[[np.ndarray], Any], split: str, *, chunk: int, progress: bool = True,
+                    desc: str = "models") -> list[dict[str, float]]:
+    """Accuracies ``{task: acc}`` of model i on ``tasks_of[i]`` (``split``) for every key.
+
+    Models whose key is in ``store`` are not rebuilt; the rest are built ``chunk`` at a time
+    by ``build(indices) -> stacked trees`` (indices padded by :func:`pad_chunk`), evaluated
+    with the models vmapped, and stored as soon as their chunk is done — a killed sweep loses
+    at most one chunk.
+    """
+    todo = [i for i, k in enumerate(keys) if k not in store]
+    bar = progress_bar(len(todo), desc, progress)
+    for s in range(0, len(todo), chunk):
+        idx = todo[s:s + chunk]
+        stacked = build(pad_chunk(idx, chunk))
+        needed = sorted({t for i in idx for t in tasks_of[i]}, key=list(suite.tasks).index)
+        accs = {t: np.asarray(suite.evaluate(stacked, t, split)) for t in needed}
+        for j, i in enumerate(idx):
+            store.put(dict(keys[i]), {t: float(accs[t][j]) for t in tasks_of[i]})
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    return [store.get(dict(k)) for k in keys]
+
+
+def normalized(acc: Mapping[str, float], ref: Mapping[str, float]) -> dict[str, float]:
+    return {t: a / ref[t] for t, a in acc.items()}
+
+
+def mean_normalized(acc: Mapping[str, float], ref: Mapping[str, float]) -> float:
+    return float(np.mean(list(normalized(acc, ref).values())))
+
+
+def members(suite: ModelSuite, row) -> list[str]:
+    return [t for t, on in zip(suite.tasks, row, strict=True) if on]
+
+
+def jsonable(v):
+    if isinstance(v, Mapping):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    if isinstance(v, (np.floating, np.integer, np.bool_)):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def method_inputs(suite: ModelSuite, method: str, hparams: Mapping, tasks: Sequence[str], *,
+                  seed: int | None = None) -> dict:
+    """``hparams`` plus what ``method`` requires (:data:`bcjax.merging.REQUIREMENTS`) for merging
+    ``tasks``: a PRNG key from the hyper-parameter ``seed`` (else ``seed``, else the suite's) for ``"key"``, the
+    suite's per-task values (:meth:`ModelSuite.requirement`) for the others. No runner names a
+    method."""
+    from bcjax.merging import get_method
+
+    m = get_method(method)
+    hp = dict(hparams)
+    seed = hp.pop("seed", suite.seed if seed is None else seed)
+    for need in m.requires:
+        if need == "key":
+            hp["key"] = jax.random.key(int(seed))
+        else:
+            hp[need] = suite.requirement(need, tasks, method=method)
+    return hp
+
+
+def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray,
+                   mesh: Mesh | None = None, *, contract: bool = True) -> Callable:
+    """``build(indices)`` for merged models of the subsets ``indicator[indices]``: one
+    contraction per leaf for methods registered ``linear=True`` (unless ``contract`` is False),
+    else ``bcjax.merge`` per subset.
+
+    With a one-axis ``mesh``, the stacked task vectors Δ are sharded over it (each leaf's
+    first divisible parameter axis, :func:`bcjax.grids.leaf_shardings`) and the contraction
+    runs as a jitted program with those ``in_shardings``; results are bit-identical."""
+    from bcjax import sweeps
+    from bcjax.evaluate import stack_trees
+    from bcjax.merging import get_method, merge
+
+    m = get_method(method)
+    hp = dict(hparams)
+    if m.linear and contract:
+        alpha = hp.pop("alpha", m.hparams.get("alpha", 1.0))
+        deltas = sweeps.task_deltas(method, suite.pretrained, suite.finetuned, exclude=suite.exclude, **hp)
+        if mesh is None:
+            return lambda idx: sweeps.subset_merges(suite.pretrained, deltas, indicator[idx], alpha)
+        from bcjax import grids
+
+        axis = mesh.axis_names[0]
+        d_sh = grids.leaf_shardings(deltas, mesh, axis, skip_leading=1)
+        deltas = jax.device_put(deltas, d_sh)
+        rep = NamedSharding(mesh, P())
+        kernel = grids.subset_merge_kernel(in_shardings=(jax.tree.map(lambda _: rep, suite.pretrained), d_sh,
+                                                         rep, rep))
+        return lambda idx: kernel(suite.pretrained, deltas, jnp.asarray(indicator[idx]), jnp.float32(alpha))
+
+    def build(idx):
+        trees = []
+        for i in idx:
+            names = members(suite, indicator[i])
+            fts = [f for f, on in zip(suite.finetuned, indicator[i], strict=True) if on]
+            trees.append(merge(method, suite.pretrained, fts, exclude=suite.exclude,
+                               **method_inputs(suite, method, hp, names)) if fts else suite.pretrained)
+        stacked = stack_trees(trees)
+        if mesh is not None:  # replicate over the mesh: bit-identical, evaluated like the sharded ones
+            stacked = jax.device_put(stacked, NamedSharding(mesh, P()))
+        return stacked
+
+    return build
+
+
+def lazy_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray,
+                 mesh: Mesh | None = None, *, contract: bool = True) -> Callable:
+    """:func:`method_builder`, set up (task deltas) only if some point is not stored yet."""
+    state = {}
+
+    def build(idx):
+        if "fn" not in state:
+            state["fn"] = method_builder(suite, method, hparams, indicator, mesh, contract=contract)
+        return state["fn"](idx)
+
+    return build
+
+
+def grid_builder(suite: ModelSuite, pairs, points, rows: np.ndarray, point_of: np.ndarray,
+                 mesh: Mesh | None = None):
+    """``build(indices)``: model i is Breadcrumbs grid point ``points[point_of[i]]`` = (α, β, γ)
+    merged over the tasks in ``rows[i]`` (one threshold pass per leaf × task for the whole
+    grid, computed lazily). With a one-axis ``mesh`` the stacked task vectors are sharded over
+    it (as in :func:`method_builder`); results are bit-identical."""
+    from bcjax import grids
+
+    state = {}
+
+    def build(idx):
+        if "th" not in state:
+            state["taus"] = grids.stack_task_vectors(suite.pretrained, suite.finetuned, exclude=suite.exclude)
+            state["th"] = grids.grid_threshold_bits(state["taus"], pairs)
+            if mesh is not None:
+                rep = NamedSharding(mesh, P())
+                t_sh = grids.leaf_shardings(state["taus"], mesh, mesh.axis_names[0], skip_leading=1)
+                state["taus"] = jax.device_put(state["taus"], t_sh)
+                state["kernel"] = grids.merges_kernel(in_shardings=(
+                    jax.tree.map(lambda _: rep, suite.pretrained), t_sh,
+                    jax.tree.map(lambda _: rep, state["th"]), rep, rep))
+        pts = [points[point_of[i]] for i in idx]
+        weights = np.array([[a * float(v) for v in rows[i]] for i, (a, _, _) in zip(idx, pts, strict=True)], np.float32)
+        gidx = np.array([pairs.index((b, g)) for _, b, g in pts], np.int32)
+        return grids.weighted_masked_merges(suite.pretrained, state["taus"], state["th"], weights, gidx,
+                                            kernel=state.get("kernel"))
+
+    return build

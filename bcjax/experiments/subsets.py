@@ -1,0 +1,73 @@
+"""Fig. 2: every subset of the tasks merged and evaluated on all tasks (SPEC §4)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from bcjax.experiments.engine import evaluate_models, jsonable, lazy_builder, members, normalized, reference_accuracy
+from bcjax.experiments.registry import register_experiment
+from bcjax.experiments.settings import MethodSpec
+
+__all__ = ["SubsetsSettings", "subsets_experiment"]
+
+DEFAULT_METHODS = (MethodSpec("task_arithmetic", {"alpha": 0.3}),
+                   MethodSpec("breadcrumbs", {"alpha": 0.3, "beta": 0.9, "gamma": 0.99}))
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetsSettings:
+    methods: list[MethodSpec] = dataclasses.field(default_factory=lambda: list(DEFAULT_METHODS))
+    sizes: list[int] | None = None  # None: all 2^T subsets
+    split: str = "test"
+
+
+def subsets_experiment(suite, store, *, methods: Sequence, sizes: Sequence[int] | None = None, split: str = "test",
+                       chunk: int | None = None, progress: bool = True, mesh=None) -> dict:
+    """Fig. 2: every subset (of the given sizes) merged — one contraction per leaf for linear
+    methods — evaluated on all tasks; curves for both protocols (SPEC §4). The empty subset is
+    θ0. ``methods``: (name, hparams) pairs or :class:`MethodSpec`. ``mesh`` shards the stacked
+    task vectors and the contraction (:func:`bcjax.experiments.engine.method_builder`)."""
+    from bcjax import sweeps
+
+    ref = reference_accuracy(suite, store, split)
+    ind = sweeps.all_subsets(len(suite.tasks), sizes)
+    chunk = chunk or suite.models_per_call
+    out = {}
+    for method, hp in _pairs(methods):
+        keys = [dict(kind="subset", suite=suite.fingerprint, split=split, method=method, hparams=jsonable(hp),
+                     subset=[int(v) for v in row]) for row in ind]
+        build = lazy_builder(suite, method, hp, ind, mesh)
+        accs = evaluate_models(suite, store, keys, [suite.tasks] * len(ind), build, split, chunk=chunk,
+                               progress=progress, desc=f"subsets {method}")
+        scores = {i: normalized(a, ref) for i, a in enumerate(accs)}
+        out[method] = {"observed": sweeps.subset_curve(ind, scores, suite.tasks, "observed"),
+                       "all": sweeps.subset_curve(ind, scores, suite.tasks, "all"),
+                       "per_subset": [{"subset": members(suite, row), "avg_normalized_acc_observed":
+                                       float(np.mean([scores[i][t] for t in (members(suite, row) or suite.tasks)]))}
+                                      for i, row in enumerate(ind)]}
+    return {"split": split, "finetuned_acc": ref, "num_subsets": int(len(ind)), "methods": out}
+
+
+def _pairs(methods) -> list[tuple[str, dict]]:
+    return [(m.name, dict(m.hparams)) if isinstance(m, MethodSpec) else (m[0], dict(m[1])) for m in methods]
+
+
+def _figures(res: dict, suite) -> dict:
+    from bcjax import plots
+
+    figs = {proto: (f"subsets_{proto}.png", plots.subset_curves({m: r[proto] for m, r in res["methods"].items()},
+                                                                 None, title=f"{proto}-task protocol"))
+            for proto in ("observed", "all")}
+    figs["violins"] = ("subsets_violins.png", plots.violins(
+        {m: [p["avg_normalized_acc_observed"] for p in r["per_subset"] if p["subset"]]
+         for m, r in res["methods"].items()}, None, title="over all non-empty subsets"))
+    return figs
+
+
+@register_experiment("subsets", settings=SubsetsSettings, figures=_figures)
+def run(suite, store, s: SubsetsSettings, *, chunk=None, mesh=None, progress=True) -> dict:
+    """Fig. 2: every subset merged, both protocols."""
+    return subsets_experiment(suite, store, methods=s.methods, sizes=s.sizes, split=s.split, chunk=chunk,
+                              progress=progress, mesh=mesh)

@@ -1,0 +1,104 @@
+"""A tiny in-memory model suite for tests and smoke runs (``suite: {name: synthetic}``)."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bcjax.config import ConfigError, get
+from bcjax.experiments.class_split import split_classes
+from bcjax.experiments.settings import where
+from bcjax.experiments.suite import ModelSuite, fingerprint, register_suite
+
+__all__ = ["synthetic_suite"]
+
+_KEYS = ("name", "seed", "dim", "hidden", "examples", "steps", "lr", "classes_per_task", "tasks", "classes",
+         "models_per_call", "fisher_examples")
+
+
+@register_suite("synthetic")
+def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: bool = False) -> ModelSuite:
+    """A 2-layer tanh MLP backbone, frozen random per-task heads, Gaussian-cluster tasks, each
+    fine-tuned by a few full-batch gradient steps. ``suite.classes_per_task: k`` instead splits
+    ONE ``suite.classes``-class data set into k-class tasks (the class-split setting, Fig. 4).
+    Provides per-task Fishers and training-set sizes (every registered method runs on it)."""
+    from bcjax.fisher import diagonal_fisher
+
+    unknown = sorted(set(get(config, "suite", {}, types=dict)) - set(_KEYS))
+    if unknown:
+        raise ConfigError(f"{where(config)}: unknown key suite.{unknown[0]}; accepted: {sorted(_KEYS)}")
+    c = lambda key, default: get(config, f"suite.{key}", default)  # noqa: E731
+    seed, dim, hidden = int(c("seed", 0)), int(c("dim", 8)), int(c("hidden", 16))
+    n, steps, lr = int(c("examples", 96)), int(c("steps", 40)), float(c("lr", 0.5))
+    rng = np.random.default_rng(seed)
+    k_split = c("classes_per_task", None)
+    if k_split is None:
+        num_tasks, classes = int(c("tasks", 4)), int(c("classes", 3))
+        datasets = []
+        for _ in range(num_tasks):
+            means = rng.standard_normal((classes, dim)) * 1.5
+            datasets.append(means)
+        groups = [tuple(range(classes))] * num_tasks
+    else:
+        total = int(c("classes", 6))
+        groups = split_classes(total, int(k_split))
+        means_all = rng.standard_normal((total, dim)) * 1.5
+        datasets = [means_all[list(g)] for g in groups]
+        classes = int(k_split)
+
+    def sample(means, count, r):
+        y = r.integers(0, len(means), count).astype(np.int32)
+        return (means[y] + r.standard_normal((count, dim))).astype(np.float32), y
+
+    data = [{s: sample(m, n, np.random.default_rng([seed, t, i])) for i, s in enumerate(("train", "val", "test"))}
+            for t, m in enumerate(datasets)]
+    pre = {"l1": {"w": (rng.standard_normal((dim, hidden)) / np.sqrt(dim)).astype(np.float32),
+                  "b": np.zeros(hidden, np.float32)},
+           "l2": {"w": (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32),
+                  "b": np.zeros(hidden, np.float32)}}
+    names = [f"task{t}" if k_split is None else f"classes-{'-'.join(map(str, g))}" for t, g in enumerate(groups)]
+    heads = {nm: jnp.asarray(rng.standard_normal((hidden, classes)).astype(np.float32)) for nm in names}
+
+    def predict(params, x, head):
+        h = jnp.tanh(x @ params["l1"]["w"] + params["l1"]["b"])
+        h = jnp.tanh(h @ params["l2"]["w"] + params["l2"]["b"])
+        return h @ head
+
+    def loss(params, x, y, head):
+        logits = predict(params, x, head)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+    @jax.jit
+    def train(params, x, y, head):
+        def step(p, _):
+            g = jax.grad(loss)(p, x, y, head)
+            return jax.tree.map(lambda a, b: a - lr * b, p, g), None
+
+        return jax.lax.scan(step, params, None, length=steps)[0]
+
+    finetuned = [jax.tree.map(np.asarray, train(pre, *d["train"], heads[nm])) for d, nm in zip(data, names,
+                                                                                                strict=True)]
+    by_name = dict(zip(names, data, strict=True))
+    ft_of = dict(zip(names, finetuned, strict=True))
+
+    @jax.jit
+    def _acc(stacked, x, y, head):
+        logits = jax.vmap(lambda p: predict(p, x, head))(stacked)
+        return jnp.mean(jnp.argmax(logits, -1) == y[None], axis=1)
+
+    def evaluate(stacked, task, split):
+        x, y = by_name[task][split]
+        return np.asarray(_acc(stacked, x, y, heads[task]))
+
+    n_fisher = int(c("fisher_examples", 16))
+    provides = {
+        "fishers": lambda t: diagonal_fisher(predict, ft_of[t], by_name[t]["train"][0][:n_fisher],
+                                             jax.random.key(seed), predict_args=(heads[t],)),
+        "dataset_sizes": lambda t: len(by_name[t]["train"][1]),
+    }
+    fp = fingerprint(dict(suite="synthetic", cfg=dict(config.get("suite", {}))))
+    return ModelSuite(name="synthetic MLP suite", tasks=tuple(names), pretrained=pre, finetuned=tuple(finetuned),
+                      evaluate=evaluate, fingerprint=fp, heads=heads, models_per_call=int(c("models_per_call", 4)),
+                      info={"classes": [list(g) for g in groups]}, provides=provides)
