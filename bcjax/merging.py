@@ -11,6 +11,11 @@ leaf), never T extra full models. Inside an outer ``jax.jit`` the same code trac
 one program. Inputs may be NumPy or JAX arrays, nested (Flax) or flat dicts; sharded JAX
 arrays keep their sharding (all kernels are elementwise or additive histograms, so
 results do not depend on the device count).
+
+Validation (SPEC §1) costs little on the default path: structure, shapes and dtypes are
+checked upfront; finiteness inside each kernel's own pass (a merged entry is NaN where an
+input entry is NaN/Inf, :func:`propagates_nonfinite`), so :func:`merge` reduces only the
+output and scans the inputs (to name model and key path) only when something is non-finite.
 """
 from __future__ import annotations
 
