@@ -11,6 +11,11 @@ leaf), never T extra full models. Inside an outer ``jax.jit`` the same code trac
 one program. Inputs may be NumPy or JAX arrays, nested (Flax) or flat dicts; sharded JAX
 arrays keep their sharding (all kernels are elementwise or additive histograms, so
 results do not depend on the device count).
+
+Validation (SPEC §1) costs little on the default path: structure, shapes and dtypes are
+checked upfront; finiteness inside each kernel's own pass (a merged entry is NaN where an
+input entry is NaN/Inf, :func:`propagates_nonfinite`), so :func:`merge` reduces only the
+output and scans the inputs (to name model and key path) only when something is non-finite.
 """
 from __future__ import annotations
 
@@ -287,16 +292,18 @@ def _check_finite_scalar(name, value):
 
 @jax.jit
 def _weighted_task_sum(p0, fts, scales, alphas):
-    """θ0 + Σt αt · st ⊙ τt, ``scales`` stacked per task (None: st = 1); the TA family's kernel."""
+    """θ0 + Σt αt · st ⊙ τt, ``scales`` stacked per task (None: st = 1); the TA family's kernel.
+
+    Propagates non-finite inputs by itself (:func:`propagates_nonfinite`): with finite αt and
+    st, a NaN/Inf in θ0 or θt makes τt, αt·st·τt (0·Inf = NaN), the sum and θ0 + Σ non-finite."""
     p = _upcast(p0, p0)
-    fs = [_upcast(ft, p0) for ft in fts]
     acc = jnp.zeros_like(p)
-    for t, f in enumerate(fs):
-        tau = f - p
+    for t, ft in enumerate(fts):
+        tau = _upcast(ft, p0) - p
         if scales is not None:
             tau = tau * scales[t]
         acc = acc + alphas[t].astype(p.dtype) * tau
-    return _nan_where_nonfinite(p + acc, [p, *fs]).astype(p0.dtype)
+    return (p + acc).astype(p0.dtype)
 
 
 # --------------------------------------------------------------------------- methods
@@ -312,8 +319,8 @@ def task_arithmetic(pretrained, finetuned, flags, *, alpha=1.0):
 
 @jax.jit
 def _simple_average_leaf(p0, fts):
-    fs = [_upcast(f, p0) for f in fts]
-    return _nan_where_nonfinite(sum(fs) / len(fs), [_upcast(p0, p0), *fs]).astype(p0.dtype)
+    acc = sum(_upcast(f, p0) for f in fts)  # propagates the θt's; θ0 is not in the sum
+    return _nan_where_nonfinite(acc / len(fts), [_upcast(p0, p0)]).astype(p0.dtype)
 
 
 @register_method("simple_average")

@@ -132,11 +132,6 @@ def validate_models(pretrained: PyTree, finetuned: Sequence[PyTree], *, what: st
                     f"{what} {t}, key path {path!r}: dtype {jnp.result_type(b)} != pretrained {jnp.result_type(a)}")
 
 
-@jax.jit
-def _all_finite(leaves):
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]) if leaves else jnp.zeros((0,), bool)
-
-
 def all_finite(tree: PyTree, *, only: Sequence[bool] | None = None) -> bool:
     """True unless a floating leaf of ``tree`` (restricted to the leaves where ``only`` is
     True, in ``jax.tree.leaves`` order) holds NaN or Inf. One reduction per leaf, no
@@ -177,9 +172,8 @@ def check_finite(trees: Sequence[PyTree], names: Sequence[str]) -> None:
         flat = [(keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if is_floating(x)]
         if not flat or is_tracing() or any(isinstance(x, jax.core.Tracer) for _, x in flat):
             continue
-        ok = np.asarray(_all_finite([x for _, x in flat]))
-        if not ok.all():
-            path = flat[int(np.argmin(ok))][0]
+        path = next((p for p, x in flat if np.size(x) > 0 and not _leaf_finite(x)), None)
+        if path is not None:
             raise NonFiniteError(f"{name}, key path {path!r}: contains NaN or Inf")
 
 

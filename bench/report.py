@@ -124,7 +124,7 @@ def user_path_section(results: str) -> str:
         return _load(path) if os.path.exists(path) else None
 
     now, before = load("vit_b_32_8_side_by_side.json"), load("vit_b_32_8_side_by_side_before.json")
-    procs = load("vit_b_32_8_user_path.json")
+    procs, procs_before = load("vit_b_32_8_user_path.json"), load("vit_b_32_8_user_path_before.json")
     if not now:
         return "*Default path: not run yet* (`bench/merge_speed.py --side-by-side`)"
     parts = [f"**Now** (measured {now.get('time', '?')}):", ms.side_by_side_table(now)]
@@ -136,6 +136,10 @@ def user_path_section(results: str) -> str:
         parts += [f"Fresh processes (measured {procs.get('time', '?')}, 1-min load average "
                   f"{min(loads):.1f}–{max(loads):.1f}; each column its own process, so cross-row ratios carry "
                   "the load swings):", ms.user_path_table(procs["rows"])]
+    if procs_before:
+        loads = [r.get("loadavg_1m_start") for r in procs_before["rows"] if r.get("loadavg_1m_start") is not None]
+        parts += [f"Fresh processes, the code before issue 16 (measured {procs_before.get('time', '?')}, 1-min load "
+                  f"average {min(loads):.1f}–{max(loads):.1f}):", ms.user_path_table(procs_before["rows"])]
     rows = ["| target (issue 16) | measured — status |", "|---|---|"]
 
     def add(name, value, goal):
