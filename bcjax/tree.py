@@ -141,17 +141,23 @@ def all_finite(tree: PyTree, *, only: Sequence[bool] | None = None) -> bool:
               if keep and is_floating(x) and np.size(x) > 0]
     if not picked or is_tracing() or any(isinstance(x, jax.core.Tracer) for x in picked):
         return True
-    return all(_leaf_finite(x) for x in picked)
+    on_device = [x for x in picked if not _on_host(x)]
+    # accelerator leaves: every reduction is dispatched first, then one transfer of the flags
+    # (one host round trip for the whole tree, not one per leaf)
+    if on_device and not all(jax.device_get([_device_finite(x) for x in on_device])):
+        return False
+    return all(_host_finite(x) for x in picked if _on_host(x))
 
 
-def _leaf_finite(x) -> bool:
-    """No NaN/Inf in one concrete floating leaf. Host (CPU) values are read in place by
-    numpy's vectorised min/max (NaN propagates into both; no temporaries, no compilation);
-    accelerator arrays are reduced where they live."""
-    on_host = isinstance(x, np.ndarray) or np.isscalar(x) or (
+def _on_host(x) -> bool:
+    return isinstance(x, np.ndarray) or np.isscalar(x) or (
         isinstance(x, jax.Array) and all(d.platform == "cpu" for d in x.devices()))
-    if not on_host:
-        return bool(_device_finite(x))
+
+
+def _host_finite(x) -> bool:
+    """No NaN/Inf in one concrete floating leaf on the host (or the CPU backend), read in
+    place by numpy's vectorised min/max (NaN propagates into both; no temporaries, no
+    compilation)."""
     a = np.asarray(x)
     if a.dtype.itemsize == 2:  # bf16 / fp16: exponent all ones ⇔ Inf or NaN
         mask = 0x7F80 if a.dtype != np.float16 else 0x7C00
@@ -172,7 +178,7 @@ def check_finite(trees: Sequence[PyTree], names: Sequence[str]) -> None:
         flat = [(keystr(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if is_floating(x)]
         if not flat or is_tracing() or any(isinstance(x, jax.core.Tracer) for _, x in flat):
             continue
-        path = next((p for p, x in flat if np.size(x) > 0 and not _leaf_finite(x)), None)
+        path = next((p for p, x in flat if np.size(x) > 0 and not all_finite(x)), None)
         if path is not None:
             raise NonFiniteError(f"{name}, key path {path!r}: contains NaN or Inf")
 

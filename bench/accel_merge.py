@@ -131,7 +131,8 @@ def copy_bandwidth(num_bytes: int, repeats: int, chain: int = 10) -> dict:
     return r
 
 
-def run_workload(name: str, shapes: dict, tasks: int, repeats: int, peak_gbps, copy_gbps) -> list[dict]:
+def run_workload(name: str, shapes: dict, tasks: int, repeats: int, peak_gbps, copy_gbps,
+                 modes=(False, True, "jit")) -> list[dict]:
     import jax
 
     import bcjax
@@ -144,7 +145,7 @@ def run_workload(name: str, shapes: dict, tasks: int, repeats: int, peak_gbps, c
         # validate off / on: bcjax.merge as users call it (leaf by leaf); "jit": the whole merge
         # traced into one program by an outer jax.jit (no validation under tracing)
         whole = jax.jit(lambda p, f, method=method, hp=hp: bcjax.merge(method, p, f, **hp))
-        for validate in (False, True, "jit"):
+        for validate in modes:
             if validate == "jit":
                 call = lambda: jax.block_until_ready(whole(pre, fts))  # noqa: E731
             else:
@@ -200,6 +201,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON file to write (a .md table is written next to it)")
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU tests)")
+    ap.add_argument("--modes", default="off,on,jit", help="comma-separated subset of off,on (validation) and jit")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--workloads", default="vit_b_32,vit_l_14", help="comma-separated subset of vit_b_32,vit_l_14")
     ap.add_argument("--copy-mib", type=int, default=None, help="array size of the copy-bandwidth probe "
@@ -229,13 +231,14 @@ def main(argv=None):
     rows = []
     t0 = time.perf_counter()
     wanted = args.workloads.split(",")
+    modes = [{"off": False, "on": True, "jit": "jit"}[m] for m in args.modes.split(",")]
     unknown = sorted(set(wanted) - {"vit_b_32", "vit_l_14"})
     if unknown:
         raise SystemExit(f"unknown --workloads {unknown}: vit_b_32, vit_l_14")
     for name, shapes, tasks in (SMALL_WORKLOADS if args.small else WORKLOADS):
         if name.removesuffix("_small") not in wanted:
             continue
-        rows += run_workload(name, shapes, tasks, args.repeats, peak, copy["gbps"])
+        rows += run_workload(name, shapes, tasks, args.repeats, peak, copy["gbps"], modes=modes)
     stats = {}
     if hasattr(dev, "memory_stats"):
         try:
