@@ -20,7 +20,7 @@ def test_standin_equals_transformers_dinov2_vit_s14():
                           image_size=518, layerscale_value=1.0, use_mask_token=False, hidden_dropout_prob=0.0,
                           attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
     params = vit_s14.init_params(0)
-    expected = dict(dinov2._flatten(dinov2.param_shapes(config)))
+    expected = dict(dinov2.flatten_params(dinov2.param_shapes(config)))
     got = {tuple(k.split("/")): tuple(np.shape(v)) for k, v in zip(leaf_paths(params), jax.tree.leaves(params))}
     assert got == {k: tuple(v) for k, v in expected.items()}
     assert sum(int(np.prod(s)) for s in got.values()) == 22_056_192
