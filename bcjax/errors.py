@@ -31,3 +31,8 @@ class UnknownMethodError(BcjaxError, KeyError):
 
 class EmptyModelListError(BcjaxError):
     """A merge was asked for with no fine-tuned models."""
+
+
+class CheckpointError(BcjaxError):
+    """A checkpoint on disk is missing, unreadable, or does not match the base model
+    (names, shapes, dtypes, values); the message names the file and the tensor (SPEC §7)."""
