@@ -1,4 +1,4 @@
-"""Command line: ``bcjax demo|finetune|eval|sweep|methods``. The CLI only wires; the work is elsewhere."""
+"""Command line: ``bcjax demo|finetune|eval|sweep|merge|methods``. The CLI only wires; the work is elsewhere."""
 from __future__ import annotations
 
 import argparse
@@ -82,6 +82,21 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_merge(args) -> int:
+    """Stream-merge checkpoints on disk (SPEC §7) and print the summary."""
+    from bcjax.checkpoints import merge_checkpoints
+    from bcjax.config import load_config
+
+    summary = merge_checkpoints(load_config(args.config, args.set or ()) if args.set else args.config, args.out,
+                                max_shard_size=args.max_shard_size, resume=args.resume,
+                                progress=not args.no_progress, workers=args.workers)
+    gib = summary["bytes_written"] / 2**30
+    print(f"bcjax merge: {summary['tensors']} tensors ({summary['tensors_merged']} merged), {gib:.3f} GiB in "
+          f"{summary['shards']} shard(s), {summary['seconds']:.1f} s, peak RSS "
+          f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB → {summary['out']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bcjax", description="Model Breadcrumbs and model merging in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--cache-dir", default=None, help="cache folder (default $BCJAX_CACHE or ~/.cache/bcjax)")
         c.add_argument("--no-progress", action="store_true", help="no progress bars")
         c.set_defaults(fn=fn)
+    g = sub.add_parser("merge", help="merge checkpoints on disk, streaming (bcjax or mergekit YAML config)")
+    g.add_argument("config", help="merge config YAML (bcjax form: method/pretrained/finetuned; or mergekit's)")
+    g.add_argument("--out", required=True, help="output folder (must not exist; written atomically)")
+    g.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted merge after its last finished shard")
+    g.add_argument("--workers", type=int, default=2, help="tensors in flight (reads/merges/writes overlap)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config entry (repeatable)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.set_defaults(fn=_cmd_merge)
     m = sub.add_parser("methods", help="list merge methods and their hyper-parameters")
     m.set_defaults(fn=_cmd_methods)
     return p

@@ -254,7 +254,9 @@ def _npz_member_info(npz, name, source):
     with npz.zip.open(name + ".npy") as f:
         try:
             version = np.lib.format.read_magic(f)
-            shape, _, dtype = np.lib.format._read_array_header(f, version)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(f)
         except (ValueError, zipfile.BadZipFile) as e:
             raise CheckpointError(f"{source}: member {name!r}: unreadable ({e})") from None
     return shape, dtype

@@ -96,6 +96,8 @@ def parse_merge_config(cfg: dict, source: str = "<config>") -> MergePlan:
     ``merge_method`` vs ``method``). Unknown keys are errors naming the key."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(cfg).__name__}")
+    cfg = dict(cfg)
+    source = cfg.pop("_source", source)  # bcjax.config.load_config (--set overrides) names the file here
     base_dir = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
     if "merge_method" in cfg:
         return from_mergekit(cfg, source, base_dir)
@@ -211,9 +213,11 @@ def from_mergekit(cfg: dict, source: str = "<config>", base_dir: str | None = No
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError(f"{source}: seed must be an integer, got {seed!r}")
 
+    yaml_index = list(range(len(entries)))
+
     def param(name, params, i, default):
         v = params.get(name, gparams.get(name, default))
-        return _scalar(v, f"models[{i}].parameters.{name}", source)
+        return _scalar(v, f"models[{yaml_index[i]}].parameters.{name}", source)
 
     if method == "linear":
         if not entries:
@@ -240,15 +244,16 @@ def from_mergekit(cfg: dict, source: str = "<config>", base_dir: str | None = No
         return _plan("task_arithmetic", {"alpha": alphas}, pre, models, cfg, source, base_dir, notes, None)
     if base is None:
         raise ConfigError(f"{source}: {method} needs `base_model`")
-    entries = [(m, p) for m, p in entries if m != base]  # mergekit: the base is not a task
+    yaml_index = [i for i, (m, _) in enumerate(entries) if m != base]  # mergekit: the base is not a task
+    entries = [entries[i] for i in yaml_index]
     if not entries:
         raise ConfigError(f"{source}: {method} needs at least one model besides base_model")
     models = [m for m, _ in entries]
     lam = _scalar(gparams.get("lambda", 1.0), "parameters.lambda", source)
     default_normalize = method == "ties"
     normalize = bool(gparams.get("normalize", default_normalize))
-    weights = [param("weight", p, i, None) if ("weight" in p or "weight" in gparams) else _missing_weight(source, i)
-               for i, (_, p) in enumerate(entries)]
+    weights = [param("weight", p, i, None) if ("weight" in p or "weight" in gparams)
+               else _missing_weight(source, yaml_index[i]) for i, (_, p) in enumerate(entries)]
     if any(k in gparams for k in ("rescale",)) and not method.startswith("dare"):
         raise ConfigError(f"{source}: parameters.rescale only applies to dare_* methods")
 
@@ -316,12 +321,13 @@ def _missing_weight(source, i):
 
 
 def _plan(method, hparams, pre, models, cfg, source, base_dir, notes, seed) -> MergePlan:
-    dtype = _dtype(cfg.get("out_dtype") or cfg.get("dtype"), source)
+    _dtype(cfg.get("dtype"), source)  # checked, but only the output dtype is used
+    out_dtype = _dtype(cfg.get("out_dtype"), source)
     if cfg.get("dtype") is not None:
-        notes.append(f"mergekit `dtype: {cfg['dtype']}` is its compute dtype; bcjax always computes in float32 "
-                     "(SPEC §1) and writes tensors in " + ("the base model's dtype." if not cfg.get("out_dtype") and
-                                                           dtype is None else f"{dtype}."))
+        notes.append(f"mergekit `dtype: {cfg['dtype']}` is its compute (and default output) dtype; bcjax computes "
+                     f"in float32 (SPEC §1) and writes tensors in {out_dtype or 'the base model dtype'}"
+                     + ("" if out_dtype else " (set out_dtype to change it)") + ".")
     return MergePlan(method=method, hparams=hparams, pretrained=_resolve(pre, "base_model", base_dir),
                      finetuned=[_resolve(m, f"models[{i}]", base_dir) for i, m in enumerate(models)],
-                     dtype=dtype if cfg.get("out_dtype") else None, seed=seed, form="mergekit",
+                     dtype=out_dtype, seed=seed, form="mergekit",
                      source=dict(cfg), notes=notes)
