@@ -86,7 +86,9 @@ def _cmd_merge(args) -> int:
     """Stream-merge checkpoints on disk (SPEC §7) and print the summary."""
     from bcjax.checkpoints import merge_checkpoints
     from bcjax.config import load_config
+    from bcjax.models.dinov2 import default_cache_dir
 
+    _enable_compile_cache(str(default_cache_dir()))  # reruns skip compiling the per-shape kernels
     summary = merge_checkpoints(load_config(args.config, args.set or ()) if args.set else args.config, args.out,
                                 max_shard_size=args.max_shard_size, resume=args.resume,
                                 progress=not args.no_progress, workers=args.workers)
