@@ -398,3 +398,38 @@ def test_plan_shards_and_sizes():
     assert ckio.parse_size("5GB") == 5 * 10**9 and ckio.parse_size("2GiB") == 2 * 2**30
     with pytest.raises(CheckpointError):
         ckio.parse_size("lots")
+
+
+def test_ordered_keeps_order_and_bounds_bytes_in_flight():
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    live, peak, lock = [0], [0], threading.Lock()
+    sizes = [5, 1, 1, 8, 1, 1, 1, 3]
+
+    def work(i):
+        with lock:
+            live[0] += sizes[i]
+            peak[0] = max(peak[0], live[0])
+        import time
+        time.sleep(0.01)
+        with lock:
+            live[0] -= sizes[i]
+        return i
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(streaming._ordered(pool, work, range(len(sizes)), 4, cost=lambda i: sizes[i], budget=6))
+    assert got == list(range(len(sizes)))
+    assert peak[0] <= 8  # never more than the budget, except one item larger than it running alone
+
+
+def test_nan_in_an_excluded_tensor_is_still_an_error(tmp_path):
+    """SPEC §1: NaN/Inf in any input leaf is an error, as in bcjax.merge."""
+    pre, fts = _models(seed=4, tasks=1)
+    fts[0]["head.weight"] = fts[0]["head.weight"].copy()
+    fts[0]["head.weight"][0] = np.inf
+    base, locs = _write(str(tmp_path), pre, fts)
+    with pytest.raises(NonFiniteError):
+        bcjax.merge("task_arithmetic", pre, fts, exclude=["^head"])
+    _expect_nothing_written({"method": "task_arithmetic", "pretrained": base, "finetuned": locs, "exclude": ["^head"]},
+                            str(tmp_path / "o"), NonFiniteError, "'head.weight'")

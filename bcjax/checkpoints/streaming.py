@@ -47,6 +47,8 @@ from bcjax.tree import make_leaf_filter
 __all__ = ["merge_checkpoints", "validate_checkpoints", "partial_folder"]
 
 _STATE = "bcjax-merge-state.json"
+#: Input bytes (all T + 1 models) of the tensors in flight at once; a larger tensor runs alone.
+INFLIGHT_BYTES = 256 * 2**20
 
 
 def partial_folder(out: str) -> str:
@@ -130,11 +132,13 @@ class _Merger:
         self.plan, self.base, self.fts, self.names = plan, base, list(fts), names
         self.hparams = hparams
         self.thresholds = thresholds
+        self.budget = INFLIGHT_BYTES
         keep = make_leaf_filter(plan.exclude or None)
         self.flags = [bool(keep(n, np.empty((0,), base.info(n)[1]))) for n in names]
         self.keyed = "key" in merging.get_method(plan.method).hparams
         self.labels = ["pretrained model", *(f"fine-tuned model {t}" for t in range(len(fts)))]
         self.bytes_read = 0
+        self.checked: set[int] = set()  # tensors whose values were checked (TIES reads them three times)
 
     def out_dtype(self, i: int) -> np.dtype:
         d = self.base.info(self.names[i])[1]
@@ -145,8 +149,14 @@ class _Merger:
         cks = [self.base, *(self.fts if with_fts else [])]
         arrays = [ck.read(name) for ck in cks]
         self.bytes_read += sum(a.nbytes for a in arrays)
-        _check_values(name, arrays, cks, self.labels)
+        if i not in self.checked:
+            _check_values(name, arrays, cks, self.labels)
+            if with_fts:
+                self.checked.add(i)
         return arrays
+
+    def input_bytes(self, i: int) -> int:
+        return self.base.nbytes(self.names[i]) * (1 + len(self.fts))
 
     def _tree(self, i: int, leaf):
         if not self.keyed:
@@ -155,19 +165,28 @@ class _Merger:
         return [np.zeros((0,), np.float32)] * i + [leaf]
 
     def merge(self, i: int) -> np.ndarray:
-        p0, *fts = self.read(i, with_fts=True)
-        if not self.flags[i] or p0.size == 0:
-            out = p0
-        elif self.plan.method == "ties":
-            res = merging.ties_merge_with_thresholds([p0], [[f] for f in fts], (True,), thresholds=self.thresholds,
-                                                     alpha=self.hparams.get("alpha", 1.0))
-            out = np.asarray(res[0])
+        arrays = self.read(i, with_fts=True)
+        if not self.flags[i] or arrays[0].size == 0:
+            out = arrays[0]
         else:
-            res = merging.merge(self.plan.method, self._tree(i, p0), [self._tree(i, f) for f in fts],
-                                validate=False, **self.hparams)
-            out = np.asarray(res[-1])
+            for k, a in enumerate(arrays):  # host copies go as the device copies arrive
+                arrays[k] = jnp.asarray(a)
+            del a
+            out = self._merge_leaf(i, arrays)
+        del arrays
         dt = self.out_dtype(i)
         return out if out.dtype == dt else np.asarray(jnp.asarray(out).astype(dt))
+
+    def _merge_leaf(self, i: int, arrays: list) -> np.ndarray:
+        p0, *fts = arrays
+        arrays.clear()  # the caller's host copies can go; only device arrays stay alive
+        if self.plan.method == "ties":
+            res = merging.ties_merge_with_thresholds([p0], [[f] for f in fts], (True,), thresholds=self.thresholds,
+                                                     alpha=self.hparams.get("alpha", 1.0))
+            return np.asarray(res[0])
+        res = merging.merge(self.plan.method, self._tree(i, p0), [self._tree(i, f) for f in fts],
+                            validate=False, **self.hparams)
+        return np.asarray(res[-1])
 
     def histogram(self, i: int, bins=None) -> list:
         p0, *fts = self.read(i)
@@ -176,17 +195,31 @@ class _Merger:
         return [merging.tau_magnitude_histogram(p0, f, bins[t]) for t, f in enumerate(fts)]
 
 
-def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int):
-    """``map(fn, items)`` on ``pool`` with at most ``window`` results pending (bounded memory)."""
+def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=None, budget: int | None = None):
+    """``map(fn, items)`` on ``pool``, in order, with at most ``window`` items in flight and,
+    given ``cost(item)``, at most ``budget`` of cost in flight (always at least one item):
+    memory stays bounded whatever the tensor sizes."""
     items = list(items)
-    pending = collections.deque(pool.submit(fn, x) for x in items[:window])
-    nxt = len(pending)
-    while pending:
-        fut = pending.popleft()
-        if nxt < len(items):
-            pending.append(pool.submit(fn, items[nxt]))
+    pending = collections.deque()
+    nxt, inflight = 0, 0
+
+    def admit():
+        nonlocal nxt, inflight
+        while nxt < len(items) and len(pending) < window:
+            c = cost(items[nxt]) if cost else 0
+            if pending and budget is not None and inflight + c > budget:
+                break
+            pending.append((pool.submit(fn, items[nxt]), c))
+            inflight += c
             nxt += 1
-        yield fut.result()
+
+    admit()
+    while pending:
+        fut, c = pending.popleft()
+        result = fut.result()
+        inflight -= c
+        admit()
+        yield result
 
 
 def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
@@ -199,13 +232,13 @@ def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
     density = m.hparams.get("density", merging.get_method("ties").hparams["density"])
     ranks = [jnp.atleast_1d(jnp.asarray(merging.ties_trim_rank(density, total), jnp.int32))] * T
     hist1 = [0] * T
-    for h in _ordered(pool, m.histogram, todo, window):
+    for h in _ordered(pool, m.histogram, todo, window, m.input_bytes, m.budget):
         hist1 = [a + b for a, b in zip(hist1, h)]
         progress(1)
     located = [order_stats.locate_coarse(hist1[t], ranks[t]) for t in range(T)]
     bins = [loc[0] for loc in located]
     hist2 = [0] * T
-    for h in _ordered(pool, lambda i: m.histogram(i, bins), todo, window):
+    for h in _ordered(pool, lambda i: m.histogram(i, bins), todo, window, m.input_bytes, m.budget):
         hist2 = [a + b for a, b in zip(hist2, h)]
         progress(1)
     thr = [order_stats.resolve_fine(hist2[t], bins[t], located[t][1], located[t][2], ranks[t])[0] for t in range(T)]
@@ -338,7 +371,7 @@ def _run(plan, m: _Merger, entries, out, limit, resume, progress, workers, t0) -
             _save_state(tmp, fp, thresholds)
             with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge {plan.method}",
                       disable=not progress) as bar:
-                for k, (i, arr) in enumerate(zip(todo, _ordered(pool, m.merge, todo, window))):
+                for k, (i, arr) in enumerate(zip(todo, _ordered(pool, m.merge, todo, window, m.input_bytes, m.budget))):
                     writer.write(i, arr)
                     bar.update(arr.nbytes)
                     bar.set_postfix_str(f"{k + 1}/{len(todo)} tensors", refresh=False)
