@@ -72,27 +72,35 @@ def write_models(case: dict, folder: str) -> list[str]:
               "num_attention_heads": max(1, case["hidden"] // 64), "num_key_value_heads": max(1, case["hidden"] // 64),
               "tie_word_embeddings": False, "torch_dtype": case["dtype"]}
     entries = [(k, v, dtype) for k, v in shapes.items()]
-    locs = []
+    locs, writers = [], []
     for m in range(case["tasks"] + 1):
         d = os.path.join(folder, f"m{m}")
         os.makedirs(d, exist_ok=True)
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(config, f)
-        w = ShardedSafetensorsWriter(d, entries, 5 * 10**9)
-        for j, (k, shape, _) in enumerate(entries):
-            base = np.random.default_rng(j).standard_normal(shape, dtype=np.float32)
-            base *= np.float32(0.02)
-            if m:
-                rng = np.random.default_rng(1000 * m + j)
-                d_ = rng.standard_normal(shape, dtype=np.float32)
-                d_ *= np.float32(1e-3)
-                d_[rng.random(shape, dtype=np.float32) < 0.01] *= np.float32(10)
-                base += d_
-                del d_
-            w.write(j, base.astype(dtype) if dtype != np.float32 else base)
-            del base
-        w.write_index()
+        writers.append(ShardedSafetensorsWriter(d, entries, 5 * 10**9))
         locs.append(d)
+    # fine-tuning deltas are windows of one heavy-tailed pool (fast to make for 10^10 entries)
+    n_max = max(int(np.prod(v)) for v in shapes.values())
+    rng = np.random.default_rng(0)
+    pool = rng.standard_normal(min(n_max, 1 << 26) + (1 << 20), dtype=np.float32)
+    pool *= np.float32(1e-3)
+    pool[rng.random(pool.size, dtype=np.float32) < 0.01] *= np.float32(10)
+    for j, (k, shape, _) in enumerate(entries):
+        n = int(np.prod(shape))
+        base = np.random.default_rng(j).standard_normal(n, dtype=np.float32)
+        base *= np.float32(0.02)
+        for m, w in enumerate(writers):
+            a = base.copy() if m else base
+            if m:
+                start = int(rng.integers(0, pool.size - min(n, pool.size - (1 << 20))))
+                delta = pool[start:start + n] if n <= pool.size - start else np.resize(pool[start:], n)
+                a += delta
+            w.write(j, (a.astype(dtype) if dtype != np.float32 else a).reshape(shape))
+            del a
+        del base
+    for w in writers:
+        w.write_index()
     return locs
 
 
@@ -109,8 +117,12 @@ def write_config(method: str, locs: list[str], path: str) -> None:
 
 def run(cmd: list[str], timeout: float | None = None, env=None) -> dict:
     """Wall seconds and peak RSS (bytes) of one process (and its children it waited for)."""
+    import re
+    import tempfile
+
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child never blocks on a full pipe
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
     timed_out = False
     while True:
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)
@@ -123,12 +135,21 @@ def run(cmd: list[str], timeout: float | None = None, env=None) -> dict:
             break
         time.sleep(0.05)
     secs = time.perf_counter() - t0
-    err = p.stderr.read().decode(errors="replace")[-2000:] if p.stderr else ""
+    log.seek(0)
+    err = log.read().decode(errors="replace")
+    log.close()
     code = os.waitstatus_to_exitcode(status)
     out = {"cmd": " ".join(cmd[:3]) + " …", "seconds": round(secs, 3), "peak_rss_bytes": ru.ru_maxrss * 1024,
            "returncode": code, "timed_out": timed_out}
     if code != 0 and not timed_out:
-        out["stderr_tail"] = err
+        out["stderr_tail"] = err[-2000:]
+    if timed_out:  # how far it got: the last "done/total" of its progress bar
+        steps = re.findall(r"(\d+)/(\d+) \[", err)
+        if steps:
+            done, total = map(int, steps[-1])
+            out["progress_at_timeout"] = f"{done}/{total}"
+            if done:
+                out["extrapolated_seconds"] = round(secs * total / done, 1)
     return out
 
 
