@@ -318,6 +318,7 @@ def test_cli_merge_both_forms(toy, tmp_path, capsys):
         np.testing.assert_array_equal(got2[k], ref2[k])
     card = open(tmp_path / "o2" / "README.md").read()
     assert "Semantic differences from mergekit" in card and "merge_method: breadcrumbs" in card
+    assert "parameters: {lambda: 0.3}" in card  # the config file, verbatim
     # errors: one line, exit 2, nothing written
     (tmp_path / "bad.yaml").write_text("merge_method: breadcrumbs\nbase_model: x\nmodels: [y]\nslices: []\n")
     assert main(["merge", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o3")]) == 2

@@ -57,6 +57,7 @@ class MergePlan:
     form: str = "bcjax"
     source: dict = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    source_text: str | None = None
 
     def method_hparams(self) -> dict[str, Any]:
         """Keyword arguments for :func:`bcjax.merge` (``key`` made from ``seed``)."""
@@ -74,11 +75,14 @@ def load_merge_config(path: str) -> MergePlan:
     if not os.path.isfile(path):
         raise ConfigError(f"merge config not found: {path}")
     with open(path, encoding="utf-8") as f:
-        try:
-            cfg = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return parse_merge_config(cfg, source=path)
+        text = f.read()
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    plan = parse_merge_config(cfg, source=path)
+    plan.source_text = text  # the model card quotes the file verbatim
+    return plan
 
 
 def _resolve(loc, where: str, base_dir: str | None) -> str:

@@ -276,7 +276,7 @@ def model_card(plan: MergePlan, summary: dict) -> str:
         f"- output dtype: {plan.dtype or 'the base model dtype of each tensor'}; arithmetic in float32 (SPEC §1)",
         f"- tensors: {summary['tensors']}, bytes written: {summary['bytes_written']}", "",
         f"## Merge config ({plan.form} form, exactly as given)", "", "```yaml",
-        yaml.safe_dump(plan.source, sort_keys=False).rstrip(), "```", "",
+        (plan.source_text or yaml.safe_dump(plan.source, sort_keys=False)).rstrip(), "```", "",
     ]
     if plan.form == "mergekit":
         lines += ["## Semantic differences from mergekit", "",
