@@ -139,7 +139,8 @@ def run(cmd: list[str], timeout: float | None = None, env=None) -> dict:
     err = log.read().decode(errors="replace")
     log.close()
     code = os.waitstatus_to_exitcode(status)
-    out = {"cmd": " ".join(cmd[:3]) + " …", "seconds": round(secs, 3), "peak_rss_bytes": ru.ru_maxrss * 1024,
+    out = {"cmd": " ".join(cmd[:3]) + " …", "seconds": round(secs, 3),
+           "cpu_seconds": round(ru.ru_utime + ru.ru_stime, 3), "peak_rss_bytes": ru.ru_maxrss * 1024,
            "returncode": code, "timed_out": timed_out}
     if code != 0 and not timed_out:
         out["stderr_tail"] = err[-2000:]
@@ -237,6 +238,7 @@ def _ratios(results: dict) -> None:
             mk = r.get(f"mergekit_{m}")
             if mk:
                 r[key]["speedup_vs_mergekit"] = round(mk["seconds"] / r[key]["seconds"], 1)
+                r[key]["cpu_speedup_vs_mergekit"] = round(mk["cpu_seconds"] / max(r[key]["cpu_seconds"], 1e-9), 1)
                 if mk["timed_out"]:
                     r[key]["speedup_vs_mergekit_is_lower_bound"] = True
 
