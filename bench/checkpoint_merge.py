@@ -169,8 +169,12 @@ def main(argv=None) -> int:
     ap.add_argument("--mergekit-timeout", type=float, default=None, help="seconds; a cut run is a lower bound")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the model files")
+    ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     case = CASES[args.case]
+    if args.write_only:  # run in a child so the parent stays small: a forked child's ru_maxrss includes the parent's
+        print(json.dumps(write_models(case, os.path.join(args.workdir, "models"))))
+        return 0
     os.makedirs(args.workdir, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     results = {"case": args.case, "shape": case, "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -180,7 +184,9 @@ def main(argv=None) -> int:
                "runs": {}}
     try:
         t0 = time.perf_counter()
-        locs = write_models(case, os.path.join(args.workdir, "models"))
+        locs = json.loads(subprocess.run([sys.executable, os.path.abspath(__file__), "--case", args.case, "--workdir",
+                                          args.workdir, "--out", args.out, "--write-only"], check=True,
+                                         capture_output=True, text=True).stdout.strip().splitlines()[-1])
         results["write_seconds"] = round(time.perf_counter() - t0, 1)
         results["bytes_per_model"] = folder_bytes(locs[0])
         results["params"] = int(sum(np.prod(s) for s in llama_shapes(**case).values()))
