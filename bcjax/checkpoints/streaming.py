@@ -229,6 +229,9 @@ def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
     total = sum(int(np.prod(m.base.info(m.names[i])[0])) for i in todo)
     if total == 0:
         return jnp.zeros((T,), jnp.int32)
+    if total > np.iinfo(np.int32).max:
+        raise CheckpointError(f"ties: one model has {total} merged entries; the model-wide threshold's histogram "
+                              f"counts are int32 (at most {np.iinfo(np.int32).max}): exclude tensors or use breadcrumbs")
     density = m.hparams.get("density", merging.get_method("ties").hparams["density"])
     ranks = [jnp.atleast_1d(jnp.asarray(merging.ties_trim_rank(density, total), jnp.int32))] * T
     hist1 = [0] * T
