@@ -1,4 +1,4 @@
-"""Command line: ``bcjax demo|finetune|eval|sweep|methods``. The CLI only wires; the work is elsewhere."""
+"""Command line: ``bcjax demo|finetune|eval|sweep|merge|methods``. The CLI only wires; the work is elsewhere."""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +7,10 @@ import sys
 
 
 def _enable_compile_cache(cache_root: str) -> None:
-    """Persistent XLA compilation cache: a rerun skips recompiling the ViT."""
-    import jax
+    """Persistent XLA compilation cache under the cache root: a rerun skips recompiling."""
+    from bcjax.merging import enable_compilation_cache
 
-    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_root, "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    enable_compilation_cache(os.path.join(cache_root, "xla"))
 
 
 def _cmd_demo(args) -> int:
@@ -81,6 +80,32 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_merge(args) -> int:
+    """Stream-merge checkpoints on disk (SPEC §7) and print the summary."""
+    from bcjax.checkpoints import merge_checkpoints
+    from bcjax.config import load_config
+
+    _enable_compile_cache(_cache_root(args))  # reruns skip compiling the per-shape kernels
+    summary = merge_checkpoints(load_config(args.config, args.set or ()) if args.set else args.config, args.out,
+                                max_shard_size=args.max_shard_size, resume=args.resume,
+                                progress=not args.no_progress, workers=args.workers)
+    gib = summary["bytes_written"] / 2**30
+    print(f"bcjax merge: {summary['tensors']} tensors ({summary['tensors_merged']} merged), {gib:.3f} GiB in "
+          f"{summary['shards']} shard(s), {summary['seconds']:.1f} s, peak RSS "
+          f"{summary['peak_rss_bytes'] / 2**30:.2f} GiB → {summary['out']}")
+    return 0
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="merge config YAML (bcjax form: method/pretrained/finetuned; or mergekit's)")
+    p.add_argument("--out", required=True, help="output folder (must not exist; written atomically)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted merge after its last finished shard")
+    p.add_argument("--workers", type=int, default=2, help="tensors in flight (reads/merges/writes overlap)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config entry (repeatable)")
+    _common_args(p)
+
+
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (results.json, report.md, PNG plots)")
     p.add_argument("--quick", action="store_true", help="fewer tasks, steps and images (minutes; used by CI)")
@@ -111,6 +136,7 @@ COMMANDS = [
     ("finetune", _cmd_finetune, "fine-tune one model per task from a config (CLIP, T5)", _config_args("finetune")),
     ("eval", _cmd_eval, "evaluate pretrained / fine-tuned / merged models from a config", _config_args("eval")),
     ("sweep", _cmd_sweep, "run a merging experiment (subsets, grids, ...) from a config", _config_args("sweep")),
+    ("merge", _cmd_merge, "merge checkpoints on disk, streaming (bcjax or mergekit YAML config)", _merge_args),
     ("methods", _cmd_methods, "list merge methods, their hyper-parameters and requirements", lambda p: None),
 ]
 

@@ -52,3 +52,8 @@ class DataAccessError(BcjaxError):
 class MissingDependencyError(BcjaxError, ImportError):
     """An optional dependency is not installed (or is an incompatible version); the
     message names the package and the extra to install, e.g. ``pip install 'bcjax[train]'``."""
+
+
+class CheckpointError(BcjaxError):
+    """A checkpoint on disk is missing, unreadable, or does not match the base model
+    (names, shapes, dtypes, values); the message names the file and the tensor (SPEC §7)."""

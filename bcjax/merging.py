@@ -567,3 +567,29 @@ def gradient_matching(pretrained, finetuned, flags, *, fishers=None, alpha=1.0, 
         return _gradient_matching_leaf(p0, tuple(fts), tuple(hs), alphas, h0 if h0_leaves is None else h0_leaves[i])
 
     return map_merged_leaves(leaf, pretrained, finetuned, flags, fishers)
+
+
+# --------------------------------------------------------------------------- streaming hooks
+# Public pieces of TIES for merges that see one leaf at a time (bcjax.checkpoints streams
+# checkpoints from disk): the model-wide threshold is an additive histogram over leaves
+# (two passes), then each leaf is merged with the same kernel as :func:`ties`.
+def ties_trim_rank(density, total: int):
+    """Ascending 0-based rank of TIES's trim threshold among a model's N = ``total`` merged
+    magnitudes |τ|: N − max(1, ⌊density·N + 1e-6⌋) (SPEC §3; ties at the threshold kept)."""
+    return total - jnp.maximum(fraction_count(density, total), 1)
+
+
+def tau_magnitude_histogram(p0, ft, bins=None):
+    """One leaf's additive histogram of the float32 bits of |θt − θ0| (order_stats): the
+    coarse one, or with ``bins`` the fine rows. Summed over leaves and resolved with
+    ``order_stats.locate_coarse`` / ``resolve_fine`` it gives a model-wide order statistic."""
+    return _tau_coarse_histogram(p0, ft) if bins is None else _tau_fine_histogram(p0, ft, bins)
+
+
+def ties_merge_with_thresholds(pretrained, finetuned, flags, *, thresholds, alpha=1.0):
+    """TIES's trim + elect + disjoint mean (SPEC §3) given each task's trim threshold as
+    int32 magnitude bits, shape (T,), computed model-wide beforehand; equals :func:`ties`
+    when the thresholds are those of the whole model."""
+    thresholds = jnp.asarray(thresholds, jnp.int32)
+    return map_merged_leaves(lambda i, p0, fts: _ties_leaf(p0, tuple(fts), thresholds, alpha),
+                             pretrained, finetuned, flags)

@@ -1,0 +1,405 @@
+r"""Streaming merges of checkpoints on disk (SPEC §7): ``bcjax merge CONFIG --out DIR``.
+
+Tensors are read one name at a time (:mod:`bcjax.checkpoints.io`) and merged with the
+registered method itself, called on a one-tensor tree, so every result is bit-identical to
+:func:`bcjax.merge` on the checkpoints loaded whole as flat dicts ``{name: array}``:
+
+- a tensor's *leaf index* is its position among the base model's names sorted (the order
+  ``jax.tree.leaves`` visits a flat dict); methods with a PRNG key fold it in (SPEC §3), so
+  the one-tensor tree puts the tensor at that index behind empty placeholders, which every
+  method skips;
+- TIES's model-wide trim threshold (SPEC §3) is an order statistic of |τt| over all merged
+  tensors of model t: two extra read passes build the additive coarse and fine histograms
+  (``merging.tau_magnitude_histogram``), then each tensor is merged with
+  ``merging.ties_merge_with_thresholds``.
+
+Memory holds, per tensor in flight, the T + 1 inputs, the method's temporaries and the
+output (≈ (T + 3) × the largest tensor, times the small number of tensors in flight), never
+a model. Reads, merges and writes overlap on a bounded thread pool (``workers`` tensors in
+flight, default 2). The output is written into a temporary sibling folder and renamed at the
+end; a killed merge leaves only that folder, from which ``resume=True`` continues after the
+last finished shard. Any error (including NaN/Inf found while streaming) removes it.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import resource
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from bcjax import merging, order_stats
+from bcjax.checkpoints.io import (WEIGHT_FILE_PATTERNS, Checkpoint, ShardedSafetensorsWriter, open_checkpoint,
+                                  parse_size)
+from bcjax.checkpoints.merge_config import MergePlan, load_merge_config, parse_merge_config
+from bcjax.errors import BcjaxError, CheckpointError, NonFiniteError
+from bcjax.tree import make_leaf_filter
+
+__all__ = ["merge_checkpoints", "validate_checkpoints", "partial_folder"]
+
+_STATE = "bcjax-merge-state.json"
+#: Input bytes (all T + 1 models) of the tensors in flight at once; a larger tensor runs alone.
+INFLIGHT_BYTES = 256 * 2**20
+
+
+def partial_folder(out: str) -> str:
+    """The temporary sibling folder a merge into ``out`` writes to (renamed at the end)."""
+    out = os.path.abspath(out)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.bcjax-partial")
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def validate_checkpoints(base: Checkpoint, finetuned: Sequence[Checkpoint]) -> None:
+    """Raise :class:`CheckpointError` naming the file and tensor unless every fine-tuned
+    checkpoint has exactly the base's tensor names, shapes and dtypes (SPEC §1, §7)."""
+    if not base.names:
+        raise CheckpointError(f"{base.location}: no tensors")
+    ref = set(base.names)
+    for t, ck in enumerate(finetuned):
+        names = set(ck.names)
+        missing = [n for n in base.names if n not in names]
+        if missing:
+            raise CheckpointError(f"fine-tuned model {t} ({ck.location}): tensor {missing[0]!r} of the base model "
+                                  f"({base.info(missing[0])[2]}) is missing" +
+                                  (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        extra = [n for n in ck.names if n not in ref]
+        if extra:
+            raise CheckpointError(f"fine-tuned model {t} ({ck.info(extra[0])[2]}): tensor {extra[0]!r} is not in the "
+                                  f"base model ({base.location})" + (f" (and {len(extra) - 1} more)" if len(extra) > 1
+                                                                     else ""))
+        for n in base.names:
+            (s0, d0, f0), (s1, d1, f1) = base.info(n), ck.info(n)
+            if s0 != s1:
+                raise CheckpointError(f"fine-tuned model {t} ({f1}): tensor {n!r} has shape {s1}, base ({f0}) has {s0}")
+            if d0 != d1:
+                raise CheckpointError(f"fine-tuned model {t} ({f1}): tensor {n!r} has dtype {d1.name}, base ({f0}) "
+                                      f"has {d0.name}")
+
+
+def _check_values(name: str, arrays: Sequence[np.ndarray], cks: Sequence[Checkpoint], labels: Sequence[str]) -> None:
+    for a, ck, label in zip(arrays, cks, labels):
+        if np.issubdtype(a.dtype, np.inexact) or a.dtype.name == "bfloat16" or a.dtype.kind == "V":
+            if a.size and not np.isfinite(a).all():
+                raise NonFiniteError(f"{label} ({ck.info(name)[2]}), tensor {name!r}: contains NaN or Inf")
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return bool(jnp.issubdtype(jnp.dtype(dtype), jnp.floating))
+
+
+def _check_method(plan: MergePlan, num_tasks: int) -> dict:
+    """The method's hyper-parameters, checked on a tiny tree before any read or write."""
+    hp = plan.method_hparams()
+    probe = {"x": np.zeros(4, np.float32)}
+    try:
+        merging.merge(plan.method, probe, [probe] * num_tasks, **hp)
+    except BcjaxError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{plan.method}: invalid hyper-parameters {plan.hparams}: {e}") from None
+    return hp
+
+
+def _fingerprint(plan: MergePlan, cks: Sequence[Checkpoint], max_shard_size: int, out_dtype) -> str:
+    stats = []
+    for ck in cks:
+        for f in ck.files():
+            st = os.stat(f)
+            stats.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"method": plan.method, "hparams": repr(sorted(plan.hparams.items())), "seed": plan.seed,
+                       "exclude": plan.exclude, "dtype": out_dtype, "files": stats, "max": max_shard_size},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class _Merger:
+    """Per-tensor merge: read T+1 tensors, check them, merge with the method's own code."""
+
+    def __init__(self, plan: MergePlan, base: Checkpoint, fts: Sequence[Checkpoint], names: list[str],
+                 hparams: dict, thresholds=None):
+        self.plan, self.base, self.fts, self.names = plan, base, list(fts), names
+        self.hparams = hparams
+        self.thresholds = thresholds
+        self.budget = INFLIGHT_BYTES
+        keep = make_leaf_filter(plan.exclude or None)
+        self.flags = [bool(keep(n, np.empty((0,), base.info(n)[1]))) for n in names]
+        self.keyed = "key" in merging.get_method(plan.method).hparams
+        self.labels = ["pretrained model", *(f"fine-tuned model {t}" for t in range(len(fts)))]
+        self.bytes_read = 0
+        self.checked: set[int] = set()  # tensors whose values were checked (TIES reads them three times)
+
+    def out_dtype(self, i: int) -> np.dtype:
+        d = self.base.info(self.names[i])[1]
+        return np.dtype(jnp.dtype(self.plan.dtype)) if self.plan.dtype and _is_float(d) else d
+
+    def read(self, i: int, with_fts: bool = True) -> list[np.ndarray]:
+        name = self.names[i]
+        cks = [self.base, *(self.fts if with_fts else [])]
+        arrays = [ck.read(name) for ck in cks]
+        self.bytes_read += sum(a.nbytes for a in arrays)
+        if i not in self.checked:
+            _check_values(name, arrays, cks, self.labels)
+            if with_fts:
+                self.checked.add(i)
+        return arrays
+
+    def input_bytes(self, i: int) -> int:
+        return self.base.nbytes(self.names[i]) * (1 + len(self.fts))
+
+    def _tree(self, i: int, leaf):
+        if not self.keyed:
+            return [leaf]
+        # the tensor at its leaf index behind empty leaves (skipped by every method): same PRNG keys
+        return [np.zeros((0,), np.float32)] * i + [leaf]
+
+    def merge(self, i: int) -> np.ndarray:
+        arrays = self.read(i, with_fts=True)
+        if not self.flags[i] or arrays[0].size == 0:
+            out = arrays[0]
+        else:
+            for k, a in enumerate(arrays):  # host copies go as the device copies arrive
+                arrays[k] = jnp.asarray(a)
+            del a
+            out = self._merge_leaf(i, arrays)
+        del arrays
+        dt = self.out_dtype(i)
+        return out if out.dtype == dt else np.asarray(jnp.asarray(out).astype(dt))
+
+    def _merge_leaf(self, i: int, arrays: list) -> np.ndarray:
+        p0, *fts = arrays
+        arrays.clear()  # the caller's host copies can go; only device arrays stay alive
+        if self.plan.method == "ties":
+            res = merging.ties_merge_with_thresholds([p0], [[f] for f in fts], (True,), thresholds=self.thresholds,
+                                                     alpha=self.hparams.get("alpha", 1.0))
+            return np.asarray(res[0])
+        res = merging.merge(self.plan.method, self._tree(i, p0), [self._tree(i, f) for f in fts],
+                            validate=False, **self.hparams)
+        return np.asarray(res[-1])
+
+    def histogram(self, i: int, bins=None) -> list:
+        p0, *fts = self.read(i)
+        if bins is None:
+            return [merging.tau_magnitude_histogram(p0, f) for f in fts]
+        return [merging.tau_magnitude_histogram(p0, f, bins[t]) for t, f in enumerate(fts)]
+
+
+def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=None, budget: int | None = None):
+    """``map(fn, items)`` on ``pool``, in order, with at most ``window`` items in flight and,
+    given ``cost(item)``, at most ``budget`` of cost in flight (always at least one item):
+    memory stays bounded whatever the tensor sizes."""
+    items = list(items)
+    pending = collections.deque()
+    nxt, inflight = 0, 0
+
+    def admit():
+        nonlocal nxt, inflight
+        while nxt < len(items) and len(pending) < window:
+            c = cost(items[nxt]) if cost else 0
+            if pending and budget is not None and inflight + c > budget:
+                break
+            pending.append((pool.submit(fn, items[nxt]), c))
+            inflight += c
+            nxt += 1
+
+    admit()
+    while pending:
+        fut, c = pending.popleft()
+        result = fut.result()
+        inflight -= c
+        admit()
+        yield result
+
+
+def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
+    """Each task's model-wide trim threshold bits (SPEC §3) from two histogram passes."""
+    todo = [i for i, f in enumerate(m.flags) if f and int(np.prod(m.base.info(m.names[i])[0])) > 0]
+    T = len(m.fts)
+    total = sum(int(np.prod(m.base.info(m.names[i])[0])) for i in todo)
+    if total == 0:
+        return jnp.zeros((T,), jnp.int32)
+    if total > np.iinfo(np.int32).max:
+        raise CheckpointError(f"ties: one model has {total} merged entries; the model-wide threshold's histogram "
+                              f"counts are int32 (at most {np.iinfo(np.int32).max}): exclude tensors or use breadcrumbs")
+    density = m.hparams.get("density", merging.get_method("ties").hparams["density"])
+    ranks = [jnp.atleast_1d(jnp.asarray(merging.ties_trim_rank(density, total), jnp.int32))] * T
+    hist1 = [0] * T
+    for h in _ordered(pool, m.histogram, todo, window, m.input_bytes, m.budget):
+        hist1 = [a + b for a, b in zip(hist1, h)]
+        progress(1)
+    located = [order_stats.locate_coarse(hist1[t], ranks[t]) for t in range(T)]
+    bins = [loc[0] for loc in located]
+    hist2 = [0] * T
+    for h in _ordered(pool, lambda i: m.histogram(i, bins), todo, window, m.input_bytes, m.budget):
+        hist2 = [a + b for a, b in zip(hist2, h)]
+        progress(1)
+    thr = [order_stats.resolve_fine(hist2[t], bins[t], located[t][1], located[t][2], ranks[t])[0] for t in range(T)]
+    return jnp.stack(thr).astype(jnp.int32)
+
+
+def _copy_side_files(base_location: str, folder: str) -> list[str]:
+    """config / tokenizer / generation files of a base model folder (not weights, not README)."""
+    if not os.path.isdir(base_location):
+        return []
+    copied = []
+    for f in sorted(os.listdir(base_location)):
+        src = os.path.join(base_location, f)
+        if not os.path.isfile(src) or f.startswith(".") or f == "README.md" or f.endswith(WEIGHT_FILE_PATTERNS):
+            continue
+        shutil.copy2(src, os.path.join(folder, f))
+        copied.append(f)
+    return copied
+
+
+def model_card(plan: MergePlan, summary: dict) -> str:
+    """README.md of a merged model: the exact config, the SPEC method it ran, differences."""
+    import bcjax
+
+    hp = {k: v for k, v in plan.hparams.items()}
+    lines = [
+        "---", "tags: [merge, bcjax]", "---", "",
+        f"# Merged with bcjax {bcjax.__version__}", "",
+        f"Method: **{plan.method}** (SPEC §2–3), hyper-parameters `{json.dumps(hp, default=str)}`"
+        + (f", PRNG key `jax.random.key({plan.seed})`" if plan.seed is not None and "key" in
+           merging.get_method(plan.method).hparams else "") + ".", "",
+        f"- base model (θ0): `{plan.pretrained}`",
+        *[f"- fine-tuned model {t}: `{f}`" for t, f in enumerate(plan.finetuned)],
+        f"- excluded tensors (copied from θ0): {plan.exclude or 'none'}; non-floating tensors are copied from θ0",
+        f"- output dtype: {plan.dtype or 'the base model dtype of each tensor'}; arithmetic in float32 (SPEC §1)",
+        f"- tensors: {summary['tensors']}, bytes written: {summary['bytes_written']}", "",
+        f"## Merge config ({plan.form} form, exactly as given)", "", "```yaml",
+        (plan.source_text or yaml.safe_dump(plan.source, sort_keys=False)).rstrip(), "```", "",
+    ]
+    if plan.form == "mergekit":
+        lines += ["## Semantic differences from mergekit", "",
+                  "This mergekit config was converted to the SPEC method above (SPEC §7):", ""]
+        lines += [f"- {n}" for n in plan.notes] or ["- none for this method and parameters"]
+        lines.append("")
+    lines += ["Results equal `bcjax.merge` on the checkpoints loaded whole as flat dicts `{name: array}` "
+              "(bit for bit).", ""]
+    return "\n".join(lines)
+
+
+def merge_checkpoints(config, out: str, *, max_shard_size="5GB", resume: bool = False, progress: bool = True,
+                      workers: int = 2) -> dict[str, Any]:
+    """Merge checkpoints on disk described by ``config`` (a path, a mapping of either form,
+    or a :class:`MergePlan`) into the Hugging Face folder ``out`` (SPEC §7).
+
+    Validates the config, the method's hyper-parameters and every checkpoint's names,
+    shapes and dtypes before writing anything; streams the merge (values are checked for
+    NaN/Inf as they are read); writes safetensors shards of at most ``max_shard_size``
+    (with ``model.safetensors.index.json`` when there are several), copies config and
+    tokenizer files from the base folder, writes a model card, and renames the temporary
+    folder to ``out`` at the end. Returns a summary (tensors, bytes, seconds, peak RSS).
+    """
+    t0 = time.perf_counter()
+    plan = config if isinstance(config, MergePlan) else (
+        load_merge_config(os.fspath(config)) if isinstance(config, (str, os.PathLike)) else parse_merge_config(config))
+    out = os.path.abspath(os.fspath(out))
+    if os.path.exists(out):
+        raise CheckpointError(f"output folder {out} already exists; choose a new --out")
+    limit = parse_size(max_shard_size)
+    if limit <= 0:
+        raise CheckpointError(f"max_shard_size must be positive, got {max_shard_size!r}")
+    if workers < 1:
+        raise CheckpointError(f"workers must be >= 1, got {workers}")
+    hparams = _check_method(plan, len(plan.finetuned))
+    base = open_checkpoint(plan.pretrained)
+    fts = []
+    try:
+        fts = [open_checkpoint(f) for f in plan.finetuned]
+        validate_checkpoints(base, fts)
+        names = sorted(base.names)  # leaf order of a flat dict (jax sorts dict keys)
+        m = _Merger(plan, base, fts, names, hparams)
+        entries = [(n, base.info(n)[0], m.out_dtype(i)) for i, n in enumerate(names)]
+        return _run(plan, m, entries, out, limit, resume, progress, workers, t0)
+    finally:
+        for ck in [base, *fts]:
+            ck.close()
+
+
+def _run(plan, m: _Merger, entries, out, limit, resume, progress, workers, t0) -> dict:
+    tmp = partial_folder(out)
+    fp = _fingerprint(plan, [m.base, *m.fts], limit, plan.dtype)
+    state = None
+    if os.path.isdir(tmp) and resume:
+        try:
+            with open(os.path.join(tmp, _STATE), encoding="utf-8") as f:
+                state = json.load(f)
+        except (OSError, json.JSONDecodeError):
+            state = None
+        if state is None or state.get("fingerprint") != fp:
+            raise CheckpointError(f"--resume: {tmp} belongs to a different merge (config, inputs or shard size "
+                                  "changed); remove it or run without --resume")
+    elif os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    elif resume:
+        raise CheckpointError(f"--resume: no interrupted merge into {out} (expected {tmp})")
+    os.makedirs(tmp, exist_ok=True)
+    writer = ShardedSafetensorsWriter(tmp, entries, limit, metadata={"format": "pt"})
+    todo = [i for s, idx in enumerate(writer.shards) if not writer.finished(s) for i in idx]
+    resumed = sum(1 for s in range(len(writer.shards)) if writer.finished(s))
+    for s in range(len(writer.shards)):  # a shard interrupted mid-write restarts from its header
+        p = os.path.join(tmp, writer.files[s] + ".partial")
+        if os.path.exists(p):
+            os.remove(p)
+    todo_set = set(todo)
+    total_bytes = sum(int(np.prod(sh, dtype=np.int64)) * np.dtype(dt).itemsize for i, (_, sh, dt) in
+                      enumerate(entries) if i in todo_set)
+    try:
+        from tqdm.auto import tqdm
+
+        window = workers + 1
+        with ThreadPoolExecutor(workers) as pool:
+            thresholds = None
+            if plan.method == "ties" and todo:
+                if state and state.get("ties_thresholds") is not None:
+                    thresholds = jnp.asarray(state["ties_thresholds"], jnp.int32)
+                else:
+                    n_merged = sum(1 for i, f in enumerate(m.flags) if f)
+                    with tqdm(total=2 * n_merged, unit="tensor", desc="ties thresholds", disable=not progress) as bar:
+                        thresholds = _ties_thresholds(m, pool, window, bar.update)
+            m.thresholds = thresholds
+            _save_state(tmp, fp, thresholds)
+            with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge {plan.method}",
+                      disable=not progress) as bar:
+                for k, (i, arr) in enumerate(zip(todo, _ordered(pool, m.merge, todo, window, m.input_bytes, m.budget))):
+                    writer.write(i, arr)
+                    bar.update(arr.nbytes)
+                    bar.set_postfix_str(f"{k + 1}/{len(todo)} tensors", refresh=False)
+        writer.write_index()
+        summary = {"out": out, "method": plan.method, "tensors": len(entries), "tensors_merged": sum(m.flags),
+                   "shards": len(writer.shards), "shards_resumed": resumed, "bytes_read": m.bytes_read,
+                   "bytes_written": sum(int(np.prod(sh, dtype=np.int64)) * np.dtype(dt).itemsize
+                                        for _, sh, dt in entries)}
+        copied = _copy_side_files(plan.pretrained, tmp)
+        summary["copied_files"] = copied
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(plan, summary))
+        os.remove(os.path.join(tmp, _STATE))
+        os.replace(tmp, out)
+    except BaseException as e:
+        writer.abort()
+        if not isinstance(e, KeyboardInterrupt):  # a killed/interrupted merge keeps its finished shards for --resume
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    summary["peak_rss_bytes"] = _peak_rss_bytes()
+    return summary
+
+
+def _save_state(tmp, fp, thresholds):
+    state = {"fingerprint": fp, "ties_thresholds": None if thresholds is None else np.asarray(thresholds).tolist()}
+    with open(os.path.join(tmp, _STATE), "w", encoding="utf-8") as f:
+        json.dump(state, f)
