@@ -465,7 +465,7 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
         return jnp.zeros(len(finetuned), jnp.int32)
     # keep n_keep = max(1, ⌊density·N + 1e-6⌋) largest: threshold = (N − n_keep)-th smallest,
     # N over all merged leaves of the model, all tasks in one pass over the models
-    rank = jnp.asarray(total - jnp.maximum(fraction_count(density, total), 1), jnp.int32)
+    rank = jnp.asarray(ties_trim_rank(density, total), jnp.int32)
     per_model = [jax.tree.leaves(model) for model in finetuned]
     return _model_threshold_bits([leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model],
                                  jnp.broadcast_to(rank, (len(finetuned), 1)))[:, 0]
@@ -480,9 +480,8 @@ def ties(pretrained, finetuned, flags, *, density=0.2, alpha=1.0):
         # NumPy leaves are read by two passes (thresholds, then the merge): copy them once
         # (zero-copy where aligned); the threshold pass holds them all at once anyway
         pretrained, finetuned = jax.tree.map(_host_to_device, (pretrained, list(finetuned)))
-    thresholds = ties_thresholds(pretrained, finetuned, flags, density)
-    return map_merged_leaves(lambda i, p0, fts: _ties_leaf(p0, tuple(fts), thresholds, alpha),
-                             pretrained, finetuned, flags)
+    return ties_merge_with_thresholds(pretrained, finetuned, flags,
+                                      thresholds=ties_thresholds(pretrained, finetuned, flags, density), alpha=alpha)
 
 
 def _validate_fishers(pretrained, fishers, name):
@@ -579,10 +578,22 @@ def ties_trim_rank(density, total: int):
     return total - jnp.maximum(fraction_count(density, total), 1)
 
 
+@jax.jit
+def _tau_coarse_histogram(p0, ft):
+    return order_stats.coarse_histogram(order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)))
+
+
+@jax.jit
+def _tau_fine_histogram(p0, ft, bins):
+    return order_stats.fine_histogram(order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)), bins)
+
+
 def tau_magnitude_histogram(p0, ft, bins=None):
     """One leaf's additive histogram of the float32 bits of |θt − θ0| (order_stats): the
     coarse one, or with ``bins`` the fine rows. Summed over leaves and resolved with
-    ``order_stats.locate_coarse`` / ``resolve_fine`` it gives a model-wide order statistic."""
+    ``order_stats.locate_coarse`` / ``resolve_fine`` it gives a model-wide order statistic
+    (the same thresholds as :func:`ties_thresholds`, which selects them in one pass when all
+    leaves are in memory)."""
     return _tau_coarse_histogram(p0, ft) if bins is None else _tau_fine_histogram(p0, ft, bins)
 
 
