@@ -214,7 +214,8 @@ def test_dinov2_suite_subsets_and_cosine(demo_cache, tmp_path):
     curve = s["methods"]["breadcrumbs"]["observed"]
     assert sorted(curve) == ["0", "1", "3"] and all(0 < v < 1.5 for v in curve.values())
     assert s["points_stored"] == 3 + 1 + 3 + 1
-    c = E.run_sweep({**cfg, "experiment": "cosine", "settings": [[0.9, 0.99]]}, out_dir=str(tmp_path / "cos"),
+    cos = {k: v for k, v in cfg.items() if k not in ("sizes", "methods")}  # keys of the subsets experiment
+    c = E.run_sweep({**cos, "experiment": "cosine", "settings": [[0.9, 0.99]]}, out_dir=str(tmp_path / "cos"),
                     progress=False)
     m = np.array(c["matrices"]["raw task vectors"])
     assert m.shape == (3, 3) and np.allclose(np.diag(m), 1, atol=1e-4)
