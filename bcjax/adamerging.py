@@ -471,28 +471,45 @@ def _adamerging(logits_fn, pretrained, finetuned, flags, batches, *, granularity
     return merged_tree, coefficients
 
 
-@register_method("adamerging")
-def adamerging_method(pretrained, finetuned, flags, *, logits_fn=None, batches=None, coefficients=None,
+@register_method("adamerging", requires=("model_fn", "unlabeled_batches"))
+def adamerging_method(pretrained, finetuned, flags, *, model_fn=None, unlabeled_batches=None, coefficients=None,
                       granularity="layer", steps=500, learning_rate=1e-3, init=0.3, clamp=None, vectors="raw",
-                      vector_hparams=None, seed=0, batch_size=16, out_dir=None, checkpoint_every=50, progress=False,
-                      batch_tasks=False):
+                      vector_hparams=None, seed=0, batch_size=16, out_dir=None, checkpoint_every=50, progress=False):
     """AdaMerging (Yang et al., SPEC §3): θ0 + Σt λt ⊙ vt, λ (per task or per task and leaf) minimising the entropy on unlabeled inputs.
 
-    Needs ``logits_fn(params, task, inputs)`` and ``batches`` (the tasks' unlabeled inputs),
-    or saved ``coefficients`` (an array or a path, :func:`load_coefficients`) to skip the
-    optimisation. Other hyper-parameters as :func:`adamerging`.
+    Requirements (:data:`bcjax.merging.REQUIREMENTS`, supplied per task by the runner):
+      model_fn: one ``logits = model_fn[t](params, inputs)`` per fine-tuned model, applying
+        that task's head (pure, jittable).
+      unlabeled_batches: one pool of task t's **unlabeled** inputs per fine-tuned model (its
+        test inputs without labels: test-time adaptation), an array or pytree of arrays with
+        a leading example axis; ``batch_size`` are drawn per task and step.
+
+    Internally ``logits_fn(params, t, x) = model_fn[t](params, x)`` with t a Python int
+    (one traced forward pass per task) for :func:`adamerging`. Saved ``coefficients`` (an
+    array or a path, :func:`load_coefficients`) skip the optimisation and need neither.
+    Other hyper-parameters as :func:`adamerging`.
     """
     finetuned = list(finetuned)
     if coefficients is not None:
         return _apply(pretrained, finetuned, list(flags), coefficients, vectors, vector_hparams)
-    if logits_fn is None or batches is None:
-        raise HyperparameterError("adamerging needs `logits_fn` (params, task, inputs) -> logits and `batches` "
-                                  "(each task's unlabeled inputs), or saved `coefficients`")
+    if model_fn is None or unlabeled_batches is None:
+        raise HyperparameterError("adamerging needs `model_fn` (per task: (params, inputs) -> logits) and "
+                                  "`unlabeled_batches` (per task: unlabeled inputs), or saved `coefficients`")
+    model_fn, unlabeled_batches = list(model_fn), list(unlabeled_batches)
+    for what, got in (("model_fn", model_fn), ("unlabeled_batches", unlabeled_batches)):
+        if len(got) != len(finetuned):
+            raise HyperparameterError(f"adamerging: {len(got)} `{what}` entries for {len(finetuned)} fine-tuned "
+                                      "models (one per task)")
     if granularity not in GRANULARITIES:
         raise HyperparameterError(f"AdaMerging: granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    merged, _ = _adamerging(logits_fn, pretrained, finetuned, list(flags), batches, granularity=granularity,
-                            steps=int(steps), learning_rate=float(learning_rate), init=float(init),
-                            clamp=_clamp(clamp), vectors=vectors, vector_hparams=vector_hparams, seed=int(seed),
-                            batch_size=int(batch_size), out_dir=out_dir, checkpoint_every=int(checkpoint_every),
-                            progress=progress, mesh=None, mesh_axis=None, batch_tasks=bool(batch_tasks))
+
+    def logits_fn(params, task, x):  # task: a Python int (unrolled, one pass per task)
+        return model_fn[task](params, x)
+
+    merged, _ = _adamerging(logits_fn, pretrained, finetuned, list(flags), unlabeled_batches,
+                            granularity=granularity, steps=int(steps), learning_rate=float(learning_rate),
+                            init=float(init), clamp=_clamp(clamp), vectors=vectors, vector_hparams=vector_hparams,
+                            seed=int(seed), batch_size=int(batch_size), out_dir=out_dir,
+                            checkpoint_every=int(checkpoint_every), progress=progress, mesh=None, mesh_axis=None,
+                            batch_tasks=False)
     return merged

@@ -52,13 +52,14 @@ REQUIREMENTS: dict[str, str] = {
     "key": "a jax.random key (configs give an integer `seed`, default 0)",
     "fishers": "per task: a diagonal-Fisher tree shaped like θ0 (non-negative)",
     "dataset_sizes": "per task: the number of training examples (scales the Fishers)",
-    "grams": "per task: per-layer Gram matrices X^T X of the layer inputs, a tree keyed like θ0's "
-             "linear kernels (RegMean)",
-    "unlabeled_batches": "per task: an iterable of unlabeled input batches (test-time adaptation, "
-                         "e.g. AdaMerging)",
+    "grams": "per task: a dict {'/'-joined key path of a 2-D kernel: Gram X^T X / N [in, in]} of that "
+             "layer's inputs over N training examples, computed with the task's own fine-tuned model (RegMean)",
+    "unlabeled_batches": "per task: a pool of the task's unlabeled TEST inputs (an array or pytree of arrays "
+                         "with a leading example axis, no labels) that the method draws batches from "
+                         "(test-time adaptation, e.g. AdaMerging)",
     "labeled_batches": "per task: an iterable of (inputs, labels) batches",
-    "model_fn": "per task: logits(params, inputs) with that task's head (test-time adaptation, "
-                "e.g. AdaMerging)",
+    "model_fn": "per task: logits = model_fn(params, inputs) with that task's head, pure and jittable "
+                "(test-time adaptation, e.g. AdaMerging)",
 }
 
 

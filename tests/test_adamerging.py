@@ -144,13 +144,30 @@ def test_saved_coefficients_reload_and_registered_method(tmp_path):
     np.testing.assert_array_equal(loaded, lam)
     assert meta["vectors"] == "breadcrumbs" and len(meta["leaf_paths"]) == 4
     _close(bcjax.merge("adamerging", PRE, FTS, coefficients=out), merged)
-    via_registry = bcjax.merge("adamerging", PRE, FTS, logits_fn=logits_fn, batches=POOLS, steps=8,
-                               learning_rate=0.05, batch_size=6)
-    _close(via_registry, _run()[0])
-    with pytest.raises(HyperparameterError, match="logits_fn"):
+    with pytest.raises(HyperparameterError, match="model_fn"):
         bcjax.merge("adamerging", PRE, FTS)
     with pytest.raises(HyperparameterError, match="shape"):
         bcjax.merge("adamerging", PRE, FTS, coefficients=np.zeros((T, 3)))
+
+
+def test_registered_method_takes_the_requirements_protocol():
+    """bcjax.merge("adamerging") takes per-task `model_fn` (params, inputs) -> logits and
+    per-task `unlabeled_batches` (REQUIREMENTS) and equals bcjax.adamerging with
+    logits_fn(params, t, x) = model_fn[t](params, x)."""
+    assert bcjax.methods()["adamerging"].requires == ("model_fn", "unlabeled_batches")
+    model_fn = [lambda p, x, t=t: logits_fn(p, t, x) for t in range(T)]
+    for granularity in ("layer", "task"):
+        via_registry = bcjax.merge("adamerging", PRE, FTS, model_fn=model_fn, unlabeled_batches=POOLS, steps=8,
+                                   learning_rate=0.05, batch_size=6, granularity=granularity)
+        _close(via_registry, _run(granularity=granularity)[0], rtol=0, atol=0)
+    with pytest.raises(HyperparameterError, match="2 `model_fn` entries for 3"):
+        bcjax.merge("adamerging", PRE, FTS, model_fn=model_fn[:2], unlabeled_batches=POOLS, steps=1)
+    with pytest.raises(HyperparameterError, match="2 `unlabeled_batches` entries for 3"):
+        bcjax.merge("adamerging", PRE, FTS, model_fn=model_fn, unlabeled_batches=POOLS[:2], steps=1)
+    labeled = [{"x": p, "label": np.zeros(len(p), np.int32)} for p in POOLS]
+    reads_label = [lambda p, b: logits_fn(p, 0, b["x"]) + b["label"][:, None] for _ in range(T)]
+    with pytest.raises(DataAccessError):
+        bcjax.merge("adamerging", PRE, FTS, model_fn=reads_label, unlabeled_batches=labeled, steps=1)
 
 
 def test_labels_are_never_read():

@@ -363,3 +363,36 @@ def test_shipped_configs_have_the_paper_settings():
         assert (t.learning_rate, t.weight_decay, t.warmup_steps, t.steps, t.batch_size) == (1e-5, 0.1, 200, 2000, 128)
         assert cfg["data"]["tasks"] == list(vision.TASKS)
         assert any(m["method"] == "breadcrumbs" for m in cfg["eval"]["merges"])
+
+
+def test_suite_provides_grams_model_fn_and_unlabeled_test_inputs(setup):
+    """What RegMean and AdaMerging require, from the CLIP pipeline: Grams of the vision tower's
+    Dense inputs (keyed like the merged tree, from the task's own fine-tune), logits with the
+    task's head, and the test images without labels; regmean and adamerging merge with them."""
+    import bcjax
+    from bcjax.tree import leaf_paths
+
+    vision = setup.clip.vision
+    rng = np.random.default_rng(0)
+    fts = [jax.tree.map(lambda a: np.asarray(a) + 0.01 * rng.standard_normal(np.shape(a)).astype(np.float32), vision)
+           for _ in setup.names]
+    prov = pipeline.provides(setup, fts)
+    t = setup.names[0]
+    grams = [prov["grams"](n) for n in setup.names]
+    shapes = dict(zip(leaf_paths(vision), (np.shape(a) for a in jax.tree.leaves(vision))))
+    assert grams[0] and all(k.startswith("vision_model/") and k.endswith("kernel") for k in grams[0])
+    for key, g in grams[0].items():
+        assert g.shape == (shapes[key][0],) * 2 and np.allclose(g, g.T, atol=1e-5)
+    own = pipeline.provides(setup, [fts[1]] * len(fts))["grams"](t)  # another model: other Grams
+    assert any(not np.allclose(own[k], grams[0][k]) for k in own)
+    x = prov["unlabeled_batches"](t)
+    test_x, test_y = setup.task(t).splits["test"]
+    assert x is test_x and np.ndim(x) == 4
+    logits = prov["model_fn"](t)(fts[0], x[:4])
+    np.testing.assert_allclose(logits, setup.predict(fts[0], x[:4], *setup.heads[t]), rtol=1e-6)
+    merged = bcjax.merge("regmean", vision, fts, grams=grams, jitter=1e-4)
+    assert set(leaf_paths(merged)) == set(shapes)
+    ada = bcjax.merge("adamerging", vision, fts, model_fn=[prov["model_fn"](n) for n in setup.names],
+                      unlabeled_batches=[prov["unlabeled_batches"](n) for n in setup.names], granularity="task",
+                      steps=2, batch_size=4)
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(ada))

@@ -214,7 +214,8 @@ def test_dinov2_suite_subsets_and_cosine(demo_cache, tmp_path):
     curve = s["methods"]["breadcrumbs"]["observed"]
     assert sorted(curve) == ["0", "1", "3"] and all(0 < v < 1.5 for v in curve.values())
     assert s["points_stored"] == 3 + 1 + 3 + 1
-    c = E.run_sweep({**cfg, "experiment": "cosine", "settings": [[0.9, 0.99]]}, out_dir=str(tmp_path / "cos"),
+    cos = {k: v for k, v in cfg.items() if k not in ("sizes", "methods")}  # keys of the subsets experiment
+    c = E.run_sweep({**cos, "experiment": "cosine", "settings": [[0.9, 0.99]]}, out_dir=str(tmp_path / "cos"),
                     progress=False)
     m = np.array(c["matrices"]["raw task vectors"])
     assert m.shape == (3, 3) and np.allclose(np.diag(m), 1, atol=1e-4)
@@ -246,8 +247,8 @@ def test_subsets_sweep_on_a_mesh_is_bit_identical(suite, tmp_path):
 
 
 def test_every_registered_method_runs_through_select_with_its_requirements(suite):
-    """Requirements (PRNG key from `seed`, Fishers, data-set sizes) come from the suite; the
-    selected merge equals the core merge with those inputs."""
+    """Requirements (PRNG key from `seed`, Fishers, data-set sizes, Grams, model_fn, unlabeled
+    test inputs) come from the suite; the selected merge equals the core merge with those inputs."""
     from bcjax.experiments.engine import method_inputs
 
     specs = E.parse_methods({"methods": [{"name": n} for n in bcjax.methods()]})
@@ -264,6 +265,64 @@ def test_every_registered_method_runs_through_select_with_its_requirements(suite
     expect = bcjax.merge("dare", suite.pretrained, list(suite.finetuned), keep=0.5, alpha=0.3, key=jax.random.key(1))
     for a, b in zip(jax.tree.leaves(build(np.array([0]))), jax.tree.leaves(expect), strict=True):
         np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b))
+
+
+@pytest.mark.parametrize("name,hp", [
+    ("regmean", {"nondiag": 0.9}),
+    ("weighted_average", {"weights": [1.0, 2.0, 0.5, 1.0]}),
+    ("adamerging", {"granularity": "task", "steps": 4, "learning_rate": 0.05, "batch_size": 8}),
+])
+def test_data_dependent_methods_through_select_equal_the_core_merge(suite, name, hp):
+    """regmean, weighted_average and adamerging run through select with what the suite provides
+    (Grams, model_fn, unlabeled test inputs); the model select scores is bcjax.merge with the
+    same inputs, bit for bit, and its test accuracies are that model's."""
+    from bcjax.evaluate import stack_trees
+    from bcjax.experiments.engine import method_inputs
+    from bcjax.merging import REQUIREMENTS
+
+    tasks = list(suite.tasks)
+    res = E.select_and_test(suite, ResultsStore(None), methods=[E.MethodSpec(name, hp)], progress=False)
+    assert res["methods"][name]["hparams"] == hp
+    needs = bcjax.methods()[name].requires
+    inputs = {r: suite.requirement(r, tasks) for r in needs}
+    assert set(method_inputs(suite, name, hp, tasks)) == set(hp) | set(needs) and set(needs) <= set(REQUIREMENTS)
+    expect = bcjax.merge(name, suite.pretrained, list(suite.finetuned), **hp, **inputs)
+    built = E.method_builder(suite, name, hp, np.ones((1, len(tasks)), bool), contract=False)(np.array([0]))
+    for a, b in zip(jax.tree.leaves(built), jax.tree.leaves(expect), strict=True):
+        np.testing.assert_array_equal(np.asarray(a)[0], np.asarray(b))
+    acc = {t: float(suite.evaluate(stack_trees([expect]), t, "test")[0]) for t in tasks}
+    assert res["methods"][name]["acc"] == acc
+    # and the method's requirements do matter: the merge differs from the simple average
+    plain = bcjax.merge("simple_average", suite.pretrained, list(suite.finetuned))
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(expect), jax.tree.leaves(plain)))
+
+
+def test_synthetic_suite_provides_grams_model_fn_and_unlabeled_test_inputs(suite):
+    """Grams are Xᵀ X / N of each linear layer's inputs (symmetric PSD, shaped [in, in], keyed
+    like θ0's kernels), model_fn gives each task's logits, unlabeled_batches are the test
+    inputs only (no labels), each computed once."""
+    from bcjax.evaluate import stack_trees
+
+    tasks = list(suite.tasks)
+    grams = suite.requirement("grams", tasks)
+    assert suite.requirement("grams", tasks[1:2])[0] is grams[1]  # computed once
+    for g in grams:
+        assert sorted(g) == ["l1/w", "l2/w"]
+        for key, dim in (("l1/w", 8), ("l2/w", 16)):
+            assert g[key].shape == (dim, dim) and g[key].dtype == np.float32
+            np.testing.assert_allclose(g[key], g[key].T, rtol=1e-6, atol=1e-6)
+            assert np.linalg.eigvalsh(g[key].astype(np.float64)).min() > -1e-5
+    pools = suite.requirement("unlabeled_batches", tasks)
+    assert all(isinstance(p, np.ndarray) and p.shape == (96, 8) and p.dtype == np.float32 for p in pools)
+    fns = suite.requirement("model_fn", tasks)
+    for t, (fn, pool) in enumerate(zip(fns, pools, strict=True)):
+        logits = np.asarray(fn(suite.finetuned[t], pool))
+        assert logits.shape == (96, 3)
+        # the fine-tuned model's argmax on these inputs is what evaluate scores on "test"
+        acc = float(suite.evaluate(stack_trees([suite.finetuned[t]]), tasks[t], "test")[0])
+        assert 0.5 < acc <= 1.0
+    assert not np.allclose(np.asarray(fns[0](suite.pretrained, pools[0])), np.asarray(fns[1](suite.pretrained,
+                                                                                                pools[0])))
 
 
 def test_a_suite_without_fishers_names_the_missing_requirement(suite):

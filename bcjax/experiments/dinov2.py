@@ -1,7 +1,8 @@
 """The embedded DINOv2 suites (SPEC §5 offline stand-in): ``dinov2_demo`` (DINOv2 ViT-S/14 on
 the offline 8-task suite, reusing the demo's cached fine-tunes) and ``dinov2_class_split`` (one
-data set's classes split into k-class tasks, Fig. 4). Both provide per-task Fishers and
-training-set sizes, so every registered method runs on them."""
+data set's classes split into k-class tasks, Fig. 4). Both provide per-task Fishers,
+training-set sizes, RegMean Grams, the per-task model function and the unlabeled test inputs
+(AdaMerging), so every registered method runs on them."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,10 @@ __all__ = ["demo_config", "stack_evaluator", "dinov2_demo_suite", "dinov2_class_
 
 _DEMO_KEYS = ("tasks", "resolution", "max_train", "max_val", "max_test", "k_shot", "eval_batch", "models_per_call",
               "seed")
-_SUITE_KEYS = ("name", "preset", "train", "eval_examples", "dataset", "classes_per_task", "class_order", *_DEMO_KEYS)
+_SUITE_KEYS = ("name", "preset", "train", "eval_examples", "dataset", "classes_per_task", "class_order",
+               "gram_examples", *_DEMO_KEYS)
+#: RegMean's training examples per task (SPEC §3: 256; fewer in the quick preset).
+GRAM_EXAMPLES = {"quick": 64, "full": 256}
 
 
 def demo_config(config: Mapping):
@@ -59,17 +63,50 @@ def stack_evaluator(predict, tasks: Mapping[str, Any], heads: Mapping[str, tuple
     return evaluate
 
 
-def _provides(ctx, finetuned) -> dict:
-    """Per-task Fishers (on the task's first ``fisher_examples`` training images, labels sampled
-    from the model, as the demo) and training-set sizes."""
+def _gram_examples(config) -> int:
+    return get(config, "suite.gram_examples", GRAM_EXAMPLES[get(config, "suite.preset", "quick", types=str)],
+               types=int)
+
+
+def _gram_tag(config) -> dict:
+    """``gram_examples`` for the suite fingerprint when it is not the preset's default (so the
+    fingerprints, and the results stored under them, of existing configs do not change)."""
+    n = _gram_examples(config)
+    return {} if n == GRAM_EXAMPLES[get(config, "suite.preset", "quick", types=str)] else {"gram_examples": n}
+
+
+def _provides(ctx, finetuned, gram_examples: int) -> dict:
+    """What merge methods require, per task, each computed on first use
+    (:meth:`ModelSuite.requirement`): Fishers (the task's first ``fisher_examples`` training
+    images, labels sampled from the model, as the demo), training-set sizes, RegMean Grams of
+    every Dense layer's inputs over the first ``gram_examples`` training images with the task's
+    own fine-tuned model (:func:`bcjax.models.grams.collect_grams`), ``model_fn`` (logits with
+    the task's frozen head) and ``unlabeled_batches``: the task's test images, without labels
+    (AdaMerging is test-time adaptation, SPEC §3)."""
     from bcjax.fisher import diagonal_fisher
+    from bcjax.models import dinov2
 
     by_name = dict(zip(ctx.names, finetuned, strict=True))
     n = ctx.cfg.fisher_examples
+    feats = dinov2.make_features(ctx.model_config)  # one function: one compiled Gram step for every task
+
+    def grams(t):
+        from bcjax.models.grams import collect_grams
+
+        return collect_grams(feats, by_name[t], ctx.task(t).splits["train"][0][:gram_examples],
+                             batch_size=ctx.cfg.eval_batch)
+
+    def model_fn(t):
+        head = ctx.heads[t]
+        return lambda params, x: ctx.predict(params, x, *head)
+
     return {
         "fishers": lambda t: diagonal_fisher(ctx.predict, by_name[t], ctx.task(t).splits["train"][0][:n],
                                              jax.random.key(ctx.cfg.seed), predict_args=ctx.heads[t]),
         "dataset_sizes": lambda t: ctx.task(t).sizes["train"],
+        "grams": grams,
+        "model_fn": model_fn,
+        "unlabeled_batches": lambda t: ctx.task(t).splits["test"][0],  # inputs only: labels are never passed
     }
 
 
@@ -90,11 +127,11 @@ def dinov2_demo_suite(config: Mapping, *, cache_dir: str, progress: bool = True)
     tasks = {t.name: t for t in ctx.tasks}
     evaluate = stack_evaluator(ctx.predict, tasks, ctx.heads, eval_examples, cfg.eval_batch, cfg.models_per_call)
     fp = fingerprint(dict(suite="dinov2_demo", finetune=cfg.finetune_fingerprint(), tasks=list(cfg.tasks),
-                          max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples))
+                          max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples, **_gram_tag(config)))
     return ModelSuite(name=demo.SUITE_NAME, tasks=tuple(ctx.names), pretrained=ctx.params0, finetuned=tuple(finetuned),
                       evaluate=evaluate, fingerprint=fp, heads=ctx.heads, models_per_call=cfg.models_per_call,
                       info={"sizes": {t.name: t.sizes for t in ctx.tasks}, "config_fingerprint": cfg.fingerprint()},
-                      provides=_provides(ctx, finetuned))
+                      provides=_provides(ctx, finetuned, _gram_examples(config)))
 
 
 @register_suite("dinov2_class_split")
@@ -130,9 +167,10 @@ def dinov2_class_split_suite(config: Mapping, *, cache_dir: str, progress: bool 
     evaluate = stack_evaluator(predict, {t.name: t for t in tasks}, heads, eval_examples, cfg.eval_batch,
                                cfg.models_per_call)
     fp = fingerprint(dict(suite="dinov2_class_split", finetune=cfg.finetune_fingerprint(), dataset=dataset,
-                          groups=groups, max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples))
+                          groups=groups, max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples,
+                          **_gram_tag(config)))
     return ModelSuite(name=f"{dataset} split into {len(groups)} tasks of {k} classes (DINOv2 ViT-S/14)",
                       tasks=tuple(t.name for t in tasks), pretrained=params0, finetuned=tuple(finetuned),
                       evaluate=evaluate, fingerprint=fp, heads=heads, models_per_call=cfg.models_per_call,
                       info={"classes": [list(g) for g in groups], "sizes": {t.name: t.sizes for t in tasks}},
-                      provides=_provides(ctx, finetuned))
+                      provides=_provides(ctx, finetuned, _gram_examples(config)))

@@ -191,18 +191,43 @@ def _finetuned_models(s: ClipSetup, out: pathlib.Path) -> list:
 
 
 def provides(s: ClipSetup, finetuned: list) -> dict:
-    """What merge methods may require (:data:`bcjax.merging.REQUIREMENTS`), per task: the
-    diagonal Fisher of the task's fine-tune on its first ``eval.fisher_examples`` (default 64)
-    training images, labels sampled from the model, seed ``eval.fisher_seed`` (default 0);
-    the training-set size."""
+    """What merge methods may require (:data:`bcjax.merging.REQUIREMENTS`), per task, each
+    computed on first use: the diagonal Fisher of the task's fine-tune on its first
+    ``eval.fisher_examples`` (default 64) training images, labels sampled from the model, seed
+    ``eval.fisher_seed`` (default 0); the training-set size; RegMean Grams of the vision
+    tower's Dense layers over the first ``eval.gram_examples`` (default 256, SPEC §3) training
+    images with the task's own fine-tune (:func:`bcjax.models.grams.collect_grams`; the frozen
+    visual projection is not merged); ``model_fn`` (logits with the task's zero-shot head) and
+    ``unlabeled_batches``: the task's test images without labels (AdaMerging, SPEC §3)."""
     from bcjax.fisher import diagonal_fisher
+    from bcjax.models import clip as clip_lib
 
     n = get(s.config, "eval.fisher_examples", 64, types=int)
+    n_gram = get(s.config, "eval.gram_examples", 256, types=int)
     seed = get(s.config, "eval.fisher_seed", 0, types=int)
     by_name = dict(zip(s.names, finetuned, strict=True))
+    vision_config = getattr(s.clip.config, "vision_config", s.clip.config)
+    proj_kernel = clip_lib.head_args(s.clip)[0]
+
+    def tower(vision_model, images):  # one function for every task: one compiled Gram step
+        return clip_lib.image_embeds({"vision_model": vision_model}, images, proj_kernel, vision_config=vision_config)
+
+    def grams(t):
+        from bcjax.models.grams import collect_grams
+
+        return collect_grams(tower, by_name[t]["vision_model"], s.task(t).splits["train"][0][:n_gram],
+                             batch_size=get(s.config, "eval.batch_size", 128, types=int), prefix="vision_model")
+
+    def model_fn(t):
+        head = s.heads[t]
+        return lambda vision, images: s.predict(vision, images, *head)
+
     return {"fishers": lambda t: diagonal_fisher(s.predict, by_name[t], s.task(t).splits["train"][0][:n],
                                                  jax.random.key(seed), predict_args=s.heads[t]),
-            "dataset_sizes": lambda t: s.task(t).sizes["train"]}
+            "dataset_sizes": lambda t: s.task(t).sizes["train"],
+            "grams": grams,
+            "model_fn": model_fn,
+            "unlabeled_batches": lambda t: s.task(t).splits["test"][0]}  # inputs only: labels never passed
 
 
 def _merge_models(s: ClipSetup, finetuned: list) -> list[tuple[str, dict, object]]:

@@ -15,7 +15,7 @@ from bcjax.experiments.suite import ModelSuite, fingerprint, register_suite
 __all__ = ["synthetic_suite"]
 
 _KEYS = ("name", "seed", "dim", "hidden", "examples", "steps", "lr", "classes_per_task", "tasks", "classes",
-         "models_per_call", "fisher_examples")
+         "models_per_call", "fisher_examples", "gram_examples")
 
 
 @register_suite("synthetic")
@@ -23,7 +23,10 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
     """A 2-layer tanh MLP backbone, frozen random per-task heads, Gaussian-cluster tasks, each
     fine-tuned by a few full-batch gradient steps. ``suite.classes_per_task: k`` instead splits
     ONE ``suite.classes``-class data set into k-class tasks (the class-split setting, Fig. 4).
-    Provides per-task Fishers and training-set sizes (every registered method runs on it)."""
+    Provides per-task Fishers, training-set sizes, RegMean Grams (``suite.gram_examples``
+    training inputs, default 256 as SPEC §3, i.e. all 96 of the default training split, with the
+    task's fine-tuned model), the per-task ``model_fn`` and the test inputs without labels as
+    ``unlabeled_batches`` (AdaMerging), so every registered method runs on it."""
     from bcjax.fisher import diagonal_fisher
 
     unknown = sorted(set(get(config, "suite", {}, types=dict)) - set(_KEYS))
@@ -61,10 +64,21 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
     names = [f"task{t}" if k_split is None else f"classes-{'-'.join(map(str, g))}" for t, g in enumerate(groups)]
     heads = {nm: jnp.asarray(rng.standard_normal((hidden, classes)).astype(np.float32)) for nm in names}
 
+    def layer_inputs(params, x):
+        """The inputs of the two linear layers (l1/w, l2/w) and the backbone's output."""
+        h1 = jnp.tanh(x @ params["l1"]["w"] + params["l1"]["b"])
+        return x, h1, jnp.tanh(h1 @ params["l2"]["w"] + params["l2"]["b"])
+
     def predict(params, x, head):
-        h = jnp.tanh(x @ params["l1"]["w"] + params["l1"]["b"])
-        h = jnp.tanh(h @ params["l2"]["w"] + params["l2"]["b"])
-        return h @ head
+        return layer_inputs(params, x)[2] @ head
+
+    @jax.jit
+    def grams(params, x):
+        """{key path: Xᵀ X / N} of every linear layer's inputs (RegMean, SPEC §3)."""
+        hp = jax.lax.Precision.HIGHEST
+        x1, h1, _ = layer_inputs(params, x)
+        return {"l1/w": jnp.matmul(x1.T, x1, precision=hp) / len(x),
+                "l2/w": jnp.matmul(h1.T, h1, precision=hp) / len(x)}
 
     def loss(params, x, y, head):
         logits = predict(params, x, head)
@@ -92,11 +106,14 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
         x, y = by_name[task][split]
         return np.asarray(_acc(stacked, x, y, heads[task]))
 
-    n_fisher = int(c("fisher_examples", 16))
+    n_fisher, n_gram = int(c("fisher_examples", 16)), int(c("gram_examples", 256))
     provides = {
         "fishers": lambda t: diagonal_fisher(predict, ft_of[t], by_name[t]["train"][0][:n_fisher],
                                              jax.random.key(seed), predict_args=(heads[t],)),
         "dataset_sizes": lambda t: len(by_name[t]["train"][1]),
+        "grams": lambda t: {k: np.asarray(v) for k, v in grams(ft_of[t], by_name[t]["train"][0][:n_gram]).items()},
+        "model_fn": lambda t: lambda params, x, head=heads[t]: predict(params, x, head),
+        "unlabeled_batches": lambda t: by_name[t]["test"][0],  # inputs only: labels are never passed
     }
     fp = fingerprint(dict(suite="synthetic", cfg=dict(config.get("suite", {}))))
     return ModelSuite(name="synthetic MLP suite", tasks=tuple(names), pretrained=pre, finetuned=tuple(finetuned),
