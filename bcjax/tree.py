@@ -150,8 +150,10 @@ def all_finite(tree: PyTree, *, only: Sequence[bool] | None = None) -> bool:
 
 
 def _on_host(x) -> bool:
+    """Readable in place by numpy: host arrays, and CPU-backend arrays held entirely by this
+    process (an array spanning several processes is reduced where it lives)."""
     return isinstance(x, np.ndarray) or np.isscalar(x) or (
-        isinstance(x, jax.Array) and all(d.platform == "cpu" for d in x.devices()))
+        isinstance(x, jax.Array) and x.is_fully_addressable and all(d.platform == "cpu" for d in x.devices()))
 
 
 def _host_finite(x) -> bool:
