@@ -478,6 +478,16 @@ def validate_results(r: Mapping) -> None:
              f"methods[{name!r}].avg_normalized_acc is not the mean of normalized_acc")
     for name, curve in r["subsets"].items():
         need(all(isinstance(k, str) and k.isdigit() for k in curve), f"subsets[{name!r}] keys must be sizes")
+    if "references" in r:  # SPEC §4 "Uncertainty": every interval holds its point estimate
+        rows = {**r["methods"], **r["references"]}
+        for name, m in rows.items():
+            for key in ("avg_normalized_acc_ci95", "delta_vs_task_arithmetic"):
+                need(key in m, f"{name!r} lacks {key!r}")
+            lo, hi = m["avg_normalized_acc_ci95"]
+            need(lo <= m["avg_normalized_acc"] <= hi, f"{name!r}: avg_normalized_acc_ci95 does not hold the mean")
+            d = m["delta_vs_task_arithmetic"]
+            need(d["ci95"][0] <= d["mean"] <= d["ci95"][1], f"{name!r}: delta_vs_task_arithmetic ci95")
+        need(set(r.get("test_examples_per_task", {})) == set(tasks), "test_examples_per_task must cover the tasks")
 
 
 def _ci(v: Sequence[float]) -> str:

@@ -129,8 +129,10 @@ def uncertainty(methods_out: dict, correct: dict, refs: dict, *, num_resamples: 
 def _figures(res: dict, suite) -> dict:
     from bcjax import plots
 
+    intervals = {m: r["normalized_acc_ci95"] for m, r in res["methods"].items() if "normalized_acc_ci95" in r}
     return {"per_task": ("normalized_accuracy.png", plots.per_task_bars(
-        {m: r["normalized_acc"] for m, r in res["methods"].items()}, list(suite.tasks), None))}
+        {m: r["normalized_acc"] for m, r in res["methods"].items()}, list(suite.tasks), None,
+        intervals=intervals or None))}
 
 
 @register_experiment("select", settings=SelectSettings, figures=_figures)

@@ -78,8 +78,18 @@ def _pairs(methods) -> list[tuple[str, dict]]:
 def _figures(res: dict, suite) -> dict:
     from bcjax import plots
 
+    def bands(proto):
+        out = {m: {k: p["ci95"] for k, p in r["points"][proto].items()} for m, r in res["methods"].items()
+               if "points" in r}
+        return out or None
+
+    def pretrained(proto):  # the empty subset θ0, the same for every method
+        return next((r["points"][proto][0]["mean"] for r in res["methods"].values()
+                     if "points" in r and 0 in r["points"][proto]), None)
+
     figs = {proto: (f"subsets_{proto}.png", plots.subset_curves({m: r[proto] for m, r in res["methods"].items()},
-                                                                 None, title=f"{proto}-task protocol"))
+                                                                 None, title=f"{proto}-task protocol",
+                                                                 intervals=bands(proto), reference=pretrained(proto)))
             for proto in ("observed", "all")}
     figs["violins"] = ("subsets_violins.png", plots.violins(
         {m: [p["avg_normalized_acc_observed"] for p in r["per_subset"] if p["subset"]]
