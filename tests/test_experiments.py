@@ -505,6 +505,20 @@ def test_select_and_subsets_add_bootstrap_intervals_from_per_example_correctness
     assert ta["acc"] == {t: float(suite.evaluate(stack_trees([best]), t, "test")[0]) for t in tasks}
     again = E.select_and_test(suite, ResultsStore(str(tmp_path / "r.jsonl")), methods=specs, progress=False)
     assert json.dumps(again, sort_keys=True) == json.dumps(res, sort_keys=True)
+    # tasks not in sorted order: the correctness read back from the store keeps the suite's order
+    import dataclasses
+
+    rev = dataclasses.replace(suite, tasks=tuple(reversed(suite.tasks)), finetuned=tuple(reversed(suite.finetuned)),
+                              fingerprint=suite.fingerprint + "-reversed")
+    first = E.select_and_test(rev, ResultsStore(str(tmp_path / "rev.jsonl")), methods=specs, progress=False)
+    second = E.select_and_test(rev, ResultsStore(str(tmp_path / "rev.jsonl")), methods=specs, progress=False)
+    new_fields = ("avg_normalized_acc_ci95", "normalized_acc_ci95", "avg_acc_ci95", "delta_vs_task_arithmetic")
+    for r in (first, second):  # (the existing val scores may differ in the last bit: summation order)
+        r["methods"] = {m: {k: v[k] for k in new_fields} for m, v in r["methods"].items()}
+        r.pop("validation_grid")
+    assert json.dumps(second, sort_keys=True) == json.dumps(first, sort_keys=True)
+    assert first["methods"]["breadcrumbs"]["avg_normalized_acc_ci95"] == res["methods"]["breadcrumbs"][
+        "avg_normalized_acc_ci95"]
 
     sub = E.subsets_experiment(suite, store, methods=[("task_arithmetic", {"alpha": 0.3})], progress=False)
     pts = sub["methods"]["task_arithmetic"]["points"]

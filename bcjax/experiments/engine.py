@@ -138,7 +138,7 @@ def evaluate_correctness(suite: ModelSuite, store, keys: Sequence[Mapping], task
     if bar is not None:
         bar.close()
     accs = [store.get(dict(k)) for k in keys]
-    correct = [{t: unpack_correctness(v) for t, v in store.get(k).items()} for k in ckeys]
+    correct = [{t: unpack_correctness(store.get(k)[t]) for t in tasks_of[i]} for i, k in enumerate(ckeys)]
     return accs, correct
 
 
@@ -151,7 +151,8 @@ def _stored_hits(suite: ModelSuite, store, kind: str, tree, tasks: Sequence[str]
     if key not in store:
         stacked = stack_trees([tree])
         store.put(key, {t: pack_correctness(np.asarray(suite.correctness(stacked, t, split), bool)[0]) for t in tasks})
-    return {t: unpack_correctness(v) for t, v in store.get(key).items()}
+    stored = store.get(key)  # keys come back sorted from the store's JSON: keep the task order
+    return {t: unpack_correctness(stored[t]) for t in tasks}
 
 
 def reference_correctness(suite: ModelSuite, store, split: str) -> dict[str, dict[str, np.ndarray]]:

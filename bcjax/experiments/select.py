@@ -96,8 +96,9 @@ def uncertainty(methods_out: dict, correct: dict, refs: dict, *, num_resamples: 
 
     ft = refs["finetuned"]
     tasks = list(ft)
-    everyone = {**{m: correct[m] for m in methods_out}, "pretrained": refs["pretrained"],
-                "finetuned": {t: ft[t] for t in tasks}}
+    everyone = {m: {t: hits[t] for t in tasks}  # one task order for all (the store's JSON sorts keys)
+                for m, hits in [*((m, correct[m]) for m in methods_out), ("pretrained", refs["pretrained"]),
+                                ("finetuned", ft)]}
     baseline = "task_arithmetic" if "task_arithmetic" in methods_out else None
     norm = stats.method_intervals(everyone, ft, baseline=baseline, num_resamples=num_resamples, seed=seed)
     raw = stats.method_intervals(everyone, None, num_resamples=num_resamples, seed=seed)
