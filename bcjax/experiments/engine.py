@@ -82,7 +82,13 @@ def evaluate_models(suite: ModelSuite, store, keys: Sequence[Mapping], tasks_of:
             bar.update(len(idx))
     if bar is not None:
         bar.close()
-    return [store.get(dict(k)) for k in keys]
+    return [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
+
+
+def _in_order(acc: Mapping[str, float], tasks: Sequence[str]) -> dict[str, float]:
+    """``acc`` in the order of ``tasks``: the store's JSON sorts keys, and means over tasks must
+    not depend on whether a value was computed now or read back (floating-point summation order)."""
+    return {t: acc[t] for t in tasks}
 
 
 def pack_correctness(correct: np.ndarray) -> dict:
@@ -137,7 +143,7 @@ def evaluate_correctness(suite: ModelSuite, store, keys: Sequence[Mapping], task
             bar.update(len(idx))
     if bar is not None:
         bar.close()
-    accs = [store.get(dict(k)) for k in keys]
+    accs = [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
     correct = [{t: unpack_correctness(store.get(k)[t]) for t in tasks_of[i]} for i, k in enumerate(ckeys)]
     return accs, correct
 
