@@ -183,7 +183,7 @@ def test_cli_sweep_end_to_end(tmp_path):
         assert (out / png).stat().st_size > 5000
     assert json.loads(proc.stdout)["best"] == summary["best"]
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 3 + 8
+    assert len(lines) == 3 + 3 + 8  # fine-tuned references (accuracy + per-example correctness), 8 grid points
     bad = tmp_path / "bad.yaml"
     bad.write_text("experiment: nope\nsuite: {name: synthetic}\n")
     proc = subprocess.run([*cmd[:5], str(bad), "--out", str(out)], env=env, capture_output=True, text=True,

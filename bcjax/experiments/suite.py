@@ -83,7 +83,9 @@ class ModelSuite:
             raise ValueError(f"ModelSuite {self.name!r}: duplicate task names {list(self.tasks)}")
 
     def with_evaluate(self, evaluate: Evaluate) -> "ModelSuite":
-        out = dataclasses.replace(self, evaluate=evaluate)
+        """This suite scored by ``evaluate``; ``correctness`` is dropped (it must agree with
+        ``evaluate``, so experiments on the result use the accuracy path)."""
+        out = dataclasses.replace(self, evaluate=evaluate, correctness=None)
         out._computed.update(self._computed)  # requirements do not depend on evaluate
         return out
 
