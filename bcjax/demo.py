@@ -300,7 +300,8 @@ def demo_suite(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequ
                                              models_per_call=cfg.models_per_call, predict_args=ctx.heads[task])
 
     base = requirement_suite(ctx, finetuned, fishers)
-    return dataclasses.replace(base, evaluate=evaluate_stack, correctness=correctness_stack, models_per_call=cfg.models_per_call, seed=cfg.seed,
+    return dataclasses.replace(base, evaluate=evaluate_stack, correctness=correctness_stack,
+                               models_per_call=cfg.models_per_call, seed=cfg.seed,
                                fingerprint=fingerprint(dict(demo=cfg.eval_tag(), examples=examples)))
 
 
@@ -539,7 +540,8 @@ def render_report(r: Mapping, figs: Mapping[str, str]) -> str:
     ranked = sorted(r["methods"].items(), key=lambda kv: -kv[1]["avg_normalized_acc"])
     if "references" in r:
         lines += ["", "## Merged models and references (average normalized accuracy, %)", "",
-                  "| model | hyper-parameters (chosen on val) | avg normalized acc | 95% CI | Δ vs TA [95% CI] | avg acc |",
+                  "| model | hyper-parameters (chosen on val) | avg normalized acc | 95% CI | Δ vs TA [95% CI] "
+                  "| avg acc |",
                   "|---|---|---:|---:|---:|---:|"]
         rows = [(n, m, ", ".join(f"{k}={v}" for k, v in m["hparams"].items()) or "–") for n, m in ranked]
         rows += [(f"*{n}* (reference)", r["references"][n], "–") for n in ("finetuned", "pretrained")]

@@ -140,4 +140,5 @@ def _figures(res: dict, suite) -> dict:
 def run(suite, store, s: SelectSettings, *, chunk=None, mesh=None, progress=True) -> dict:
     """Select each method's hyper-parameters on val, report test."""
     return select_and_test(suite, store, methods=s.methods, select_split=s.select_split, test_split=s.test_split,
-                           progress=progress, bootstrap_resamples=s.bootstrap_resamples, bootstrap_seed=s.bootstrap_seed)
+                           progress=progress, bootstrap_resamples=s.bootstrap_resamples,
+                           bootstrap_seed=s.bootstrap_seed)

@@ -6,8 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bcjax.experiments.engine import (evaluate_correctness, evaluate_models, jsonable, lazy_builder, members, normalized,
-                                     reference_accuracy, reference_correctness)
+from bcjax.experiments.engine import (evaluate_correctness, evaluate_models, jsonable, lazy_builder, members,
+                                     normalized, reference_accuracy, reference_correctness)
 from bcjax.experiments.registry import register_experiment
 from bcjax.experiments.settings import MethodSpec
 
