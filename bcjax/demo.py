@@ -290,17 +290,30 @@ def demo_suite(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequ
         return evaluate.accuracy_of_stack(ctx.predict, stacked, x[:n], y[:n], batch_size=cfg.eval_batch,
                                           models_per_call=cfg.models_per_call, predict_args=ctx.heads[task])
 
+    def correctness_stack(stacked, task, split):  # per-example; row means are evaluate_stack's values
+        x, y = ctx.task(task).splits[split]
+        n = examples or len(y)
+        if jax.tree.leaves(stacked)[0].shape[0] == 1:
+            return evaluate.correctness(ctx.predict, jax.tree.map(lambda x: x[0], stacked), x[:n], y[:n],
+                                        batch_size=cfg.eval_batch, predict_args=ctx.heads[task])[None]
+        return evaluate.correctness_of_stack(ctx.predict, stacked, x[:n], y[:n], batch_size=cfg.eval_batch,
+                                             models_per_call=cfg.models_per_call, predict_args=ctx.heads[task])
+
     base = requirement_suite(ctx, finetuned, fishers)
-    return dataclasses.replace(base, evaluate=evaluate_stack, models_per_call=cfg.models_per_call, seed=cfg.seed,
+    return dataclasses.replace(base, evaluate=evaluate_stack, correctness=correctness_stack,
+                               models_per_call=cfg.models_per_call, seed=cfg.seed,
                                fingerprint=fingerprint(dict(demo=cfg.eval_tag(), examples=examples)))
 
 
 def select_and_test(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequence], finetuned_val: Mapping,
-                    finetuned_acc: Mapping, *, progress: bool = True) -> tuple[dict, dict]:
+                    finetuned_acc: Mapping, *, progress: bool = True) -> tuple[dict, dict, dict]:
     """Per method: the grid scored on *validation*, the best point evaluated on *test* — the
     engine's select-on-val-then-test (:func:`bcjax.experiments.select_and_test`) over
     ``cfg.grids``. ``fishers`` is called only if a Fisher-based point is not in the results
-    store. (``finetuned_val`` / ``finetuned_acc``: the references, recomputed identically.)"""
+    store. (``finetuned_val`` / ``finetuned_acc``: the references, recomputed identically.)
+    Returns ``(methods, validation_grid, uncertainty)``: the test scores come from per-example
+    correctness, whose bootstrap intervals are in ``methods`` and ``uncertainty``
+    (``references``, ``test_examples_per_task``, ``bootstrap``; :func:`bcjax.experiments.select.uncertainty`)."""
     from bcjax.experiments import MethodSpec
     from bcjax.experiments import select_and_test as engine_select
 
@@ -309,20 +322,23 @@ def select_and_test(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[],
     methods_out, val_scores = res["methods"], res["validation_grid"]
     ctx.log("methods", f"{sum(len(h) for _, h in ctx.cfg.grids)} merges scored on val; best of each on test: " +
             " ".join(f"{m}={100 * r['avg_normalized_acc']:.1f}" for m, r in methods_out.items()))
-    return methods_out, val_scores
+    return methods_out, val_scores, {k: res[k] for k in ("references", "test_examples_per_task", "bootstrap")}
 
 
 def subset_sweep(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Sequence, *,
-                 progress: bool = True) -> tuple[dict, dict]:
+                 progress: bool = True) -> tuple[dict, dict, dict]:
     """Curves (observed-task and all-task protocols) over all subsets of the tasks — the engine's
     subsets experiment (:func:`bcjax.experiments.subsets_experiment`) on the first
-    ``subset_eval_examples`` test images; linear methods use one contraction per leaf."""
+    ``subset_eval_examples`` test images; linear methods use one contraction per leaf. Returns
+    ``(observed curve, all-task curve, points)``, ``points`` the per-size bootstrap intervals
+    of both protocols (``{"observed" | "all": {k: {"mean", "ci95", ...}}}``)."""
     from bcjax.experiments import subsets_experiment
 
     suite = demo_suite(ctx, finetuned, examples=ctx.cfg.subset_eval_examples)
     res = subsets_experiment(suite, ctx.store, methods=[(method, dict(hparams))], sizes=ctx.cfg.subset_sizes,
                              split="test", chunk=ctx.cfg.models_per_call, progress=progress)
-    return res["methods"][method]["observed"], res["methods"][method]["all"]
+    r = res["methods"][method]
+    return r["observed"], r["all"], r["points"]
 
 
 def cosine_matrices(ctx: DemoContext, finetuned: Sequence, beta: float, gamma: float) -> dict[str, np.ndarray]:
@@ -353,13 +369,14 @@ def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = N
     finetuned_val = {t: ctx.accuracy(p, t, "val") for t, p in zip(names, finetuned)}
     log("finetuned", " ".join(f"{k}={v:.3f}" for k, v in finetuned_acc.items()))
     fishers = functools.lru_cache(maxsize=1)(lambda: task_fishers(ctx, finetuned))  # only if not cached
-    methods_out, val_scores = select_and_test(ctx, finetuned, fishers, finetuned_val, finetuned_acc, progress=progress)
+    methods_out, val_scores, intervals = select_and_test(ctx, finetuned, fishers, finetuned_val, finetuned_acc,
+                                                         progress=progress)
 
-    subsets, subsets_all = {}, {}
+    subsets, subsets_all, points = {}, {}, {}
     linear = [m for m in methods_out if get_method(m).linear]  # one contraction per leaf serves all subsets
     for method in linear:
-        subsets[method], subsets_all[method] = subset_sweep(ctx, method, methods_out[method]["hparams"], finetuned,
-                                                            progress=progress)
+        subsets[method], subsets_all[method], points[method] = subset_sweep(
+            ctx, method, methods_out[method]["hparams"], finetuned, progress=progress)
     log("subsets", f"{len(sweeps.all_subsets(len(names), cfg.subset_sizes))} subsets x "
         f"{len(linear)} methods, {cfg.subset_eval_examples} test images per task")
     bc = methods_out["breadcrumbs"]["hparams"]
@@ -378,6 +395,11 @@ def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = N
         "cosine_similarity": {k: v.tolist() for k, v in cos.items()},
         "pretrained_val_acc": pretrained_val,
         "finetuned_val_acc": finetuned_val,
+        "references": intervals["references"],
+        "test_examples_per_task": intervals["test_examples_per_task"],
+        "bootstrap": intervals["bootstrap"],
+        "subset_points": _points(points, "observed"),
+        "subset_points_all_tasks": _points(points, "all"),
         "provenance": {t.name: {"source": t.provenance, "license": t.license, "sizes": t.sizes,
                                 "classes": list(t.class_names)} for t in ctx.tasks},
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
@@ -386,11 +408,15 @@ def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = N
     }
     figs = {
         "subsets": plots.subset_curves(subsets, os.path.join(out_dir, "subsets.png"),
-                                       title="merged tasks, observed-task protocol"),
+                                       title="merged tasks, observed-task protocol",
+                                       intervals=_bands(results["subset_points"]), reference=_pre_level(points)),
         "subsets_all": plots.subset_curves(subsets_all, os.path.join(out_dir, "subsets_all_tasks.png"),
-                                           title="merged tasks, all-task protocol"),
+                                           title="merged tasks, all-task protocol",
+                                           intervals=_bands(results["subset_points_all_tasks"]),
+                                           reference=_pre_level(points)),
         "per_task": plots.per_task_bars({m: r["normalized_acc"] for m, r in methods_out.items()}, names,
-                                        os.path.join(out_dir, "normalized_accuracy.png")),
+                                        os.path.join(out_dir, "normalized_accuracy.png"),
+                                        intervals={m: r["normalized_acc_ci95"] for m, r in methods_out.items()}),
         "cosine": plots.cosine_heatmaps(cos, names, os.path.join(out_dir, "cosine_similarity.png")),
     }
     log("plots", ", ".join(os.path.basename(p) for p in figs.values()))
@@ -402,6 +428,23 @@ def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = N
         f.write(render_report(results, figs))
     log("done", f"wrote {out_dir}/results.json, report.md and {len(figs)} plots")
     return results
+
+
+def _points(points: Mapping, protocol: str) -> dict:
+    """``{method: {"k": {"mean", "ci95", "num_subsets", "examples_per_task", ...}}}`` (JSON keys)."""
+    return {m: {str(k): dict(v) for k, v in p[protocol].items()} for m, p in points.items()}
+
+
+def _bands(subset_points: Mapping) -> dict:
+    return {m: {int(k): v["ci95"] for k, v in p.items()} for m, p in subset_points.items()}
+
+
+def _pre_level(points: Mapping) -> float | None:
+    """The pretrained model's curve point (size 0, the same for every method), for the plots."""
+    for p in points.values():
+        if 0 in p["observed"]:
+            return p["observed"][0]["mean"]
+    return None
 
 
 def _offdiag(m: np.ndarray) -> float:
@@ -436,11 +479,57 @@ def validate_results(r: Mapping) -> None:
              f"methods[{name!r}].avg_normalized_acc is not the mean of normalized_acc")
     for name, curve in r["subsets"].items():
         need(all(isinstance(k, str) and k.isdigit() for k in curve), f"subsets[{name!r}] keys must be sizes")
+    if "references" in r:  # SPEC §4 "Uncertainty": every interval holds its point estimate
+        rows = {**r["methods"], **r["references"]}
+        for name, m in rows.items():
+            for key in ("avg_normalized_acc_ci95", "delta_vs_task_arithmetic"):
+                need(key in m, f"{name!r} lacks {key!r}")
+            lo, hi = m["avg_normalized_acc_ci95"]
+            need(lo <= m["avg_normalized_acc"] <= hi, f"{name!r}: avg_normalized_acc_ci95 does not hold the mean")
+            d = m["delta_vs_task_arithmetic"]
+            need(d["ci95"][0] <= d["mean"] <= d["ci95"][1], f"{name!r}: delta_vs_task_arithmetic ci95")
+        need(set(r.get("test_examples_per_task", {})) == set(tasks), "test_examples_per_task must cover the tasks")
+
+
+def _ci(v: Sequence[float]) -> str:
+    return f"[{100 * v[0]:.1f}, {100 * v[1]:.1f}]"
+
+
+def _headline(r: Mapping) -> list[str]:
+    """The report's first lines: headroom recovered by the best merge, and Breadcrumbs vs task
+    arithmetic, with 95% intervals (only when the results carry them)."""
+    if "references" not in r:
+        return []
+    refs, methods = r["references"], r["methods"]
+    best_name, best = max(methods.items(), key=lambda kv: kv[1]["avg_normalized_acc"])
+    pre = refs["pretrained"]
+    n = r["test_examples_per_task"]
+    sizes = f"{min(n.values())}" if len(set(n.values())) == 1 else f"{min(n.values())}–{max(n.values())}"
+    head = 1 - pre["avg_normalized_acc"]
+    recovered = (best["avg_normalized_acc"] - pre["avg_normalized_acc"]) / head if head > 0 else float("nan")
+    lines = [f"**Headroom.** Average normalized accuracy (fine-tuned = 100 by definition; raw fine-tuned "
+             f"accuracy {100 * refs['finetuned']['avg_acc']:.1f}% {_ci(refs['finetuned']['avg_acc_ci95'])}): "
+             f"pretrained {100 * pre['avg_normalized_acc']:.1f} {_ci(pre['avg_normalized_acc_ci95'])}, best merge "
+             f"({best_name}) {100 * best['avg_normalized_acc']:.1f} {_ci(best['avg_normalized_acc_ci95'])}: the best "
+             f"merge recovers {100 * (best['avg_normalized_acc'] - pre['avg_normalized_acc']):+.1f} of the "
+             f"{100 * head:.1f} points between pretrained and fine-tuned ({100 * recovered:.0f}% of the headroom). "
+             f"95% intervals: paired percentile bootstrap over the {sizes} test images per task "
+             f"({r['bootstrap']['resamples']} resamples, seed {r['bootstrap']['seed']})."]
+    if "delta_vs_task_arithmetic" in methods.get("breadcrumbs", {}):
+        d = methods["breadcrumbs"]["delta_vs_task_arithmetic"]
+        lo, hi = d["ci95"]
+        verdict = ("the interval includes 0: on these test sets Breadcrumbs and task arithmetic are not "
+                   "distinguishable" if lo <= 0 <= hi else
+                   f"the interval excludes 0: Breadcrumbs is {'better' if lo > 0 else 'worse'} than task arithmetic "
+                   "here")
+        lines += ["", f"**Breadcrumbs vs task arithmetic.** Paired difference {100 * d['mean']:+.1f} points, 95% CI "
+                  f"{_ci(d['ci95'])}; {verdict}."]
+    return lines + [""]
 
 
 def render_report(r: Mapping, figs: Mapping[str, str]) -> str:
     tasks = r["tasks"]
-    lines = [f"# bcjax demo — {r['suite']}", "",
+    lines = [f"# bcjax demo — {r['suite']}", "", *_headline(r),
              f"{len(tasks)} tasks; hyper-parameters chosen on the validation split, numbers on the test split. "
              "Normalized accuracy = merged accuracy / the task's own fine-tuned accuracy (SPEC §4).", "",
              "## Pretrained (prototype heads) vs fine-tuned accuracy", "",
@@ -448,12 +537,28 @@ def render_report(r: Mapping, figs: Mapping[str, str]) -> str:
     for t in tasks:
         p, f = r["pretrained_acc"][t], r["finetuned_acc"][t]
         lines.append(f"| {t} | {100 * p:.1f} | {100 * f:.1f} | {100 * (f - p):+.1f} |")
-    lines += ["", "## Merged models (average normalized accuracy, %)", "",
-              "| method | hyper-parameters (chosen on val) | avg normalized acc | avg acc |", "|---|---|---:|---:|"]
     ranked = sorted(r["methods"].items(), key=lambda kv: -kv[1]["avg_normalized_acc"])
-    for name, m in ranked:
-        hp = ", ".join(f"{k}={v}" for k, v in m["hparams"].items()) or "–"
-        lines.append(f"| {name} | {hp} | {100 * m['avg_normalized_acc']:.1f} | {100 * m.get('avg_acc', 0):.1f} |")
+    if "references" in r:
+        lines += ["", "## Merged models and references (average normalized accuracy, %)", "",
+                  "| model | hyper-parameters (chosen on val) | avg normalized acc | 95% CI | Δ vs TA [95% CI] "
+                  "| avg acc |",
+                  "|---|---|---:|---:|---:|---:|"]
+        rows = [(n, m, ", ".join(f"{k}={v}" for k, v in m["hparams"].items()) or "–") for n, m in ranked]
+        rows += [(f"*{n}* (reference)", r["references"][n], "–") for n in ("finetuned", "pretrained")]
+        for name, m, hp in rows:
+            d = m.get("delta_vs_task_arithmetic")
+            delta = f"{100 * d['mean']:+.1f} {_ci(d['ci95'])}" if d else "–"
+            lines.append(f"| {name} | {hp} | {100 * m['avg_normalized_acc']:.1f} | {_ci(m['avg_normalized_acc_ci95'])} "
+                         f"| {delta} | {100 * m.get('avg_acc', 0):.1f} |")
+        lines += ["", "The fine-tuned reference is 100 by definition (each task's own fine-tuned model is the "
+                  "normalizer); its raw accuracy is in the last column. Δ vs TA: paired difference to task "
+                  "arithmetic on the same resampled test images."]
+    else:
+        lines += ["", "## Merged models (average normalized accuracy, %)", "",
+                  "| method | hyper-parameters (chosen on val) | avg normalized acc | avg acc |", "|---|---|---:|---:|"]
+        for name, m in ranked:
+            hp = ", ".join(f"{k}={v}" for k, v in m["hparams"].items()) or "–"
+            lines.append(f"| {name} | {hp} | {100 * m['avg_normalized_acc']:.1f} | {100 * m.get('avg_acc', 0):.1f} |")
     lines += ["", "Per task (normalized accuracy, %):", "", "| method | " + " | ".join(tasks) + " |",
               "|---|" + "---:|" * len(tasks)]
     for name, m in ranked:
@@ -461,6 +566,11 @@ def render_report(r: Mapping, figs: Mapping[str, str]) -> str:
     bc, ta = r["methods"]["breadcrumbs"]["avg_normalized_acc"], r["methods"]["task_arithmetic"]["avg_normalized_acc"]
     verdict = ("Breadcrumbs beats task arithmetic" if bc > ta else "Breadcrumbs does not beat task arithmetic") + \
         f" here by {100 * (bc - ta):+.1f} points (the paper reports +5.7 for CLIP ViT-B/32, SPEC §6)."
+    if "delta_vs_task_arithmetic" in r["methods"]["breadcrumbs"]:
+        d = r["methods"]["breadcrumbs"]["delta_vs_task_arithmetic"]["ci95"]
+        verdict = (f"Breadcrumbs − task arithmetic: {100 * (bc - ta):+.1f} points, 95% CI {_ci(d)}" +
+                   (" (includes 0)" if d[0] <= 0 <= d[1] else "") +
+                   "; the paper reports +5.7 for CLIP ViT-B/32 (SPEC §6).")
     lines += ["", verdict, "", "## Subsets (Fig. 2 style)", "",
               "Mean over all subsets of each size of the average normalized accuracy (observed-task protocol; "
               "size 0 is the pretrained model). Each subset's model is scored on the first "
@@ -471,6 +581,13 @@ def render_report(r: Mapping, figs: Mapping[str, str]) -> str:
               "|---|" + "---:|" * len(next(iter(r["subsets"].values())))]
     for name, curve in r["subsets"].items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * curve[k]:.1f}" for k in sorted(curve, key=int)) + " |")
+    if "subset_points" in r:
+        lines += ["", "95% intervals of those points (two-level bootstrap: test images, and the subsets "
+                  "themselves where not all of a size were evaluated):", "",
+                  "| method | " + " | ".join(sorted(next(iter(r["subsets"].values())), key=int)) + " |",
+                  "|---|" + "---:|" * len(next(iter(r["subsets"].values())))]
+        for name, pts in r["subset_points"].items():
+            lines.append(f"| {name} | " + " | ".join(_ci(pts[k]["ci95"]) for k in sorted(pts, key=int)) + " |")
     lines += ["", "All-task protocol (every subset's model scored on all tasks):", "",
               "| method | " + " | ".join(sorted(next(iter(r["subsets_all_tasks"].values())), key=int)) + " |",
               "|---|" + "---:|" * len(next(iter(r["subsets_all_tasks"].values())))]

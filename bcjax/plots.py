@@ -29,19 +29,32 @@ def _finish(fig, path):
 
 
 def subset_curves(curves: Mapping[str, Mapping[int, float]], path: str | None, *, title: str = "",
-                  ylabel: str = "avg normalized accuracy (%)") -> Any:
-    """One line per method: x = number of merged tasks, y = mean over subsets of that size."""
-    fig = _figure((5.5, 4))
+                  ylabel: str = "avg normalized accuracy (%)",
+                  intervals: Mapping[str, Mapping[int, Sequence[float]]] | None = None,
+                  reference: float | None = None) -> Any:
+    """One line per method: x = number of merged tasks, y = mean over subsets of that size;
+    ``intervals[method][k] = [lo, hi]`` (fractions) drawn as a band, ``reference`` (e.g. the
+    pretrained level) as a horizontal line. The legend sits outside the axes."""
+    fig = _figure((7.5 if intervals or reference is not None else 5.5, 4))
     ax = fig.subplots()
     for name, curve in curves.items():
         ks = sorted(int(k) for k in curve)
-        ax.plot(ks, [100 * curve[k] if k in curve else 100 * curve[str(k)] for k in ks], marker="o", label=name)
+        line, = ax.plot(ks, [100 * curve[k] if k in curve else 100 * curve[str(k)] for k in ks], marker="o",
+                        label=name)
+        band = (intervals or {}).get(name)
+        if band:
+            bk = [k for k in ks if k in band or str(k) in band]
+            lo_hi = np.array([band[k] if k in band else band[str(k)] for k in bk], float)
+            ax.fill_between(bk, 100 * lo_hi[:, 0], 100 * lo_hi[:, 1], color=line.get_color(), alpha=0.2,
+                            label=f"{name} 95% CI")
+    if reference is not None:
+        ax.axhline(100 * reference, color="k", ls="--", lw=1, label="pretrained")
     ax.set_xticks(sorted({int(k) for c in curves.values() for k in c}))
     ax.set_xlabel("number of merged tasks (0 = pretrained)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8, borderaxespad=0)
     return _finish(fig, path)
 
 
@@ -65,17 +78,25 @@ def cosine_heatmaps(matrices: Mapping[str, np.ndarray], tasks: Sequence[str], pa
 
 
 def per_task_bars(values: Mapping[str, Mapping[str, float]], tasks: Sequence[str], path: str | None, *,
-                  ylabel: str = "normalized accuracy (%)") -> Any:
-    """Grouped bars: one group per task, one bar per method."""
-    fig = _figure((max(6, 1.2 * len(tasks)), 4))
+                  ylabel: str = "normalized accuracy (%)",
+                  intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None) -> Any:
+    """Grouped bars: one group per task, one bar per method; ``intervals[method][task] = [lo, hi]``
+    (fractions) drawn as error bars. The legend sits outside the axes."""
+    fig = _figure((max(6, 1.2 * len(tasks)) + 2, 4))
     ax = fig.subplots()
     width = 0.8 / max(len(values), 1)
     for i, (name, per_task) in enumerate(values.items()):
-        ax.bar(np.arange(len(tasks)) + i * width, [100 * per_task[t] for t in tasks], width, label=name)
+        y = np.array([100 * per_task[t] for t in tasks])
+        err = None
+        if intervals and name in intervals:
+            ci = 100 * np.array([intervals[name][t] for t in tasks], float)
+            err = np.stack([np.maximum(y - ci[:, 0], 0), np.maximum(ci[:, 1] - y, 0)])
+        ax.bar(np.arange(len(tasks)) + i * width, y, width, label=name, yerr=err, capsize=1.5,
+               error_kw={"lw": 0.6})
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=30, ha="right")
     ax.set_ylabel(ylabel)
     ax.axhline(100, color="k", lw=0.6)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     return _finish(fig, path)
 
 

@@ -37,9 +37,55 @@ def test_quick_demo_writes_valid_results_report_and_plots(quick_run):
     assert set(results["subsets"]["breadcrumbs"]) == sizes and set(results["subsets"]["task_arithmetic"]) == sizes
     report = (out / "report.md").read_text()
     assert "| breadcrumbs |" in report and "Normalized accuracy" in report
+    _check_intervals(results, cfg, report)
     for png in ("subsets.png", "subsets_all_tasks.png", "normalized_accuracy.png", "cosine_similarity.png"):
         assert (out / png).stat().st_size > 5000, png
     assert "breadcrumbs" in stdout and "task arithmetic" in stdout
+
+
+def _check_intervals(results, cfg, report):
+    """SPEC §4 "Uncertainty" keys: present, every interval holds its point, the paired delta
+    of task arithmetic to itself is exactly 0, and the point estimates are the accuracy path's."""
+    tasks = results["tasks"]
+    assert results["test_examples_per_task"] == {t: cfg.max_test for t in tasks}
+    assert results["bootstrap"]["resamples"] == 1000 and results["bootstrap"]["seed"] == 0
+    rows = {**results["methods"], **results["references"]}
+    assert set(results["references"]) == {"pretrained", "finetuned"}
+    for name, m in rows.items():
+        lo, hi = m["avg_normalized_acc_ci95"]
+        assert lo <= m["avg_normalized_acc"] <= hi, name
+        d = m["delta_vs_task_arithmetic"]
+        assert d["ci95"][0] <= d["mean"] <= d["ci95"][1], name
+        assert d["mean"] == pytest.approx(m["avg_normalized_acc"] - rows["task_arithmetic"]["avg_normalized_acc"],
+                                          abs=1e-12)
+        for t in tasks:
+            assert m["normalized_acc_ci95"][t][0] <= m["normalized_acc"][t] <= m["normalized_acc_ci95"][t][1]
+            # accuracies are count / n on the test set: whole multiples of 1 / n
+            assert m["acc"][t] * cfg.max_test == pytest.approx(round(m["acc"][t] * cfg.max_test), abs=1e-9)
+    assert results["methods"]["task_arithmetic"]["delta_vs_task_arithmetic"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    # the reference rows are the existing accuracy keys, and the avg normalized accuracy is the
+    # mean over tasks of (per-example correctness mean) / (fine-tuned correctness mean)
+    assert results["references"]["pretrained"]["acc"] == results["pretrained_acc"]
+    assert results["references"]["finetuned"]["acc"] == results["finetuned_acc"]
+    ft = results["references"]["finetuned"]
+    assert ft["avg_normalized_acc"] == 1.0 and ft["avg_normalized_acc_ci95"] == [1.0, 1.0]
+    for name, m in rows.items():
+        expect = sum(m["acc"][t] / results["finetuned_acc"][t] for t in tasks) / len(tasks)
+        assert m["avg_normalized_acc"] == pytest.approx(expect, rel=1e-12), name
+    # subset curve points: the means are today's `subsets`, with intervals around them
+    for key, curves in (("subset_points", "subsets"), ("subset_points_all_tasks", "subsets_all_tasks")):
+        assert set(results[key]) == set(results[curves])
+        for method, pts in results[key].items():
+            assert set(pts) == set(results[curves][method])
+            for k, p in pts.items():
+                assert p["mean"] == pytest.approx(results[curves][method][k], rel=1e-12), (key, method, k)
+                assert p["ci95"][0] <= p["mean"] <= p["ci95"][1], (key, method, k)
+                assert p["examples_per_task"] == {t: cfg.subset_eval_examples for t in tasks}
+                assert p["num_subsets"] >= 1
+    first = report.splitlines()[2]
+    assert first.startswith("**Headroom.**") and "[" in first
+    assert "Breadcrumbs vs task arithmetic" in report and "| 95% CI | Δ vs TA [95% CI] |" in report
+    assert "*pretrained* (reference)" in report and "*finetuned* (reference)" in report
 
 
 def test_validate_results_rejects_bad_schema():

@@ -183,7 +183,7 @@ def test_cli_sweep_end_to_end(tmp_path):
         assert (out / png).stat().st_size > 5000
     assert json.loads(proc.stdout)["best"] == summary["best"]
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 3 + 8
+    assert len(lines) == 3 + 3 + 8  # fine-tuned references (accuracy + per-example correctness), 8 grid points
     bad = tmp_path / "bad.yaml"
     bad.write_text("experiment: nope\nsuite: {name: synthetic}\n")
     proc = subprocess.run([*cmd[:5], str(bad), "--out", str(out)], env=env, capture_output=True, text=True,
@@ -457,3 +457,74 @@ def test_select_scores_the_core_merge_and_explicit_settings(suite):
     expect = {t: float(suite.evaluate(stack_trees([merged]), t, "test")[0]) for t in suite.tasks}
     assert res["methods"]["breadcrumbs"]["acc"] == expect
     assert [g["hparams"] for g in res["validation_grid"]["breadcrumbs"]] == spec.points()
+
+
+def test_select_and_subsets_add_bootstrap_intervals_from_per_example_correctness(suite, tmp_path):
+    """With a suite providing per-example correctness, select's test scores are its means (one
+    pass) and SPEC §4 intervals are added: per method avg/per-task/raw CIs and the paired
+    difference to task arithmetic (exactly 0 for itself), pretrained/fine-tuned reference rows,
+    test sizes; subsets adds per-size curve intervals. A rerun reads everything back from the store."""
+    from bcjax import stats
+    from bcjax.evaluate import stack_trees
+    from bcjax.experiments.engine import reference_correctness
+
+    specs = [E.MethodSpec("task_arithmetic", {}, settings=({"alpha": 0.3}, {"alpha": 0.6})),
+             E.MethodSpec("breadcrumbs", {"alpha": 0.5, "beta": 0.8, "gamma": 0.99})]
+    store = ResultsStore(str(tmp_path / "r.jsonl"))
+    res = E.select_and_test(suite, store, methods=specs, progress=False)
+    tasks = list(suite.tasks)
+    assert res["test_examples_per_task"] == {t: 96 for t in tasks}
+    assert res["bootstrap"]["resamples"] == 1000 and res["bootstrap"]["seed"] == 0
+    refs = reference_correctness(suite, store, "test")
+    for t, tree in zip(tasks, suite.finetuned):
+        assert res["finetuned_acc"][t] == float(suite.evaluate(stack_trees([tree]), t, "test")[0])
+        assert res["finetuned_acc"][t] == refs["finetuned"][t].sum() / refs["finetuned"][t].size
+    rows = {**res["methods"], **res["references"]}
+    for name, m in rows.items():
+        lo, hi = m["avg_normalized_acc_ci95"]
+        assert lo <= m["avg_normalized_acc"] <= hi, name
+        assert all(m["normalized_acc_ci95"][t][0] <= m["normalized_acc"][t] <= m["normalized_acc_ci95"][t][1]
+                   for t in tasks), name
+        d = m["delta_vs_task_arithmetic"]
+        assert d["ci95"][0] <= d["mean"] <= d["ci95"][1], name
+        np.testing.assert_allclose(d["mean"], m["avg_normalized_acc"] - rows["task_arithmetic"]["avg_normalized_acc"],
+                                   atol=1e-12)
+    ta = res["methods"]["task_arithmetic"]
+    assert ta["delta_vs_task_arithmetic"] == {"mean": 0.0, "ci95": [0.0, 0.0]}
+    ft = res["references"]["finetuned"]
+    assert ft["avg_normalized_acc"] == 1.0 and ft["avg_normalized_acc_ci95"] == [1.0, 1.0]
+    assert ft["acc"] == res["finetuned_acc"] and "note" in ft
+    # the pretrained row is θ0's accuracy; its interval is the stats module's on the same arrays
+    pre = res["references"]["pretrained"]
+    assert pre["acc"] == {t: float(suite.evaluate(stack_trees([suite.pretrained]), t, "test")[0]) for t in tasks}
+    expect = stats.method_intervals({"p": refs["pretrained"]}, refs["finetuned"], seed=0)["p"]["avg"]
+    assert pre["avg_normalized_acc_ci95"] == expect["ci95"]
+    np.testing.assert_allclose(pre["avg_normalized_acc"], expect["mean"], rtol=1e-15)
+    # the chosen merge's test accuracies are those of the core merge, via the accuracy path
+    best = bcjax.merge("task_arithmetic", suite.pretrained, list(suite.finetuned), **ta["hparams"])
+    assert ta["acc"] == {t: float(suite.evaluate(stack_trees([best]), t, "test")[0]) for t in tasks}
+    again = E.select_and_test(suite, ResultsStore(str(tmp_path / "r.jsonl")), methods=specs, progress=False)
+    assert json.dumps(again, sort_keys=True) == json.dumps(res, sort_keys=True)
+    # tasks not in sorted order: the correctness read back from the store keeps the suite's order
+    import dataclasses
+
+    rev = dataclasses.replace(suite, tasks=tuple(reversed(suite.tasks)), finetuned=tuple(reversed(suite.finetuned)),
+                              fingerprint=suite.fingerprint + "-reversed")
+    first = E.select_and_test(rev, ResultsStore(str(tmp_path / "rev.jsonl")), methods=specs, progress=False)
+    second = E.select_and_test(rev, ResultsStore(str(tmp_path / "rev.jsonl")), methods=specs, progress=False)
+    new_fields = ("avg_normalized_acc_ci95", "normalized_acc_ci95", "avg_acc_ci95", "delta_vs_task_arithmetic")
+    for r in (first, second):  # (the existing val scores may differ in the last bit: summation order)
+        r["methods"] = {m: {k: v[k] for k in new_fields} for m, v in r["methods"].items()}
+        r.pop("validation_grid")
+    assert json.dumps(second, sort_keys=True) == json.dumps(first, sort_keys=True)
+    assert first["methods"]["breadcrumbs"]["avg_normalized_acc_ci95"] == res["methods"]["breadcrumbs"][
+        "avg_normalized_acc_ci95"]
+
+    sub = E.subsets_experiment(suite, store, methods=[("task_arithmetic", {"alpha": 0.3})], progress=False)
+    pts = sub["methods"]["task_arithmetic"]["points"]
+    curve = sub["methods"]["task_arithmetic"]["observed"]
+    assert set(pts["observed"]) == set(pts["all"]) == set(range(len(tasks) + 1))
+    for k, p in pts["observed"].items():
+        np.testing.assert_allclose(p["mean"], curve[k], rtol=1e-12)
+        assert p["ci95"][0] <= p["mean"] <= p["ci95"][1] and p["examples_per_task"] == {t: 96 for t in tasks}
+        assert p["num_subsets"] == len([r for r in range(2 ** len(tasks)) if bin(r).count("1") == k])

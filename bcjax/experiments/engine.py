@@ -18,7 +18,8 @@ from jax.sharding import PartitionSpec as P
 
 from bcjax.experiments.suite import ModelSuite
 
-__all__ = ["reference_accuracy", "evaluate_models", "normalized", "mean_normalized", "members", "jsonable",
+__all__ = ["reference_accuracy", "evaluate_models", "evaluate_correctness", "reference_correctness",
+           "pack_correctness", "unpack_correctness", "normalized", "mean_normalized", "members", "jsonable",
            "method_inputs", "method_builder", "lazy_builder", "grid_builder", "pad_chunk", "progress_bar"]
 
 
@@ -39,13 +40,19 @@ def progress_bar(total: int, desc: str, progress: bool):
 
 
 def reference_accuracy(suite: ModelSuite, store, split: str) -> dict[str, float]:
-    """acc(θk, k) on ``split`` for every task (the normalizer of SPEC §4), stored."""
+    """acc(θk, k) on ``split`` for every task (the normalizer of SPEC §4), stored; derived from
+    the per-example correctness (:func:`reference_correctness`) when the suite provides it."""
     from bcjax.evaluate import stack_trees
+
+    def compute(ft, t):
+        if suite.correctness is not None:  # one pass: the mean of the stored per-example correctness
+            return _accuracy_of(_stored_hits(suite, store, "finetuned_acc", ft, [t], split, task=t)[t])
+        return float(suite.evaluate(stack_trees([ft]), t, split)[0])
 
     out = {}
     for t, ft in zip(suite.tasks, suite.finetuned, strict=True):
         out[t] = store.get_or_compute(dict(kind="finetuned_acc", suite=suite.fingerprint, task=t, split=split),
-                                      lambda ft=ft, t=t: float(suite.evaluate(stack_trees([ft]), t, split)[0]))
+                                      lambda ft=ft, t=t: compute(ft, t))
         if out[t] <= 0:
             raise ValueError(f"task {t!r}: the fine-tuned model's {split} accuracy is 0; normalized accuracy is "
                              "undefined")
@@ -75,7 +82,94 @@ def evaluate_models(suite: ModelSuite, store, keys: Sequence[Mapping], tasks_of:
             bar.update(len(idx))
     if bar is not None:
         bar.close()
-    return [store.get(dict(k)) for k in keys]
+    return [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
+
+
+def _in_order(acc: Mapping[str, float], tasks: Sequence[str]) -> dict[str, float]:
+    """``acc`` in the order of ``tasks``: the store's JSON sorts keys, and means over tasks must
+    not depend on whether a value was computed now or read back (floating-point summation order)."""
+    return {t: acc[t] for t in tasks}
+
+
+def pack_correctness(correct: np.ndarray) -> dict:
+    """bool[n] → ``{"n": n, "bits": hex of numpy.packbits}`` (JSON for the results store)."""
+    c = np.asarray(correct, bool)
+    return {"n": int(c.size), "bits": np.packbits(c).tobytes().hex()}
+
+
+def unpack_correctness(packed: Mapping) -> np.ndarray:
+    """Inverse of :func:`pack_correctness`."""
+    bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed["bits"]), np.uint8))
+    return bits[: int(packed["n"])].astype(bool)
+
+
+def _accuracy_of(correct: np.ndarray) -> float:
+    """count / n in float64: bit-identical to :func:`bcjax.evaluate.accuracy` (int / int)."""
+    return float(np.count_nonzero(correct) / correct.size)
+
+
+def evaluate_correctness(suite: ModelSuite, store, keys: Sequence[Mapping], tasks_of: Sequence[Sequence[str]],
+                         build: Callable[[np.ndarray], Any], split: str, *, chunk: int, progress: bool = True,
+                         desc: str = "models") -> tuple[list[dict[str, float]], list[dict[str, np.ndarray]]]:
+    """:func:`evaluate_models` through ``suite.correctness``, in one evaluation pass:
+    ``(accuracies, correctness)`` per key, ``correctness[i][t]`` = bool[n_t] and the accuracy
+    its mean (count / n, as :func:`bcjax.evaluate.accuracy`).
+
+    The correctness is stored under ``key | {"per_example": True}`` and the accuracy under
+    ``key`` (only if absent: an accuracy stored by an earlier run is kept, and a derived one
+    that differs from it is reported by a :class:`RuntimeWarning`)."""
+    import warnings
+
+    if suite.correctness is None:
+        raise ValueError(f"suite {suite.name!r} does not provide per-example correctness")
+    ckeys = [dict(k, per_example=True) for k in keys]
+    todo = [i for i, k in enumerate(ckeys) if k not in store]
+    bar = progress_bar(len(todo), desc, progress)
+    for s in range(0, len(todo), chunk):
+        idx = todo[s:s + chunk]
+        stacked = build(pad_chunk(idx, chunk))
+        needed = sorted({t for i in idx for t in tasks_of[i]}, key=list(suite.tasks).index)
+        hits = {t: np.asarray(suite.correctness(stacked, t, split), bool) for t in needed}
+        for j, i in enumerate(idx):
+            acc = {t: _accuracy_of(hits[t][j]) for t in tasks_of[i]}
+            stored = store.get(dict(keys[i]))
+            if stored is None:
+                store.put(dict(keys[i]), acc)
+            elif any(stored.get(t) != a for t, a in acc.items()):
+                warnings.warn(f"{dict(keys[i])}: stored accuracies {stored} differ from the per-example "
+                              f"correctness ({acc}); the stored ones are reported", RuntimeWarning, stacklevel=2)
+            store.put(ckeys[i], {t: pack_correctness(hits[t][j]) for t in tasks_of[i]})
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    accs = [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
+    correct = [{t: unpack_correctness(store.get(k)[t]) for t in tasks_of[i]} for i, k in enumerate(ckeys)]
+    return accs, correct
+
+
+def _stored_hits(suite: ModelSuite, store, kind: str, tree, tasks: Sequence[str], split: str, **key) -> dict:
+    """Per-example correctness of one model (θ0 or a θk) on ``tasks``, stored as
+    ``{kind, suite, split, per_example: True, **key}``."""
+    from bcjax.evaluate import stack_trees
+
+    key = dict(kind=kind, suite=suite.fingerprint, split=split, per_example=True, **key)
+    if key not in store:
+        stacked = stack_trees([tree])
+        store.put(key, {t: pack_correctness(np.asarray(suite.correctness(stacked, t, split), bool)[0]) for t in tasks})
+    stored = store.get(key)  # keys come back sorted from the store's JSON: keep the task order
+    return {t: unpack_correctness(stored[t]) for t in tasks}
+
+
+def reference_correctness(suite: ModelSuite, store, split: str) -> dict[str, dict[str, np.ndarray]]:
+    """Per-example correctness of the references on ``split``: ``{"pretrained": {task: bool[n]},
+    "finetuned": {task: bool[n]}}`` (θ0 on every task; θk on its own task k), stored. Their
+    means are :func:`reference_accuracy` (fine-tuned) and θ0's accuracies."""
+    tasks = list(suite.tasks)
+    pre = _stored_hits(suite, store, "pretrained_acc", suite.pretrained, tasks, split)
+    ft = {t: _stored_hits(suite, store, "finetuned_acc", tree, [t], split, task=t)[t]
+          for t, tree in zip(tasks, suite.finetuned, strict=True)}
+    return {"pretrained": pre, "finetuned": ft}
 
 
 def normalized(acc: Mapping[str, float], ref: Mapping[str, float]) -> dict[str, float]:

@@ -53,6 +53,11 @@ class ModelSuite:
       provides: requirement name (:data:`bcjax.merging.REQUIREMENTS`) → ``fn(task) -> value``
         for one task; computed on first use and kept (see :meth:`requirement`).
       seed: the PRNG seed of methods requiring a key when the hyper-parameters give no ``seed``.
+      correctness: optional ``(stacked_params, task, split) -> bool[M, n]``, the per-example
+        top-1 correctness of each stacked model on the same examples ``evaluate`` scores, with
+        ``evaluate`` = its row means (count / n). When given, ``select`` and ``subsets`` evaluate
+        through it (one pass: accuracies are derived from it) and add 95% bootstrap intervals
+        (:mod:`bcjax.stats`, SPEC §4 "Uncertainty").
     """
 
     name: str
@@ -67,6 +72,7 @@ class ModelSuite:
     info: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     provides: Mapping[str, Callable[[str], Any]] = dataclasses.field(default_factory=dict)
     seed: int = 0
+    correctness: Callable[[Any, str, str], Any] | None = None
     _computed: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -77,7 +83,9 @@ class ModelSuite:
             raise ValueError(f"ModelSuite {self.name!r}: duplicate task names {list(self.tasks)}")
 
     def with_evaluate(self, evaluate: Evaluate) -> "ModelSuite":
-        out = dataclasses.replace(self, evaluate=evaluate)
+        """This suite scored by ``evaluate``; ``correctness`` is dropped (it must agree with
+        ``evaluate``, so experiments on the result use the accuracy path)."""
+        out = dataclasses.replace(self, evaluate=evaluate, correctness=None)
         out._computed.update(self._computed)  # requirements do not depend on evaluate
         return out
 

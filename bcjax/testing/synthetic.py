@@ -98,13 +98,17 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
     ft_of = dict(zip(names, finetuned, strict=True))
 
     @jax.jit
-    def _acc(stacked, x, y, head):
+    def _hits(stacked, x, y, head):
         logits = jax.vmap(lambda p: predict(p, x, head))(stacked)
-        return jnp.mean(jnp.argmax(logits, -1) == y[None], axis=1)
+        return jnp.argmax(logits, -1) == y[None]
 
-    def evaluate(stacked, task, split):
+    def correctness(stacked, task, split):
         x, y = by_name[task][split]
-        return np.asarray(_acc(stacked, x, y, heads[task]))
+        return np.asarray(_hits(stacked, x, y, heads[task]))
+
+    def evaluate(stacked, task, split):  # count / n in float64, as bcjax.evaluate.accuracy
+        hits = correctness(stacked, task, split)
+        return np.count_nonzero(hits, axis=1) / hits.shape[1]
 
     n_fisher, n_gram = int(c("fisher_examples", 16)), int(c("gram_examples", 256))
     provides = {
@@ -118,4 +122,4 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
     fp = fingerprint(dict(suite="synthetic", cfg=dict(config.get("suite", {}))))
     return ModelSuite(name="synthetic MLP suite", tasks=tuple(names), pretrained=pre, finetuned=tuple(finetuned),
                       evaluate=evaluate, fingerprint=fp, heads=heads, models_per_call=int(c("models_per_call", 4)),
-                      info={"classes": [list(g) for g in groups]}, provides=provides)
+                      info={"classes": [list(g) for g in groups]}, provides=provides, correctness=correctness)
