@@ -20,6 +20,7 @@ and the shard is renamed to its final name only when complete.
 """
 from __future__ import annotations
 
+import abc
 import json
 import os
 import struct
@@ -66,7 +67,7 @@ def parse_size(text) -> int:
 
 
 # --------------------------------------------------------------------------- readers
-class Checkpoint:
+class Checkpoint(abc.ABC):
     """Lazy mapping name → tensor. ``names`` in file order; ``info(name)`` = (shape,
     numpy dtype, source file) without reading data; ``read(name)`` returns a NumPy array
     (bfloat16 as ``ml_dtypes.bfloat16``)."""
@@ -86,8 +87,9 @@ class Checkpoint:
         shape, dtype, _ = self._info[name]
         return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
-    def read(self, name: str) -> np.ndarray:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self, name: str) -> np.ndarray:
+        """The tensor ``name`` as a NumPy array in its stored dtype."""
 
     def files(self) -> list[str]:
         return sorted({f for _, _, f in self._info.values()})
