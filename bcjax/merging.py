@@ -193,9 +193,9 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> str:
     so its first :func:`merge` costs tracing plus cache reads. Every program is cached
     (no minimum compile time). This sets JAX's process-wide configuration, hence an explicit
     call, never a side effect of importing or merging. Returns the folder."""
-    from bcjax import _native
+    from bcjax.cache import cache_root
 
-    folder = os.fspath(directory) if directory is not None else str(_native.cache_root() / "xla")
+    folder = os.fspath(directory) if directory is not None else str(cache_root("xla"))
     os.makedirs(folder, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

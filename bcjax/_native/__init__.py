@@ -39,13 +39,10 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
-def cache_root() -> Path:
-    """bcjax's cache folder: ``$BCJAX_CACHE``, default ``~/.cache/bcjax``."""
-    return Path(os.environ.get("BCJAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "bcjax"))
-
-
 def _cache_dir() -> Path:
-    return cache_root() / "native"
+    from bcjax.cache import cache_root
+
+    return cache_root("native")
 
 
 def _compiler() -> str | None:
