@@ -95,7 +95,7 @@ class Checkpoint(abc.ABC):
         return sorted({f for _, _, f in self._info.values()})
 
     def close(self) -> None:
-        pass
+        """Release open files; readers that hold none (memory maps, loaded arrays) keep this default."""
 
     def __enter__(self):
         return self
