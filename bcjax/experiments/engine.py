@@ -69,20 +69,32 @@ def evaluate_models(suite: ModelSuite, store, keys: Sequence[Mapping], tasks_of:
     with the models vmapped, and stored as soon as their chunk is done — a killed sweep loses
     at most one chunk.
     """
-    todo = [i for i, k in enumerate(keys) if k not in store]
+    _evaluate_in_chunks(suite, [i for i, k in enumerate(keys) if k not in store], tasks_of, build,
+                        lambda stacked, t: suite.evaluate(stacked, t, split),
+                        lambda i, rows: store.put(dict(keys[i]), {t: float(r) for t, r in rows.items()}),
+                        chunk=chunk, progress=progress, desc=desc)
+    return [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
+
+
+def _evaluate_in_chunks(suite: ModelSuite, todo: Sequence[int], tasks_of: Sequence[Sequence[str]],
+                        build: Callable[[np.ndarray], Any], score: Callable[[Any, str], Any],
+                        record: Callable[[int, dict], None], *, chunk: int, progress: bool, desc: str) -> None:
+    """The chunked loop shared by :func:`evaluate_models` and :func:`evaluate_correctness`:
+    models ``todo`` are built ``chunk`` at a time, every task some model of the chunk needs is
+    scored once for the whole chunk (``score(stacked, task)``, one row per model), and
+    ``record(i, {task: row})`` stores model i's rows before the next chunk is built."""
     bar = progress_bar(len(todo), desc, progress)
     for s in range(0, len(todo), chunk):
         idx = todo[s:s + chunk]
         stacked = build(pad_chunk(idx, chunk))
         needed = sorted({t for i in idx for t in tasks_of[i]}, key=list(suite.tasks).index)
-        accs = {t: np.asarray(suite.evaluate(stacked, t, split)) for t in needed}
+        rows = {t: np.asarray(score(stacked, t)) for t in needed}
         for j, i in enumerate(idx):
-            store.put(dict(keys[i]), {t: float(accs[t][j]) for t in tasks_of[i]})
+            record(i, {t: rows[t][j] for t in tasks_of[i]})
         if bar is not None:
             bar.update(len(idx))
     if bar is not None:
         bar.close()
-    return [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
 
 
 def _in_order(acc: Mapping[str, float], tasks: Sequence[str]) -> dict[str, float]:
@@ -123,26 +135,20 @@ def evaluate_correctness(suite: ModelSuite, store, keys: Sequence[Mapping], task
     if suite.correctness is None:
         raise ValueError(f"suite {suite.name!r} does not provide per-example correctness")
     ckeys = [dict(k, per_example=True) for k in keys]
-    todo = [i for i, k in enumerate(ckeys) if k not in store]
-    bar = progress_bar(len(todo), desc, progress)
-    for s in range(0, len(todo), chunk):
-        idx = todo[s:s + chunk]
-        stacked = build(pad_chunk(idx, chunk))
-        needed = sorted({t for i in idx for t in tasks_of[i]}, key=list(suite.tasks).index)
-        hits = {t: np.asarray(suite.correctness(stacked, t, split), bool) for t in needed}
-        for j, i in enumerate(idx):
-            acc = {t: _accuracy_of(hits[t][j]) for t in tasks_of[i]}
-            stored = store.get(dict(keys[i]))
-            if stored is None:
-                store.put(dict(keys[i]), acc)
-            elif any(stored.get(t) != a for t, a in acc.items()):
-                warnings.warn(f"{dict(keys[i])}: stored accuracies {stored} differ from the per-example "
-                              f"correctness ({acc}); the stored ones are reported", RuntimeWarning, stacklevel=2)
-            store.put(ckeys[i], {t: pack_correctness(hits[t][j]) for t in tasks_of[i]})
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
+
+    def record(i, hits):
+        acc = {t: _accuracy_of(h) for t, h in hits.items()}
+        stored = store.get(dict(keys[i]))
+        if stored is None:
+            store.put(dict(keys[i]), acc)
+        elif any(stored.get(t) != a for t, a in acc.items()):
+            warnings.warn(f"{dict(keys[i])}: stored accuracies {stored} differ from the per-example "
+                          f"correctness ({acc}); the stored ones are reported", RuntimeWarning, stacklevel=3)
+        store.put(ckeys[i], {t: pack_correctness(h) for t, h in hits.items()})
+
+    _evaluate_in_chunks(suite, [i for i, k in enumerate(ckeys) if k not in store], tasks_of, build,
+                        lambda stacked, t: np.asarray(suite.correctness(stacked, t, split), bool), record,
+                        chunk=chunk, progress=progress, desc=desc)
     accs = [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
     correct = [{t: unpack_correctness(store.get(k)[t]) for t in tasks_of[i]} for i, k in enumerate(ckeys)]
     return accs, correct
