@@ -271,7 +271,11 @@ class ImageArray:
         if len(sel) == 0:
             return np.zeros((0, self.size, self.size, 3), np.uint8)
         if len(sel) >= 16:  # Pillow releases the GIL while decoding and resizing
-            return np.stack(list(_pool().map(self._one, sel)))
+            from concurrent.futures import ThreadPoolExecutor
+
+            # a pool per call, shut down before returning: no threads outlive the read
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(sel))) as pool:
+                return np.stack(list(pool.map(self._one, sel)))
         return np.stack([self._one(i) for i in sel])
 
     def __array__(self, dtype=None, copy=None):
@@ -305,18 +309,6 @@ class ImageArray:
             del out
             os.replace(tmp, path)
         return np.load(path, mmap_mode="r")
-
-
-_POOL = None
-
-
-def _pool():
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
-    return _POOL
 
 
 @dataclasses.dataclass
