@@ -37,7 +37,7 @@ from bcjax.models import heads as heads_lib
 from bcjax.results_store import ResultsStore
 from bcjax.train import TrainConfig, finetune
 
-__all__ = ["DemoConfig", "DemoContext", "setup", "finetune_tasks", "task_fishers", "merge_for_demo",
+__all__ = ["DemoConfig", "DemoContext", "setup", "finetune_tasks", "finetune_multitask", "task_fishers", "merge_for_demo",
            "demo_suite", "requirement_suite", "select_and_test", "subset_sweep", "cosine_matrices", "run_demo", "validate_results", "render_report"]
 
 SUITE_NAME = "bcjax-offline-8 (DINOv2 ViT-S/14)"
@@ -232,6 +232,26 @@ def finetune_tasks(ctx: DemoContext, *, progress: bool = True) -> list:
         del res
     ctx.log("finetune", f"{ctx.cfg.train.steps} steps x {ctx.cfg.train.batch_size} per task (cached in {root})")
     return out
+
+
+def finetune_multitask(ctx: DemoContext, *, progress: bool = True):
+    """The multi-task reference (SPEC §3): one fine-tune of θ0 on the union of the tasks'
+    training images, each scored with its task's frozen head, the per-task recipe with
+    ``steps × T`` (:func:`bcjax.train.multitask_finetune`); cached and resumable next to the
+    per-task fine-tunes (one folder per task list)."""
+    import hashlib
+
+    from bcjax.train import multitask_finetune
+
+    tag = hashlib.sha256(json.dumps(ctx.names).encode()).hexdigest()[:12]
+    root = os.path.join(ctx.cache_root, "demo", ctx.cfg.finetune_fingerprint(), f"multitask-{tag}")
+    res = multitask_finetune(ctx.loss, ctx.params0,
+                             [dict(zip(("x", "y"), ctx.task(t).splits["train"], strict=True)) for t in ctx.names],
+                             [ctx.heads[t] for t in ctx.names], ctx.cfg.train, checkpoint_dir=root, progress=progress,
+                             description="multi-task fine-tune")
+    params = jax.device_put(res.params, jax.devices()[0])
+    ctx.log("multitask", f"{ctx.cfg.train.steps} x {len(ctx.names)} steps on the union of the tasks (cached in {root})")
+    return params
 
 
 def task_fishers(ctx: DemoContext, finetuned: Sequence) -> list:

@@ -28,7 +28,7 @@ with requires("train"):
     import optax
 
 __all__ = ["train_config_from_dict", "TrainConfig", "make_optimizer", "batch_indices", "data_mesh", "finetune",
-           "FinetuneResult"]
+           "FinetuneResult", "joint_loss", "multitask_config", "multitask_finetune"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,3 +211,54 @@ def finetune(loss_fn: Callable[[Any, Mapping[str, jax.Array]], jax.Array], param
     if manager is not None:
         manager.close()
     return FinetuneResult(params=params, losses=[float(x) for x in losses], resumed_from=resumed)
+
+
+def joint_loss(loss_fn: Callable) -> Callable:
+    """The multi-task loss over a batch mixing tasks: ``(params, batch, *stacked_heads)`` with
+    ``batch["task"]`` the task index of each example and ``stacked_heads`` the tasks' frozen
+    heads stacked on a leading axis; the mean over examples i of
+    ``loss_fn(params, {k: batch[k][i:i+1]}, *head[task_i])`` (the single-task loss with that
+    example's own head; vmapped, so the backbone runs once on the whole batch)."""
+
+    def loss(params, batch, *stacked_heads):
+        rest = {k: v for k, v in batch.items() if k != "task"}
+
+        def one(example, task):
+            head = tuple(h[task] for h in stacked_heads)
+            return loss_fn(params, {k: v[None] for k, v in example.items()}, *head)
+
+        return jnp.mean(jax.vmap(one)(rest, batch["task"]))
+
+    return loss
+
+
+def multitask_config(cfg: TrainConfig, num_tasks: int) -> TrainConfig:
+    """The per-task recipe ``cfg`` for one joint run over ``num_tasks`` tasks (SPEC §3 "Multi-task
+    reference"): the same optimizer, batch size and learning rate, ``steps`` and ``warmup_steps``
+    multiplied by the number of tasks (the per-task fine-tunes' total steps)."""
+    return dataclasses.replace(cfg, steps=cfg.steps * num_tasks, warmup_steps=cfg.warmup_steps * num_tasks)
+
+
+def multitask_finetune(loss_fn: Callable, params: Any, task_data: Sequence[Mapping[str, np.ndarray]],
+                       heads: Sequence[tuple], cfg: TrainConfig, *, checkpoint_dir: str | None = None,
+                       progress: bool = True, description: str = "multi-task fine-tuning") -> FinetuneResult:
+    """The multi-task reference (SPEC §3): one :func:`finetune` of ``params`` on the union of the
+    tasks' training data ``task_data`` (one ``{"x", "y", ...}`` per task), each example scored with
+    its own task's frozen head (``heads[t]``, a tuple of arrays; equal shapes across tasks, e.g.
+    padded), by :func:`joint_loss` of the single-task ``loss_fn(params, batch, *head)``, with
+    :func:`multitask_config` of the per-task recipe ``cfg``. Batches are drawn from the union as in
+    :func:`finetune` (so each task contributes in proportion to its size); checkpointed and
+    resumable like any fine-tune."""
+    if len(task_data) != len(heads) or not task_data:
+        raise ValueError(f"multitask_finetune: {len(task_data)} data sets for {len(heads)} heads")
+    keys = set(task_data[0])
+    if any(set(d) != keys for d in task_data):
+        raise ValueError(f"multitask_finetune: the tasks' data have different keys {[sorted(d) for d in task_data]}")
+    data = {k: np.concatenate([np.asarray(d[k]) for d in task_data]) for k in sorted(keys)}
+    data["task"] = np.concatenate([np.full(len(next(iter(d.values()))), t, np.int32) for t, d in enumerate(task_data)])
+    shapes = [tuple(np.shape(a) for a in h) for h in heads]
+    if len(set(shapes)) != 1:
+        raise ValueError(f"multitask_finetune: the tasks' heads differ in shape {shapes}; pad them to one shape")
+    stacked = tuple(jnp.stack([jnp.asarray(h[i]) for h in heads]) for i in range(len(heads[0])))
+    return finetune(joint_loss(loss_fn), params, data, multitask_config(cfg, len(task_data)),
+                    checkpoint_dir=checkpoint_dir, progress=progress, description=description, loss_args=stacked)

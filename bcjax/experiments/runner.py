@@ -1,5 +1,6 @@
 """``bcjax sweep``: run the experiment a config names on the suite it names, write
-``results.jsonl`` (every evaluated point; reruns resume from it), ``summary.json`` and PNGs."""
+``results.jsonl`` (every evaluated point; reruns resume from it), ``summary.json``, PNGs and the
+experiment's report files (e.g. ``report.json`` / ``report.md`` of ``fusionbench``)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,8 @@ __all__ = ["run_sweep", "EXPERIMENTS"]
 
 def _load_builtin() -> None:
     # each module registers its experiment on import
-    from bcjax.experiments import class_split, cosine, grid, select, subsets, validation_free  # noqa: F401
+    from bcjax.experiments import (class_split, cosine, fusionbench, generalization, grid,  # noqa: F401
+                                   robustness, scaling, select, subsets, validation_free)
 
 
 _load_builtin()
@@ -53,4 +55,7 @@ def run_sweep(config: Mapping, *, out_dir: str, progress: bool = True, suite: Mo
                         "plots": plots, "results_file": store.path, "points_stored": len(store)})
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    for filename, text in exp.report(summary, plots).items():
+        with open(os.path.join(out_dir, filename), "w") as f:
+            f.write(text)
     return summary
