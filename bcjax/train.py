@@ -224,7 +224,7 @@ def joint_loss(loss_fn: Callable) -> Callable:
         rest = {k: v for k, v in batch.items() if k != "task"}
 
         def one(example, task):
-            head = tuple(h[task] for h in stacked_heads)
+            head = tuple(jnp.asarray(h)[task] for h in stacked_heads)
             return loss_fn(params, {k: v[None] for k, v in example.items()}, *head)
 
         return jnp.mean(jax.vmap(one)(rest, batch["task"]))

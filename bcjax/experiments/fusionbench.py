@@ -55,6 +55,11 @@ class RobustnessSection:
     severity: int = 3
     seed: int = 0
 
+    def check(self):
+        from bcjax.experiments.robustness import check_corruptions
+
+        check_corruptions(self.corruptions, self.severity)
+
 
 @dataclasses.dataclass(frozen=True)
 class GeneralizationSection:

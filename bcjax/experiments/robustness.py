@@ -18,7 +18,7 @@ from bcjax.experiments.rows import labelled, merged_model, needs, row_of_tree, s
 from bcjax.experiments.settings import MethodSpec
 from bcjax.experiments.subsets import DEFAULT_METHODS
 
-__all__ = ["RobustnessSettings", "robustness_experiment", "CLEAN"]
+__all__ = ["RobustnessSettings", "robustness_experiment", "check_corruptions", "CLEAN"]
 
 #: The key of the uncorrupted test sets in the results.
 CLEAN = "clean"
@@ -41,13 +41,18 @@ class RobustnessSettings:
     bootstrap_seed: int = 0
 
     def check(self):
-        from bcjax.data.corruptions import CORRUPTIONS, SEVERITIES
+        check_corruptions(self.corruptions, self.severity)
 
-        bad = [c for c in self.corruptions if c not in CORRUPTIONS]
-        if bad:
-            raise ValueError(f"corruptions: unknown {bad}; known: {list(CORRUPTIONS)}")
-        if self.severity not in SEVERITIES:
-            raise ValueError(f"severity must be in {list(SEVERITIES)}, got {self.severity}")
+
+def check_corruptions(corruptions, severity) -> None:
+    """ValueError naming the key unless every corruption is known and the severity is 1..5."""
+    from bcjax.data.corruptions import CORRUPTIONS, SEVERITIES
+
+    bad = [c for c in corruptions if c not in CORRUPTIONS]
+    if bad:
+        raise ValueError(f"corruptions: unknown {bad}; known: {list(CORRUPTIONS)}")
+    if severity not in SEVERITIES:
+        raise ValueError(f"severity must be in {list(SEVERITIES)}, got {severity}")
 
 
 def robustness_experiment(suite, store, *, methods: Sequence[MethodSpec], corruptions: Sequence[str],

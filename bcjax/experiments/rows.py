@@ -25,7 +25,7 @@ EVAL_BATCH = 64
 def labelled(methods) -> list[tuple[str, str, dict]]:
     """``(label, method, hparams)`` per method entry (its first hyper-parameter point): the label is
     the method's name, or, when several entries share it, the name plus the hyper-parameters in
-    which they differ (``adamerging[granularity=layer,vectors=breadcrumbs]``)."""
+    which they differ and that this entry sets to a scalar (``adamerging[granularity=layer,vectors=breadcrumbs]``)."""
     points = [(m.name, dict(m.points()[0])) for m in methods]
     out = []
     for name, hp in points:
@@ -34,7 +34,8 @@ def labelled(methods) -> list[tuple[str, str, dict]]:
             out.append((name, name, hp))
             continue
         keys = sorted({k for h in same for k in h if any(h.get(k) != o.get(k) for o in same)})
-        out.append((f"{name}[{','.join(f'{k}={hp.get(k)}' for k in keys)}]", name, hp))
+        scalar = [k for k in keys if k in hp and not isinstance(hp[k], (dict, list))]
+        out.append((f"{name}[{','.join(f'{k}={hp[k]}' for k in scalar)}]", name, hp))
     labels = [lab for lab, _, _ in out]
     if len(set(labels)) != len(labels):
         raise ValueError(f"method entries are not distinguishable: {labels}")
