@@ -222,3 +222,13 @@ def test_fusionbench_config_parses_and_names_every_data_free_and_data_dependent_
     assert s.references == ["pretrained", "individual", "multitask", "simple_ensemble", "weighted_ensemble"]
     for sec in ("robustness", "generalization", "scaling"):
         assert s.section(sec) is not None
+
+
+@pytest.mark.parametrize("name", ["robustness", "generalization", "scaling", "fusionbench"])
+def test_protocol_configs_parse(name):
+    from bcjax.config import load_config
+    from bcjax.experiments.settings import parse_section
+
+    cfg = load_config(f"configs/{name}.yaml")
+    assert cfg["experiment"] == name
+    parse_section(E.get_experiment(name).settings, cfg)
