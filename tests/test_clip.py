@@ -334,6 +334,21 @@ def test_cli_finetune_then_eval(tiny, tmp_path, monkeypatch, capsys):
     res = select_and_test(suite, ResultsStore(None), methods=specs, progress=False)
     assert set(res["methods"]) == {"fisher", "gradient_matching", "dare"}
     assert all(0 <= r["avg_acc"] <= 1 for r in res["methods"].values())
+    # the FusionBench comparison runs on CLIP too: the multi-task reference (one joint fine-tune,
+    # cached under <out>/checkpoints), the ensembles and a corrupted test set (uint8 images)
+    from bcjax.experiments.fusionbench import FusionBenchSettings, fusionbench_experiment
+    from bcjax.experiments.settings import parse_section
+
+    fb = parse_section(FusionBenchSettings, {"methods": [{"name": "task_arithmetic", "alpha": 0.5}],
+                                             "robustness": {"corruptions": ["jpeg"]}, "generalization": None,
+                                             "scaling": None, "bootstrap_resamples": 100})
+    rep = fusionbench_experiment(suite, ResultsStore(None), fb, progress=False)
+    assert list(rep["references"]) == ["pretrained", "individual", "multitask", "simple_ensemble",
+                                       "weighted_ensemble"]
+    assert rep["references"]["individual"]["average"] == pytest.approx(np.mean(list(ev["finetuned"].values())))
+    assert all(0 <= r["average"] <= 1 for r in rep["references"].values())
+    assert set(rep["robustness"]) == {"clean", "jpeg"} and "task_arithmetic" in rep["robustness"]["jpeg"]
+    assert any(p.name.startswith("multitask-") for p in (pathlib.Path(out) / "checkpoints").iterdir())
     capsys.readouterr()
     # bad inputs: one clear line, exit code 2
     bad = dict(tiny, data={**tiny["data"], "tasks": ["imagenet"]})

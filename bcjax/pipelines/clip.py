@@ -324,6 +324,7 @@ def model_suite(config: dict, *, cache_dir: str | None = None, progress: bool = 
     itself supplies the model/data/finetuned/eval keys; ``suite.out`` is where
     ``bcjax finetune`` wrote the fine-tunes (default: the current folder)."""
     from bcjax.config import load_config
+    from bcjax.data.corruptions import corrupt
     from bcjax.experiments import ModelSuite
 
     src = get(config, "suite.config", None, types=(str, type(None)))
@@ -351,4 +352,22 @@ def model_suite(config: dict, *, cache_dir: str | None = None, progress: bool = 
                       finetuned=tuple(finetuned), evaluate=evaluate, fingerprint=fingerprint,
                       heads={n: s.heads[n][2] for n in s.names}, models_per_call=per_call,
                       info={"model": s.clip.name, "sizes": {t.name: t.sizes for t in s.tasks}},
-                      provides=provides(s, finetuned))
+                      provides=provides(s, finetuned),
+                      examples=lambda task, split: s.task(task).splits[split], corrupt=corrupt,
+                      multitask=lambda: finetune_multitask(s, train_config(clip_cfg), out, progress=progress))
+
+
+def finetune_multitask(s: "ClipSetup", cfg, out: pathlib.Path, *, progress: bool = True):
+    """The multi-task reference (SPEC §3) of the CLIP suite: one fine-tune of the vision tower on
+    the union of the tasks' training images, each with its task's frozen zero-shot head, the
+    per-task recipe ``cfg`` with ``steps × T`` (:func:`bcjax.train.multitask_finetune`); resumable
+    from ``<out>/checkpoints/multitask-<tasks hash>``."""
+    from bcjax.train import multitask_finetune
+
+    tag = hashlib.sha256(json.dumps(list(s.names)).encode()).hexdigest()[:12]
+    res = multitask_finetune(s.loss, s.clip.vision,
+                             [dict(zip(("x", "y"), s.task(n).splits["train"], strict=True)) for n in s.names],
+                             [s.heads[n] for n in s.names], cfg,
+                             checkpoint_dir=str(out / "checkpoints" / f"multitask-{tag}"), progress=progress,
+                             description="multi-task fine-tune")
+    return jax.device_put(res.params, jax.devices()[0])
