@@ -26,7 +26,10 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
     Provides per-task Fishers, training-set sizes, RegMean Grams (``suite.gram_examples``
     training inputs, default 256 as SPEC §3, i.e. all 96 of the default training split, with the
     task's fine-tuned model), the per-task ``model_fn`` and the test inputs without labels as
-    ``unlabeled_batches`` (AdaMerging), so every registered method runs on it."""
+    ``unlabeled_batches`` (AdaMerging), so every registered method runs on it. For the FusionBench
+    protocols it gives its ``examples``, a ``corrupt`` stand-in (seeded Gaussian input noise: the
+    inputs are vectors, not images) and the ``multitask`` reference (the same full-batch descent
+    on the union of the tasks' training data, ``steps × T`` steps)."""
     from bcjax.fisher import diagonal_fisher
 
     unknown = sorted(set(get(config, "suite", {}, types=dict)) - set(_KEYS))
