@@ -153,7 +153,7 @@ def test_scaling_curve_starts_at_the_pretrained_model_and_follows_the_core_merge
 
 def test_fusionbench_report_end_to_end_and_resumes(suite, tmp_path):
     cfg = {"experiment": "fusionbench", "suite": SUITE, "methods": METHODS,
-           "robustness": {"methods": ["task_arithmetic"], "corruptions": ["contrast"]},
+           "robustness": {"methods": ["task_arithmetic", "adamerging[granularity=task]"], "corruptions": ["contrast"]},
            "generalization": {"methods": ["task_arithmetic", "regmean"]},
            "scaling": {"methods": ["task_arithmetic"], "alphas": [0.0, 0.5]}, "bootstrap_resamples": 200}
     s = E.run_sweep(cfg, out_dir=str(tmp_path), progress=False, suite=suite)
@@ -169,7 +169,8 @@ def test_fusionbench_report_end_to_end_and_resumes(suite, tmp_path):
         assert row["average_ci95"][0] <= row["average"] <= row["average_ci95"][1]
     assert report["references"]["individual"]["normalized_average"] == 1.0
     assert set(report["robustness"]) == {"clean", "contrast"}
-    assert set(report["robustness"]["contrast"]) == {"pretrained", "task_arithmetic", "finetuned"}
+    assert set(report["robustness"]["contrast"]) == {"pretrained", "task_arithmetic", "adamerging[granularity=task]",
+                                                     "finetuned"}
     assert set(report["generalization"]["regmean"]) == {"seen", "unseen"}
     assert report["scaling"]["task_arithmetic"]["0"] == pytest.approx(report["references"]["pretrained"]["average"])
     # rows against references computed here

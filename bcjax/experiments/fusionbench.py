@@ -207,19 +207,21 @@ def fusionbench_experiment(suite, store, s: FusionBenchSettings, *, progress: bo
               "methods": {lab: scored[lab] for lab in method_rows},
               "references": {r: scored[r] for r in refs}}
     if rob is not None:
-        chosen = [m for m, (lab, _, _) in zip(s.methods, specs) if lab in keep]
+        chosen = [(m, lab) for m, (lab, _, _) in zip(s.methods, specs) if lab in keep]
         res = _timed(timings, "robustness", lambda: robustness_experiment(
-            suite, store, methods=chosen, corruptions=rob.corruptions, severity=rob.severity, seed=rob.seed,
-            split=s.split, bootstrap_resamples=s.bootstrap_resamples, bootstrap_seed=s.bootstrap_seed,
-            progress=progress, merged=trees))
+            suite, store, methods=[m for m, _ in chosen], labels=[lab for _, lab in chosen],
+            corruptions=rob.corruptions, severity=rob.severity, seed=rob.seed, split=s.split,
+            bootstrap_resamples=s.bootstrap_resamples, bootstrap_seed=s.bootstrap_seed, progress=progress,
+            merged=trees))
         report["robustness"] = res["table"]
         report["robustness_detail"] = res
     trees.clear()
     gen = s.section("generalization")
     if gen is not None:
-        chosen = [m for m, (lab, _, _) in zip(s.methods, specs) if gen.methods is None or lab in gen.methods]
+        chosen = [(m, lab) for m, (lab, _, _) in zip(s.methods, specs) if gen.methods is None or lab in gen.methods]
         res = _timed(timings, "generalization", lambda: generalization_experiment(
-            suite, store, methods=chosen, seen=gen.seen, split=s.split, progress=progress,
+            suite, store, methods=[m for m, _ in chosen], labels=[lab for _, lab in chosen], seen=gen.seen,
+            split=s.split, progress=progress,
             bootstrap_resamples=s.bootstrap_resamples, bootstrap_seed=s.bootstrap_seed))
         report["generalization"] = res["table"]
         report["generalization_detail"] = res

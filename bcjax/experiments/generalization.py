@@ -45,11 +45,12 @@ def _part(row: Mapping, names: Sequence[str], key: str) -> float:
 
 def generalization_experiment(suite, store, *, methods: Sequence[MethodSpec], seen: Sequence[str] | None = None,
                               split: str = "test", bootstrap_resamples: int = 1000, bootstrap_seed: int = 0,
-                              progress: bool = True) -> dict:
+                              progress: bool = True, labels: Sequence[str] | None = None) -> dict:
     """Per method (its first hyper-parameter point): the merge of ``seen`` scored on every task;
     ``rows`` as :func:`bcjax.experiments.rows.score_rows` plus ``seen`` / ``unseen`` (mean
     accuracy over those tasks) and ``seen_normalized`` / ``unseen_normalized``; the pretrained
-    model θ0 as a reference row (it has seen nothing)."""
+    model θ0 as a reference row (it has seen nothing). Rows are keyed by
+    :func:`bcjax.experiments.rows.labelled`, or by ``labels`` (one per method) when given."""
     from bcjax.evaluate import stack_trees
     from bcjax.experiments.engine import progress_bar, reference_correctness
 
@@ -62,7 +63,8 @@ def generalization_experiment(suite, store, *, methods: Sequence[MethodSpec], se
     if not unseen:
         raise ValueError("generalization: every task is seen; hold out at least one")
     refs = reference_correctness(suite, store, split) if suite.correctness is not None else None
-    specs = labelled(methods)
+    specs = labelled(methods) if labels is None else [(lab, m.name, dict(m.points()[0])) for lab, m in
+                                                      zip(labels, methods, strict=True)]
     rows, hparams = {}, {}
     bar = progress_bar(len(specs) + 1, "generalization", progress)
     for label, name, hp in [("pretrained", None, None), *specs]:

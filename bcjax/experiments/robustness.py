@@ -57,13 +57,14 @@ def check_corruptions(corruptions, severity) -> None:
 
 def robustness_experiment(suite, store, *, methods: Sequence[MethodSpec], corruptions: Sequence[str],
                           severity: int = 3, seed: int = 0, split: str = "test", bootstrap_resamples: int = 1000,
-                          bootstrap_seed: int = 0, progress: bool = True, merged: Mapping | None = None) -> dict:
+                          bootstrap_seed: int = 0, progress: bool = True, merged: Mapping | None = None,
+                          labels: Sequence[str] | None = None) -> dict:
     """Per condition (``"clean"`` and each corruption): the rows of every method (one fixed
     hyper-parameter point each) and of ``pretrained`` / ``finetuned`` (θk on task k), as
     :func:`bcjax.experiments.rows.score_rows` (per-task accuracy, average with its 95% interval,
     normalized average: each condition normalized by θk on the same corrupted examples).
     ``merged``: already-built ``{label: stacked tree}`` to reuse (else merged here); rows are
-    keyed by :func:`bcjax.experiments.rows.labelled`."""
+    keyed by :func:`bcjax.experiments.rows.labelled`, or by ``labels`` (one per method) when given."""
     from bcjax.evaluate import stack_trees
     from bcjax.experiments.engine import progress_bar
 
@@ -89,7 +90,8 @@ def robustness_experiment(suite, store, *, methods: Sequence[MethodSpec], corrup
                     severity=None if condition == CLEAN else severity, seed=seed, model=model,
                     hparams=jsonable(hp or {}))
 
-    specs = labelled(methods)
+    specs = labelled(methods) if labels is None else [(lab, m.name, dict(m.points()[0])) for lab, m in
+                                                      zip(labels, methods, strict=True)]
     rows = {c: {} for c in conditions}
     hparams = {}
     bar = progress_bar(len(specs) + 2, "robustness", progress)
