@@ -164,16 +164,21 @@ def scaling_curves(curves: Mapping[str, Mapping[str, float]], path: str | None, 
 
 
 def radar(values: Mapping[str, Mapping[str, float]], axes: Sequence[str], path: str | None, *,
-          title: str = "") -> Any:
+          title: str = "", dashed: Sequence[str] = ()) -> Any:
     """A radar chart (FusionBench's per-task figure): one closed polygon per method over ``axes``
-    (e.g. tasks), ``values[method][axis]`` fractions drawn in %."""
-    fig = _figure((7.5, 6))
+    (e.g. tasks), ``values[method][axis]`` fractions drawn in %; the rows in ``dashed`` (e.g. the
+    references) drawn dashed. Up to 20 distinct colours."""
+    from matplotlib import colormaps
+
+    fig = _figure((10, 6))
     ax = fig.add_subplot(projection="polar")
     angles = np.linspace(0, 2 * np.pi, len(axes), endpoint=False)
     closed = np.concatenate([angles, angles[:1]])
-    for name, per_axis in values.items():
+    colors = colormaps["tab20"].colors
+    for i, (name, per_axis) in enumerate(values.items()):
         r = np.array([100 * per_axis[a] for a in axes])
-        ax.plot(closed, np.concatenate([r, r[:1]]), lw=1.2, label=name)
+        ax.plot(closed, np.concatenate([r, r[:1]]), lw=1.2, label=name, color=colors[i % len(colors)],
+                ls="--" if name in dashed else "-")
     ax.set_xticks(angles, list(axes), fontsize=8)
     ax.set_title(title)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.1, 1.05), borderaxespad=0)

@@ -303,7 +303,8 @@ def _figures(res: dict, suite) -> dict:
     rows = {**{f"{n} (ref)": v for n, v in res["references"].items()}, **res["methods"]}
     figs = {"radar": ("radar.png", plots.radar({n: {t: v[t]["accuracy"] for t in res["tasks"]}
                                                 for n, v in rows.items()}, res["tasks"], None,
-                                               title="accuracy per task (%)"))}
+                                               title="accuracy per task (%)",
+                                               dashed=[f"{n} (ref)" for n in res["references"]]))}
     if "robustness" in res:
         conds = res["robustness_detail"]["conditions"]
         figs["robustness"] = ("robustness.png", plots.per_task_bars(
