@@ -37,7 +37,8 @@ from bcjax.models import heads as heads_lib
 from bcjax.results_store import ResultsStore
 from bcjax.train import TrainConfig, finetune
 
-__all__ = ["DemoConfig", "DemoContext", "setup", "finetune_tasks", "finetune_multitask", "task_fishers", "merge_for_demo",
+__all__ = ["DemoConfig", "DemoContext", "setup", "finetune_tasks", "finetune_multitask", "task_fishers",
+           "merge_for_demo",
            "demo_suite", "requirement_suite", "select_and_test", "subset_sweep", "cosine_matrices", "run_demo", "validate_results", "render_report"]
 
 SUITE_NAME = "bcjax-offline-8 (DINOv2 ViT-S/14)"
