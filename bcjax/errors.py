@@ -19,7 +19,15 @@ class NonFiniteError(BcjaxError):
 
 
 class HyperparameterError(BcjaxError):
-    """A hyper-parameter is outside its domain (e.g. β > γ, density ≤ 0)."""
+    """A hyper-parameter is outside its domain (e.g. β > γ, density ≤ 0, NaN, an array
+    where a scalar is expected); the message names the method and the argument
+    (:mod:`bcjax.hparams`)."""
+
+
+class HyperparameterTypeError(HyperparameterError, TypeError):
+    """A hyper-parameter is not of an accepted type: a string (YAML 1.1 reads ``9e-1`` as
+    one), ``None``, a bool, a complex number, an integer where a PRNG key is needed
+    (:mod:`bcjax.hparams`). Also a ``TypeError``."""
 
 
 class UnknownMethodError(BcjaxError, KeyError):

@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax import hparams as hp_specs
 from bcjax import order_stats
 from bcjax.errors import HyperparameterError, TreeMismatchError, UnknownMethodError
-from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask, check_beta_gamma,
-                         check_fraction, diff_masks_from_counts, fraction_count)
+from bcjax.masks import (GRANULARITY, bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask,
+                         diff_masks_from_counts, fraction_count)
 from bcjax.tree import (PyTree, all_finite, check_finite, compute_dtype, is_tracing, keystr, merged_leaf_flags,
                         validate_models)
 
@@ -79,6 +80,12 @@ class MergeMethod:
     summary: str
     requires: tuple[str, ...] = ()
     linear: bool = False
+    specs: dict[str, hp_specs.Spec] = dataclasses.field(default_factory=dict)
+
+    def normalize(self, values: dict, num_tasks: int | None = None) -> dict:
+        """``values`` with each declared hyper-parameter read and checked by its spec
+        (:func:`bcjax.hparams.normalize`); ``num_tasks=None`` skips per-task lengths."""
+        return hp_specs.normalize(self.name, self.specs, values, num_tasks=num_tasks)
 
     def __repr__(self):
         hp = ", ".join(k if v is inspect.Parameter.empty else f"{k}={v!r}" for k, v in self.hparams.items()
@@ -95,16 +102,28 @@ class MergeMethod:
 _REGISTRY: dict[str, MergeMethod] = {}
 
 
-def register_method(name: str | None = None, *, requires: Sequence[str] = (), linear: bool = False):
+def register_method(name: str | None = None, *, requires: Sequence[str] = (), linear: bool = False,
+                    hparams: dict[str, hp_specs.Spec] | None = None):
     """Decorator registering ``fn(pretrained, finetuned, flags, *, **hparams)`` as a merge
     method. Hyper-parameters are ``fn``'s keyword-only parameters; ``requires`` lists those
     that are not tuned but supplied by the runner (names in :data:`REQUIREMENTS`, each a
-    keyword-only parameter of ``fn``); ``linear`` marks methods linear in the task vectors."""
+    keyword-only parameter of ``fn``); ``linear`` marks methods linear in the task vectors.
+
+    ``hparams`` declares how each scalar hyper-parameter is read and checked
+    (:mod:`bcjax.hparams`: ``Real(0, 1)``, ``Real(per_task=True)``, ``Choice(...)``,
+    ``PRNGKey()``, ...). The registered function (also returned) reads every declared one,
+    its default included, before ``fn`` runs, so ``fn`` receives float32 scalars (or (T,)
+    arrays for per-task values) and never checks them itself."""
 
     def deco(fn):
         key = name or fn.__name__
         sig = inspect.signature(fn)
         hp = {p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        specs = dict(hparams or {})
+        undeclared = sorted(set(specs) - set(hp))
+        if undeclared:
+            raise ValueError(f"register_method({key!r}): specs for {undeclared}, which are not keyword-only "
+                             "parameters of the method")
         unknown = [r for r in requires if r not in REQUIREMENTS]
         if unknown:
             raise ValueError(f"register_method({key!r}): unknown requirement(s) {unknown}; known: "
@@ -114,10 +133,26 @@ def register_method(name: str | None = None, *, requires: Sequence[str] = (), li
             raise ValueError(f"register_method({key!r}): requirement(s) {missing} must be keyword-only "
                              "parameters of the method")
         summary = (inspect.getdoc(fn) or "").split("\n")[0]
-        _REGISTRY[key] = MergeMethod(key, fn, hp, summary, tuple(requires), bool(linear))
-        return fn
+        method_fn = _with_normalized_hparams(fn, key, specs, hp) if specs else fn
+        _REGISTRY[key] = MergeMethod(key, method_fn, hp, summary, tuple(requires), bool(linear), specs)
+        return method_fn
 
     return deco
+
+
+def _with_normalized_hparams(fn: Callable, name: str, specs: dict, defaults: dict) -> Callable:
+    """``fn`` preceded by :func:`bcjax.hparams.normalize` of its declared hyper-parameters
+    (passed or default); attributes such as :func:`propagates_nonfinite` carry over."""
+
+    @functools.wraps(fn)
+    def method(pretrained, finetuned, flags, **kwargs):
+        values = {k: kwargs.get(k, defaults.get(k)) for k in specs if k in kwargs or
+                  defaults.get(k, inspect.Parameter.empty) is not inspect.Parameter.empty}
+        num_tasks = len(finetuned) if isinstance(finetuned, (list, tuple)) else None
+        kwargs.update(hp_specs.normalize(name, specs, values, num_tasks=num_tasks))
+        return fn(pretrained, finetuned, flags, **kwargs)
+
+    return method
 
 
 def unregister_method(name: str) -> MergeMethod:
@@ -286,9 +321,10 @@ def is_scalar_like(value) -> bool:
     return jax.tree_util.treedef_is_leaf(jax.tree.structure(value)) and np.ndim(value) == 0
 
 
-def _check_finite_scalar(name, value):
-    if not isinstance(value, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(value, np.float64))):
-        raise HyperparameterError(f"{name} must be finite, got {np.asarray(value).tolist()}")
+#: Declared hyper-parameter kinds shared by the built-in methods (:mod:`bcjax.hparams`).
+ALPHA = hp_specs.Real(per_task=True)  # a finite scalar or one per task
+FRACTION = hp_specs.Real(0.0, 1.0, low_open=True)  # density, keep: (0, 1]
+NONNEGATIVE_PER_TASK = hp_specs.Real(0.0, per_task=True, optional=True)  # weights, dataset sizes; None: default
 
 
 @jax.jit
@@ -308,11 +344,10 @@ def _weighted_task_sum(p0, fts, scales, alphas):
 
 
 # --------------------------------------------------------------------------- methods
-@register_method("task_arithmetic", linear=True)
+@register_method("task_arithmetic", linear=True, hparams={"alpha": ALPHA})
 @propagates_nonfinite
 def task_arithmetic(pretrained, finetuned, flags, *, alpha=1.0):
     """Task arithmetic (Ilharco et al.): θ* = θ0 + α Σt τt (α scalar or one per task)."""
-    _check_finite_scalar("alpha", alpha)
     alphas = _per_task(alpha, len(finetuned), "alpha")
     return map_merged_leaves(lambda i, p0, fts: _weighted_task_sum(p0, tuple(fts), None, alphas),
                              pretrained, finetuned, flags)
@@ -337,7 +372,7 @@ def _weighted_average_leaf(p0, fts, weights):
     return (acc / jnp.sum(weights)).astype(p0.dtype)
 
 
-@register_method("weighted_average")
+@register_method("weighted_average", hparams={"weights": NONNEGATIVE_PER_TASK})
 def weighted_average(pretrained, finetuned, flags, *, weights=None):
     """Weighted average (SPEC §3): θ* = Σt wt θt / Σt wt (wt ≥ 0, Σ wt > 0; None: equal weights)."""
     w = _per_task(1.0 if weights is None else weights, len(finetuned), "weights")
@@ -370,12 +405,14 @@ def _breadcrumbs_row_leaf(p0, fts, alphas, beta, gamma, axis):
     return _nan_where_nonfinite(p + acc, [p, *fs]).astype(p0.dtype)
 
 
-@register_method("breadcrumbs", linear=True)
+@register_method("breadcrumbs", linear=True,
+                 hparams={"alpha": ALPHA, **hp_specs.BETA_GAMMA, "granularity": GRANULARITY})
 @propagates_nonfinite
 def breadcrumbs(pretrained, finetuned, flags, *, alpha=0.3, beta=0.9, gamma=0.99, granularity="tensor", axis=None):
-    """Model Breadcrumbs (SPEC §2): θ* = θ0 + α Σt mt ⊙ τt, mt keeps ranks n_bot … n−n_top−1 of |τt| per leaf."""
-    check_beta_gamma(beta, gamma)
-    _check_finite_scalar("alpha", alpha)
+    """Model Breadcrumbs (SPEC §2): θ* = θ0 + α Σt mt ⊙ τt, mt keeps ranks n_bot … n−n_top−1 of |τt| per leaf.
+
+    β, γ are read as SPEC §2 says (:mod:`bcjax.hparams`); ``axis`` (``granularity="row"``)
+    must lie in [−ndim, ndim) of every merged leaf (an error naming the key path)."""
     alphas = _per_task(alpha, len(finetuned), "alpha")
     if granularity == "tensor":
         def leaf(i, p0, fts):
@@ -388,8 +425,8 @@ def breadcrumbs(pretrained, finetuned, flags, *, alpha=0.3, beta=0.9, gamma=0.99
 
         def leaf(i, p0, fts):
             ax = axis(paths[i], tuple(np.shape(p0))) if callable(axis) else axis
-            nd = max(np.ndim(p0), 1)
-            return _breadcrumbs_row_leaf(p0, tuple(fts), alphas, beta, gamma, ax % nd)
+            ax = hp_specs.leaf_axis(ax, np.ndim(p0), method="breadcrumbs", path=paths[i])
+            return _breadcrumbs_row_leaf(p0, tuple(fts), alphas, beta, gamma, ax)
     else:
         raise HyperparameterError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
     return map_merged_leaves(leaf, pretrained, finetuned, flags)
@@ -400,10 +437,6 @@ def _leaf_key(key, task: int, leaf_index: int):
 
 
 def _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, rescale: bool, name: str):
-    if key is None:
-        raise HyperparameterError(f"{name} needs an explicit PRNG key (key=jax.random.key(0))")
-    check_fraction("keep", keep)
-    _check_finite_scalar("alpha", alpha)
     alphas = _per_task(alpha, len(finetuned), "alpha")
     scale = (1.0 / jnp.asarray(keep, jnp.float32)) if rescale else jnp.float32(1.0)
 
@@ -415,17 +448,21 @@ def _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, rescale
     return map_merged_leaves(leaf, pretrained, finetuned, flags)
 
 
-@register_method("random_sparse", requires=("key",))
+@register_method("random_sparse", requires=("key",), hparams={"keep": FRACTION, "alpha": ALPHA,
+                                                             "key": hp_specs.PRNGKey()})
 @propagates_nonfinite
 def random_sparse(pretrained, finetuned, flags, *, keep=0.1, alpha=0.3, key=None):
     """Random-sparsified TA (paper Table 1): θ* = θ0 + α Σt mt ⊙ τt, mt ~ Bernoulli(keep) per entry, no rescale."""
     return _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, False, "random_sparse")
 
 
-@register_method("dare", requires=("key",))
+@register_method("dare", requires=("key",), hparams={"keep": FRACTION, "alpha": ALPHA, "key": hp_specs.PRNGKey()})
 @propagates_nonfinite
 def dare(pretrained, finetuned, flags, *, keep=0.1, alpha=0.3, key=None):
-    """DARE: θ* = θ0 + α Σt mt ⊙ τt / keep, mt ~ Bernoulli(keep) per entry and task."""
+    """DARE: θ* = θ0 + α Σt mt ⊙ τt / keep, mt ~ Bernoulli(keep) per entry and task.
+
+    ``key`` is a JAX PRNG key (``jax.random.key(seed)`` or ``jax.random.PRNGKey(seed)``); an
+    integer such as ``key=0`` is refused rather than read as a seed (configs give ``seed``)."""
     return _random_masked_merge(pretrained, finetuned, flags, keep, alpha, key, True, "dare")
 
 
@@ -447,10 +484,14 @@ def _ties_leaf(p0, fts, thresholds, alpha):
     p = _upcast(p0, p0)
     fs = [_upcast(ft, p0) for ft in fts]
     elected = ties_elected_vectors(p, fs, thresholds)
-    num = sum(elected)
     cnt = sum((e != 0).astype(p.dtype) for e in elected)
-    mean = jnp.where(cnt > 0, num / jnp.maximum(cnt, 1), 0)
-    return _nan_where_nonfinite(p + jnp.asarray(alpha, p.dtype) * mean, [p, *fs]).astype(p0.dtype)
+    if jnp.ndim(alpha) == 0:  # θ0 + λ · disjoint mean
+        mean = jnp.where(cnt > 0, sum(elected) / jnp.maximum(cnt, 1), 0)
+        out = p + jnp.asarray(alpha, p.dtype) * mean
+    else:  # one λt per task: θ0 + (Σt λt e_t) / count, per entry (never along a leaf axis)
+        num = sum(alpha[t].astype(p.dtype) * e for t, e in enumerate(elected))
+        out = p + jnp.where(cnt > 0, num / jnp.maximum(cnt, 1), 0)
+    return _nan_where_nonfinite(out, [p, *fs]).astype(p0.dtype)
 
 
 def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
@@ -458,7 +499,7 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
     (N − n_keep)-th smallest |τt| over all N entries of the merged leaves, n_keep =
     max(1, ⌊density·N + 1e-6⌋); entries with bits ≥ the threshold are kept (ties kept).
     One native/portable pass over all leaves and tasks; shape (T,), int32."""
-    check_fraction("density", density)
+    density = hp_specs.normalize("ties", {"density": FRACTION}, {"density": density})["density"]
     leaves0 = jax.tree.leaves(pretrained)
     merged = [i for i, (p0, f) in enumerate(zip(leaves0, flags)) if f and np.size(p0) > 0]
     total = sum(int(np.size(leaves0[i])) for i in merged)
@@ -472,11 +513,13 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
                                  jnp.broadcast_to(rank, (len(finetuned), 1)))[:, 0]
 
 
-@register_method("ties")
+@register_method("ties", hparams={"density": FRACTION, "alpha": ALPHA})
 @propagates_nonfinite
 def ties(pretrained, finetuned, flags, *, density=0.2, alpha=1.0):
-    """TIES-merging (Yadav et al., SPEC §3): trim to the top `density` of |τt| per model (global threshold, ties kept), elect signs, disjoint mean; θ* = θ0 + λ·mean."""
-    _check_finite_scalar("alpha", alpha)
+    """TIES-merging (Yadav et al., SPEC §3): trim to the top `density` of |τt| per model (global threshold, ties kept), elect signs, disjoint mean; θ* = θ0 + λ·mean.
+
+    ``alpha`` (λ) is a scalar or one value per task: per task, θ* = θ0 + (Σt λt e_t) / #{t: e_t ≠ 0}
+    per entry with e_t the elected trimmed vectors (a scalar λ gives exactly θ0 + λ · mean)."""
     if not _is_traced((pretrained, finetuned)):
         # NumPy leaves are read by two passes (thresholds, then the merge): copy them once
         # (zero-copy where aligned); the threshold pass holds them all at once anyway
@@ -490,14 +533,19 @@ def _validate_fishers(pretrained, fishers, name):
         raise HyperparameterError(f"{name} needs `fishers`: one diagonal-Fisher tree per fine-tuned model")
     fishers = list(fishers)
     validate_models(pretrained, fishers, what=f"{name} Fisher tree", check_dtype=False)
-    check_finite(fishers, [f"Fisher tree {t}" for t in range(len(fishers))])
-    for t, tree in enumerate(fishers):
+    labels = [f"Fisher tree {t}" for t in range(len(fishers))]
+    check_finite(fishers, labels)
+    _check_nonnegative_trees(fishers, labels, "(a diagonal Fisher is non-negative)")
+    return fishers
+
+
+def _check_nonnegative_trees(trees, labels, why: str) -> None:
+    """Raise naming the tree and key path of the first concrete leaf with a negative entry."""
+    for label, tree in zip(labels, trees):
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             if not isinstance(leaf, jax.core.Tracer) and np.issubdtype(np.asarray(leaf).dtype, np.number) \
                     and np.any(np.asarray(leaf) < 0):
-                raise HyperparameterError(f"Fisher tree {t}, key path {keystr(path)!r}: negative entries "
-                                          "(a diagonal Fisher is non-negative)")
-    return fishers
+                raise HyperparameterError(f"{label}, key path {keystr(path)!r}: negative entries {why}")
 
 
 @jax.jit
@@ -511,7 +559,8 @@ def _fisher_leaf(p0, fts, fs, weights, eps):
     return _nan_where_nonfinite(out, [p, *(_upcast(ft, p0) for ft in fts)]).astype(p0.dtype)
 
 
-@register_method("fisher", requires=("fishers",))
+@register_method("fisher", requires=("fishers",),
+                 hparams={"weights": NONNEGATIVE_PER_TASK, "eps": hp_specs.Real(0.0)})
 @propagates_nonfinite
 def fisher(pretrained, finetuned, flags, *, fishers=None, weights=None, eps=1e-6):
     """Fisher merging (Matena & Raffel): θ* = Σt λt Ft θt / Σt λt Ft per entry, F floored at eps; plain mean where Σ λt Ft = 0."""
@@ -519,10 +568,6 @@ def fisher(pretrained, finetuned, flags, *, fishers=None, weights=None, eps=1e-6
     if len(fishers) != len(finetuned):
         raise TreeMismatchError(f"fisher: {len(fishers)} Fisher trees for {len(finetuned)} fine-tuned models")
     w = _per_task(1.0 if weights is None else weights, len(finetuned), "weights")
-    if not isinstance(w, jax.core.Tracer) and np.any(np.asarray(w) < 0):
-        raise HyperparameterError(f"fisher: weights must be non-negative, got {np.asarray(w).tolist()}")
-    if is_scalar_like(eps) and not isinstance(eps, jax.core.Tracer) and not eps >= 0:
-        raise HyperparameterError(f"fisher: eps must be >= 0, got {eps}")
     return map_merged_leaves(lambda i, p0, fts, fs: _fisher_leaf(p0, tuple(fts), tuple(fs), w, jnp.float32(eps)),
                              pretrained, finetuned, flags, fishers)
 
@@ -541,26 +586,25 @@ def _gradient_matching_leaf(p0, fts, hs, alphas, h0):
     return _nan_where_nonfinite(p + acc, [p, *(_upcast(ft, p0) for ft in fts)]).astype(p0.dtype)
 
 
-@register_method("gradient_matching", requires=("fishers", "dataset_sizes"))
+@register_method("gradient_matching", requires=("fishers", "dataset_sizes"),
+                 hparams={"alpha": ALPHA, "dataset_sizes": NONNEGATIVE_PER_TASK})
 @propagates_nonfinite
 def gradient_matching(pretrained, finetuned, flags, *, fishers=None, alpha=1.0, h0=1.0, dataset_sizes=None):
     """Gradient matching (Daheim et al., eq. 10, diagonal): θ* = θ0 + Σt αt (H0+Ht)/H̄ τt, H̄ = H0 + Σt αt Ht."""
     fishers = _validate_fishers(pretrained, fishers, "gradient_matching")
     if len(fishers) != len(finetuned):
         raise TreeMismatchError(f"gradient_matching: {len(fishers)} Fisher trees for {len(finetuned)} fine-tuned models")
-    _check_finite_scalar("alpha", alpha)
     alphas = _per_task(alpha, len(finetuned), "alpha")
     if dataset_sizes is not None:
         sizes = _per_task(dataset_sizes, len(finetuned), "dataset_sizes")
         fishers = [jax.tree.map(lambda h, s=s: jnp.asarray(h) * s, f) for f, s in zip(fishers, sizes)]
-    if is_scalar_like(h0):
-        _check_finite_scalar("h0", h0)
-        if not isinstance(h0, jax.core.Tracer) and float(h0) < 0:
-            raise HyperparameterError(f"gradient_matching: h0 must be >= 0, got {h0}")
+    if h0 is None or isinstance(h0, str) or is_scalar_like(h0):
+        h0 = hp_specs.real(h0, "h0", method="gradient_matching", low=0.0)
         h0_leaves = None
     else:
         validate_models(pretrained, [h0], what="gradient_matching h0 tree", check_dtype=False)
-        check_finite([h0], ["h0 tree"])
+        check_finite([h0], ["gradient_matching h0 tree"])
+        _check_nonnegative_trees([h0], ["gradient_matching h0 tree"], "(H0 is a non-negative diagonal)")
         h0_leaves = jax.tree.leaves(h0)
 
     def leaf(i, p0, fts, hs):
@@ -575,8 +619,11 @@ def gradient_matching(pretrained, finetuned, flags, *, fishers=None, alpha=1.0, 
 # (two passes), then each leaf is merged with the same kernel as :func:`ties`.
 def ties_trim_rank(density, total: int):
     """Ascending 0-based rank of TIES's trim threshold among a model's N = ``total`` merged
-    magnitudes |τ|: N − max(1, ⌊density·N + 1e-6⌋) (SPEC §3; ties at the threshold kept)."""
-    return total - jnp.maximum(fraction_count(density, total), 1)
+    magnitudes |τ|: N − max(1, ⌊density·N + 1e-6⌋) (SPEC §3; ties at the threshold kept); a
+    Python int for a concrete density (exact for any N), traced otherwise."""
+    density = hp_specs.normalize("ties", {"density": FRACTION}, {"density": density})["density"]
+    kept = fraction_count(density, total)
+    return total - (max(kept, 1) if isinstance(kept, int) else jnp.maximum(kept, 1))
 
 
 @jax.jit
@@ -601,7 +648,8 @@ def tau_magnitude_histogram(p0, ft, bins=None):
 def ties_merge_with_thresholds(pretrained, finetuned, flags, *, thresholds, alpha=1.0):
     """TIES's trim + elect + disjoint mean (SPEC §3) given each task's trim threshold as
     int32 magnitude bits, shape (T,), computed model-wide beforehand; equals :func:`ties`
-    when the thresholds are those of the whole model."""
+    when the thresholds are those of the whole model. ``alpha``: a scalar or one per task."""
+    alpha = hp_specs.normalize("ties", {"alpha": ALPHA}, {"alpha": alpha}, num_tasks=len(finetuned))["alpha"]
     thresholds = jnp.asarray(thresholds, jnp.int32)
     return map_merged_leaves(lambda i, p0, fts: _ties_leaf(p0, tuple(fts), thresholds, alpha),
                              pretrained, finetuned, flags)
