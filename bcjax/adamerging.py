@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax import hparams
 from bcjax.errors import DataAccessError, HyperparameterError
 from bcjax.merging import map_merged_leaves, register_method, ties_elected_vectors, ties_thresholds
 from bcjax.sweeps import task_deltas
@@ -471,7 +472,10 @@ def _adamerging(logits_fn, pretrained, finetuned, flags, batches, *, granularity
     return merged_tree, coefficients
 
 
-@register_method("adamerging", requires=("model_fn", "unlabeled_batches"))
+@register_method("adamerging", requires=("model_fn", "unlabeled_batches"),
+                 hparams={"steps": hparams.Integer(0), "learning_rate": hparams.Real(0.0, low_open=True),
+                          "init": hparams.Real(), "seed": hparams.Integer(), "batch_size": hparams.Integer(1),
+                          "checkpoint_every": hparams.Integer(1)})
 def adamerging_method(pretrained, finetuned, flags, *, model_fn=None, unlabeled_batches=None, coefficients=None,
                       granularity="layer", steps=500, learning_rate=1e-3, init=0.3, clamp=None, vectors="raw",
                       vector_hparams=None, seed=0, batch_size=16, out_dir=None, checkpoint_every=50, progress=False):

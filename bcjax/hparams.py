@@ -12,7 +12,8 @@ models or data.
 row), or a value traced under ``jit``/``vmap``. Its meaning is its float32 rounding — the
 shortest decimal that rounds to the same float32 (SPEC §2): ``np.float32(0.9)``, a traced
 0.9 and the Python float 0.9 all mean the decimal 0.9, so every form gives the same merge.
-Checks (finiteness, range) apply to that float32 value.
+Checks (finiteness, range) apply to that value; a concrete value is passed on as the Python
+float of that decimal (whose float32 is the input's), a traced one as a float32 tracer.
 
 **What is rejected** (:class:`~bcjax.errors.HyperparameterTypeError`, a ``TypeError`` and a
 ``ValueError``; or :class:`~bcjax.errors.HyperparameterError` for values): ``str`` (YAML 1.1
@@ -161,8 +162,9 @@ def _check_range(v: float, label: str, spec: Real, shown) -> None:
 
 def real(value, name: str, *, method: str | None = None, low: float | None = None, high: float | None = None,
          low_open: bool = False, high_open: bool = False):
-    """One real scalar hyper-parameter, read as its float32 rounding (module docstring):
-    ``np.float32`` for concrete values, a float32 tracer under ``jit``/``vmap``. Raises
+    """One real scalar hyper-parameter, read as the shortest decimal of its float32 rounding
+    (module docstring): a Python float of that decimal for concrete values (``np.float32(0.9)``
+    → 0.9; its float32 is the input's), a float32 tracer under ``jit``/``vmap``. Raises
     naming ``method`` and ``name``."""
     return _real(value, name, method, Real(low, high, low_open, high_open))
 
@@ -170,9 +172,10 @@ def real(value, name: str, *, method: str | None = None, low: float | None = Non
 def _real(value, name, method, spec: Real):
     label = _label(name, method)
     v = _float32_scalar(value, label)
-    if not _is_tracer(v):
-        _check_range(float(v), label, spec, value)
-    return v
+    if _is_tracer(v):
+        return v
+    _check_range(float(v), label, spec, value)
+    return float(_decimal_of_float32(float(v)))
 
 
 def real_per_task(value, num_tasks: int | None, name: str, *, method: str | None = None,

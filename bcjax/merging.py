@@ -112,8 +112,9 @@ def register_method(name: str | None = None, *, requires: Sequence[str] = (), li
     ``hparams`` declares how each scalar hyper-parameter is read and checked
     (:mod:`bcjax.hparams`: ``Real(0, 1)``, ``Real(per_task=True)``, ``Choice(...)``,
     ``PRNGKey()``, ...). The registered function (also returned) reads every declared one,
-    its default included, before ``fn`` runs, so ``fn`` receives float32 scalars (or (T,)
-    arrays for per-task values) and never checks them itself."""
+    its default included, before ``fn`` runs, so ``fn`` receives each real as the Python float
+    of the decimal it means (SPEC §2; a float32 tracer when traced, a float32 (T,) array for
+    per-task values) and never checks it itself."""
 
     def deco(fn):
         key = name or fn.__name__
