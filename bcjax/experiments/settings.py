@@ -10,6 +10,7 @@ method's hyper-parameters; ``seed`` is accepted when the method requires a PRNG 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import types
 import typing
@@ -106,8 +107,9 @@ def check_method_hparams(config: Mapping, path: str, method: str, values: Mappin
         for j, v in enumerate(vs):
             checked({k: v}, f"{path}.grid.{k}[{j}]")
     keys = list(grid or {})
-    for combo in itertools.product(*(grid or {}).values()):
-        checked({**values, **dict(zip(keys, combo))}, path)
+    defaults = {k: v for k, v in m.tunable.items() if v is not inspect.Parameter.empty}
+    for combo in itertools.product(*(grid or {}).values()):  # every point with the defaults: β ≤ γ
+        checked({**defaults, **values, **dict(zip(keys, combo))}, path)
 
 
 def _check_type(value, hint, config, key):
