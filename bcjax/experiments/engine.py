@@ -237,7 +237,7 @@ def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: 
     m = get_method(method)
     hp = dict(hparams)
     if m.linear and contract:
-        alpha = hp.pop("alpha", m.hparams.get("alpha", 1.0))
+        alpha = m.normalize({"alpha": hp.pop("alpha", m.hparams.get("alpha", 1.0))})["alpha"]  # bcjax.hparams
         deltas = sweeps.task_deltas(method, suite.pretrained, suite.finetuned, exclude=suite.exclude, **hp)
         if mesh is None:
             return lambda idx: sweeps.subset_merges(suite.pretrained, deltas, indicator[idx], alpha)
