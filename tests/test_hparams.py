@@ -424,6 +424,18 @@ def test_config_hparams_checked_before_any_work(entry, where):
         parse_methods(config)
 
 
+def test_clip_eval_merges_checked_before_setup():
+    from bcjax.pipelines.clip import _check_merge_entries
+
+    config = {"_source": "configs/clip.yaml", "eval": {"merges": [{"method": "breadcrumbs", "beta": 0.9},
+                                                                  {"method": "breadcrumbs", "gamma": "9.9e-1"}]}}
+    with pytest.raises(ConfigError, match=r"configs/clip\.yaml: eval\.merges\[1\]\.gamma"):
+        _check_merge_entries(config)
+    with pytest.raises(ConfigError, match=r"eval\.merges\[0\].*unknown merge method"):
+        _check_merge_entries({"eval": {"merges": [{"method": "breadcrumb"}]}})
+    _check_merge_entries({"eval": {"merges": [{"method": "dare", "keep": 0.1, "seed": 3, "label": "x"}]}})
+
+
 def test_config_valid_entries_parse():
     config = {"methods": [{"name": "breadcrumbs", "beta": 0.9, "gamma": 0.99, "grid": {"alpha": [0.3, 0.5]}},
                           {"name": "dare", "keep": 0.1, "seed": 0}, {"name": "weighted_average", "weights": None}]}

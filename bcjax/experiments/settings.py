@@ -89,9 +89,13 @@ def check_method_hparams(config: Mapping, path: str, method: str, values: Mappin
     ``9e-1``, a bool, null or an out-of-range value raises :class:`ConfigError` naming the file
     and key path (``configs/x.yaml: methods[0].beta: ...``)."""
     from bcjax import hparams
+    from bcjax.errors import UnknownMethodError
     from bcjax.merging import get_method
 
-    m = get_method(method)
+    try:
+        m = get_method(method)
+    except UnknownMethodError as e:
+        raise ConfigError(f"{where(config)}: {path}: {e}") from None
 
     def checked(vals: Mapping, where_key: str):
         try:

@@ -230,6 +230,18 @@ def provides(s: ClipSetup, finetuned: list) -> dict:
             "unlabeled_batches": lambda t: s.task(t).splits["test"][0]}  # inputs only: labels never passed
 
 
+def _check_merge_entries(config: dict) -> None:
+    """``eval.merges`` entries checked before any work: a mapping with a registered 'method'
+    and hyper-parameter values its spec accepts (:func:`bcjax.experiments.settings.check_method_hparams`)."""
+    from bcjax.experiments.settings import check_method_hparams
+
+    for i, entry in enumerate(get(config, "eval.merges", [], types=list)):
+        require(isinstance(entry, dict) and "method" in entry, config,
+                f"eval.merges[{i}] must be a mapping with 'method', got {entry!r}")
+        check_method_hparams(config, f"eval.merges[{i}]", entry["method"],
+                             {k: v for k, v in entry.items() if k not in ("method", "label")})
+
+
 def _merge_models(s: ClipSetup, finetuned: list) -> list[tuple[str, dict, object]]:
     from bcjax.experiments import ModelSuite
     from bcjax.experiments.engine import method_inputs
@@ -256,6 +268,7 @@ def evaluate(config: dict, *, out_dir: str, progress: bool = True) -> dict:
     ``eval.merges`` on every task (protocol *all*, SPEC §4) with normalized accuracy."""
     from bcjax.models import clip as clip_lib
 
+    _check_merge_entries(config)
     s = setup(config, progress=progress)
     out = pathlib.Path(out_dir)
     split = get(config, "eval.split", "test", types=str)
