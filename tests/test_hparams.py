@@ -201,6 +201,20 @@ def test_vmapped_grid_reproduces_point_merges_bit_for_bit():
         np.testing.assert_array_equal(x[0], y)
 
 
+def test_vmapped_grid_on_a_clip_mlp_leaf_keeps_exactly_the_spec_count():
+    """The issue's CLIP ViT-B MLP leaf (3072×768) at (0.9, 0.99): traced under jit(vmap) the
+    merge keeps exactly n − ⌊0.01n⌋ − ⌊0.9n⌋ entries, like the point merge (it kept 1 fewer)."""
+    rng = np.random.default_rng(0)
+    pre = {"w": np.zeros((3072, 768), np.float32)}
+    fts = [{"w": rng.standard_normal((3072, 768)).astype(np.float32)}]
+    grid = jax.jit(jax.vmap(lambda b, g: bcjax.merge("breadcrumbs", pre, fts, alpha=1.0, beta=b, gamma=g)))(
+        jnp.asarray([0.9, 0.85], jnp.float32), jnp.asarray([0.99, 0.99], jnp.float32))
+    point = bcjax.merge("breadcrumbs", pre, fts, alpha=1.0, beta=0.9, gamma=0.99)
+    n = 3072 * 768
+    assert int((np.asarray(grid["w"][0]) != 0).sum()) == n - n // 100 - n * 9 // 10
+    np.testing.assert_array_equal(grid["w"][0], point["w"])
+
+
 # ------------------------------------------------------------------ rejected inputs
 BAD_TYPES = ["0.9", "9e-1", b"0.9", None, True, np.bool_(False), 0.9 + 0j, np.complex64(0.5), [0.9], {"b": 0.9},
              jnp.asarray(True), np.asarray(0.5 + 1j)]
