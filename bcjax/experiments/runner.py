@@ -33,6 +33,9 @@ def run_sweep(config: Mapping, *, out_dir: str, progress: bool = True, suite: Mo
     typed settings are parsed first, so a misspelt key fails before any model is loaded."""
     from bcjax.results_store import ResultsStore
 
+    if "train" in config:  # a sweep's models are fine-tuned by its suite, configured under suite.train
+        raise ConfigError(f"{where(config)}: unknown key 'train' in a sweep config; training settings of the "
+                          "suite's fine-tunes go under suite.train (e.g. --set suite.train.steps=100)")
     kind = get(config, "experiment", types=str)
     registered = experiments()
     if kind not in registered:
