@@ -624,13 +624,14 @@ def fisher(pretrained, finetuned, flags, *, fishers=None, weights=None, eps=1e-6
 
 
 @jax.jit
-def _gradient_matching_leaf(p0, fts, hs, alphas, h0):
+def _gradient_matching_leaf(p0, fts, hs, alphas, h0, sizes):
     p = _upcast(p0, p0)
     h0 = jnp.broadcast_to(_upcast(h0, p0), p.shape)
     hs = [_upcast(h, p0) for h in hs]
     fs = [_upcast(ft, p0) for ft in fts]
 
     def combine(p, fs, hs, h0):  # degree 1 in (θ0, θt), degree 0 in (H0, Ht)
+        hs = [sizes[t].astype(p.dtype) * h for t, h in enumerate(hs)]  # Ht = Nt · Ft, scaled with the rest
         hbar = h0 + sum(alphas[t].astype(p.dtype) * h for t, h in enumerate(hs))
         safe = jnp.where(hbar > 0, hbar, 1)
         acc = jnp.zeros_like(p)
@@ -652,9 +653,7 @@ def gradient_matching(pretrained, finetuned, flags, *, fishers=None, alpha=1.0, 
         raise TreeMismatchError(f"gradient_matching: {len(fishers)} Fisher trees for {len(finetuned)} fine-tuned models")
     _check_finite_scalar("alpha", alpha)
     alphas = _per_task(alpha, len(finetuned), "alpha")
-    if dataset_sizes is not None:
-        sizes = _per_task(dataset_sizes, len(finetuned), "dataset_sizes")
-        fishers = [jax.tree.map(lambda h, s=s: jnp.asarray(h) * s, f) for f, s in zip(fishers, sizes)]
+    sizes = _per_task(1.0 if dataset_sizes is None else dataset_sizes, len(finetuned), "dataset_sizes")
     if is_scalar_like(h0):
         _check_finite_scalar("h0", h0)
         if not isinstance(h0, jax.core.Tracer) and float(h0) < 0:
@@ -666,7 +665,8 @@ def gradient_matching(pretrained, finetuned, flags, *, fishers=None, alpha=1.0, 
         h0_leaves = jax.tree.leaves(h0)
 
     def leaf(i, p0, fts, hs):
-        return _gradient_matching_leaf(p0, tuple(fts), tuple(hs), alphas, h0 if h0_leaves is None else h0_leaves[i])
+        return _gradient_matching_leaf(p0, tuple(fts), tuple(hs), alphas, h0 if h0_leaves is None else h0_leaves[i],
+                                       sizes)
 
     return map_merged_leaves(leaf, pretrained, finetuned, flags, fishers)
 

@@ -44,9 +44,10 @@ def run_sweep(config: Mapping, *, out_dir: str, progress: bool = True, suite: Mo
     settings = parse_section(exp.settings, config)
     mesh = sweep_mesh(config)
     chunk = get(config, "models_per_call", None, types=(int, type(None)))
+    results = get(config, "results", os.path.join(out_dir, "results.jsonl"), types=str)
+    suite = suite or model_suite(config, progress=progress)  # a suite builder checks its keys before loading
     os.makedirs(out_dir, exist_ok=True)
-    store = ResultsStore(get(config, "results", os.path.join(out_dir, "results.jsonl"), types=str))
-    suite = suite or model_suite(config, progress=progress)
+    store = ResultsStore(results)
     res = exp.run(suite, store, settings, chunk=chunk, mesh=mesh, progress=progress)
     plots = {}
     for name, (filename, fig) in exp.figures(res, suite).items():
