@@ -194,8 +194,10 @@ def main(argv=None) -> int:
     except BcjaxError as e:  # bad input: one clear line, no traceback
         print(f"bcjax {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (PermissionError, IsADirectoryError, NotADirectoryError) as e:  # an output that cannot be written
-        print(f"bcjax {args.command}: error: cannot write {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # a file that cannot be written (read-only, no permission, a file in the way)
+        if e.filename is None or isinstance(e, FileNotFoundError):
+            raise
+        print(f"bcjax {args.command}: error: cannot write {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -156,6 +156,14 @@ def merge(method: str, pretrained: PyTree, finetuned: Sequence[PyTree], *, exclu
       **hparams: the method's hyper-parameters.
 
     Returns the merged tree, each leaf in the dtype of θ0's leaf.
+
+    Raises (validate=True, concrete values): :class:`~bcjax.errors.NonFiniteError` naming the
+    model and key path of a NaN/Inf input; :class:`~bcjax.errors.OverflowMergeError` naming the
+    key path when every input is finite but the merged value is outside θ0's dtype (built-in
+    kernels first rescue intermediate overflow, :func:`_finite_or_rescaled`, so a representable
+    result is returned); :class:`~bcjax.errors.DeviceMismatchError` naming the model when
+    models are committed to different devices. Complex leaves are copied from θ0 with a
+    :class:`~bcjax.errors.ComplexLeafWarning` naming them (SPEC §1: real floating leaves only).
     """
     m = get_method(method)
     unknown = sorted(set(hparams) - set(m.hparams))
