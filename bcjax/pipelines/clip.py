@@ -359,6 +359,8 @@ def model_suite(config: dict, *, cache_dir: str | None = None, progress: bool = 
 
     src = get(config, "suite.config", None, types=(str, type(None)))
     clip_cfg = load_config(src, get(config, "suite.set", [], types=list)) if src else dict(config)
+    if src:
+        check_config(clip_cfg)  # the pipeline config's keys, before loading anything
     if "cache_dir" not in clip_cfg and cache_dir:
         clip_cfg["cache_dir"] = os.path.join(cache_dir, "clip")
     s = setup(clip_cfg, progress=progress)
