@@ -320,14 +320,16 @@ def _finite_or_rescaled(out, combine, *args):
     scaling keeps every normal float32 exact and moves intermediates such as
     θt − θ0 = 3e38 − (−3e38) or Σt θt back into range). Entries whose true value itself
     exceeds the dtype stay Inf (merge raises :class:`~bcjax.errors.OverflowMergeError`);
-    non-finite inputs stay non-finite. The rescue runs only when ``out`` has a non-finite
-    entry (``lax.cond``), so the finite path costs one reduction in the kernel's own pass."""
-    def rescued():
-        # the barrier keeps XLA from factoring the scale back out (a·s + b·s → (a + b)·s)
-        scaled = jax.lax.optimization_barrier(jax.tree.map(lambda x: x * jnp.asarray(_RESCUE_SCALE, x.dtype), args))
-        return jnp.where(jnp.isfinite(out), out, combine(*scaled) * jnp.asarray(1 / _RESCUE_SCALE, out.dtype))
+    non-finite inputs stay non-finite.
 
-    return jax.lax.cond(jnp.all(jnp.isfinite(out)), lambda: out, rescued)
+    Elementwise in the kernel's own loop (one select, no second pass, no ``lax.cond``, which
+    would materialise ``out`` and reduce it: measured 1.8× the plain task-arithmetic kernel vs
+    1.1× for this form). Each array gets its own opaque copy of s (an optimization barrier on
+    the scalars only), so XLA cannot factor the scale back out (a·s + b·s → (a + b)·s)."""
+    leaves, treedef = jax.tree.flatten(args)
+    scales = jax.lax.optimization_barrier([jnp.asarray(_RESCUE_SCALE, x.dtype) for x in leaves])
+    scaled = jax.tree.unflatten(treedef, [x * s for x, s in zip(leaves, scales)])
+    return jnp.where(jnp.isfinite(out), out, combine(*scaled) * jnp.asarray(1 / _RESCUE_SCALE, out.dtype))
 
 
 def _host_to_device(x):
