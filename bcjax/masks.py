@@ -27,7 +27,7 @@ import numpy as np
 
 from bcjax import hparams, order_stats
 from bcjax.errors import HyperparameterError
-from bcjax.tree import keystr, make_leaf_filter
+from bcjax.tree import check_finite, keystr, make_leaf_filter
 
 __all__ = [
     "is_concrete",
@@ -157,7 +157,8 @@ def breadcrumbs_row_mask(tau: jax.Array, beta, gamma, axis: int) -> jax.Array:
     s = jnp.sort(a, axis=-1)
     lo = jnp.where(n_bot < m, s[..., jnp.clip(n_bot, 0, m - 1)], jnp.inf)[..., None]
     hi = jnp.where(n_top >= 1, s[..., jnp.clip(m - n_top, 0, m - 1)], jnp.inf)[..., None]
-    keep_mask = (a >= lo) & (a < hi)  # hi = +inf keeps every finite entry
+    # n_top = 0 removes nothing from the top: also not a |τ| that overflowed float32 (finite inputs)
+    keep_mask = (a >= lo) & ((a < hi) | (n_top < 1))
     return jnp.moveaxis(keep_mask, -1, axis).reshape(tau.shape)
 
 
@@ -183,9 +184,13 @@ def breadcrumbs_mask(task_vector: Any, beta, gamma, *, granularity: str = "tenso
         in [−ndim, ndim) of each leaf (an error naming the key path, never wrapped).
       exclude: regex(es) on the '/'-joined key path, or a predicate; excluded and
         non-floating leaves get an all-False mask (they are copied from θ0 in a merge).
+
+    NaN/Inf in a floating leaf of ``task_vector`` raises :class:`bcjax.errors.NonFiniteError`
+    naming the key path (SPEC §1; a NaN has no rank), checked when values are concrete.
     """
     beta, gamma = hparams.beta_gamma(beta, gamma, method="breadcrumbs_mask")
     hparams.normalize("breadcrumbs_mask", {"granularity": GRANULARITY}, {"granularity": granularity})
+    check_finite([task_vector], ["task vector"])
     if granularity == "row" and axis is None:
         raise HyperparameterError("breadcrumbs_mask: granularity='row' needs an explicit axis (the official code "
                                   "ranks along the PyTorch last axis; for Flax Dense kernels [in, out] that is axis=0)")

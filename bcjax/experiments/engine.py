@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bcjax.experiments.suite import ModelSuite
+from bcjax.results_store import finite_number, numbers_for
 
 __all__ = ["reference_accuracy", "evaluate_models", "evaluate_correctness", "reference_correctness",
            "pack_correctness", "unpack_correctness", "normalized", "mean_normalized", "members", "jsonable",
@@ -52,7 +53,7 @@ def reference_accuracy(suite: ModelSuite, store, split: str) -> dict[str, float]
     out = {}
     for t, ft in zip(suite.tasks, suite.finetuned, strict=True):
         out[t] = store.get_or_compute(dict(kind="finetuned_acc", suite=suite.fingerprint, task=t, split=split),
-                                      lambda ft=ft, t=t: compute(ft, t))
+                                      lambda ft=ft, t=t: compute(ft, t), check=finite_number)
         if out[t] <= 0:
             raise ValueError(f"task {t!r}: the fine-tuned model's {split} accuracy is 0; normalized accuracy is "
                              "undefined")
@@ -69,8 +70,8 @@ def evaluate_models(suite: ModelSuite, store, keys: Sequence[Mapping], tasks_of:
     with the models vmapped, and stored as soon as their chunk is done — a killed sweep loses
     at most one chunk.
     """
-    _evaluate_in_chunks(suite, [i for i, k in enumerate(keys) if k not in store], tasks_of, build,
-                        lambda stacked, t: suite.evaluate(stacked, t, split),
+    todo = [i for i, k in enumerate(keys) if not store.expect(dict(k), numbers_for(tasks_of[i]))]
+    _evaluate_in_chunks(suite, todo, tasks_of, build, lambda stacked, t: suite.evaluate(stacked, t, split),
                         lambda i, rows: store.put(dict(keys[i]), {t: float(r) for t, r in rows.items()}),
                         chunk=chunk, progress=progress, desc=desc)
     return [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
@@ -109,6 +110,26 @@ def pack_correctness(correct: np.ndarray) -> dict:
     return {"n": int(c.size), "bits": np.packbits(c).tobytes().hex()}
 
 
+def packed_for(tasks: Sequence[str]) -> Callable[[Any], str | None]:
+    """A results-store ``check`` (:meth:`bcjax.results_store.ResultsStore.expect`): a mapping
+    holding a :func:`pack_correctness` value for every task (the right number of hex digits)."""
+    def check(value):
+        if not isinstance(value, Mapping):
+            return "per-example value is not a mapping"
+        for t in tasks:
+            p = value.get(t)
+            if not (isinstance(p, Mapping) and isinstance(p.get("n"), int) and not isinstance(p["n"], bool)
+                    and p["n"] >= 0 and isinstance(p.get("bits"), str) and len(p["bits"]) == 2 * -(-p["n"] // 8)):
+                return f"task {t!r}: not packed correctness {{n, bits}}"
+            try:
+                bytes.fromhex(p["bits"])
+            except ValueError:
+                return f"task {t!r}: bits are not hex"
+        return None
+
+    return check
+
+
 def unpack_correctness(packed: Mapping) -> np.ndarray:
     """Inverse of :func:`pack_correctness`."""
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed["bits"]), np.uint8))
@@ -138,7 +159,7 @@ def evaluate_correctness(suite: ModelSuite, store, keys: Sequence[Mapping], task
 
     def record(i, hits):
         acc = {t: _accuracy_of(h) for t, h in hits.items()}
-        stored = store.get(dict(keys[i]))
+        stored = store.get(dict(keys[i])) if store.expect(dict(keys[i]), numbers_for(list(acc))) else None
         if stored is None:
             store.put(dict(keys[i]), acc)
         elif any(stored.get(t) != a for t, a in acc.items()):
@@ -146,7 +167,9 @@ def evaluate_correctness(suite: ModelSuite, store, keys: Sequence[Mapping], task
                           f"correctness ({acc}); the stored ones are reported", RuntimeWarning, stacklevel=3)
         store.put(ckeys[i], {t: pack_correctness(h) for t, h in hits.items()})
 
-    _evaluate_in_chunks(suite, [i for i, k in enumerate(ckeys) if k not in store], tasks_of, build,
+    todo = [i for i, k in enumerate(ckeys)
+            if not (store.expect(k, packed_for(tasks_of[i])) and store.expect(dict(keys[i]), numbers_for(tasks_of[i])))]
+    _evaluate_in_chunks(suite, todo, tasks_of, build,
                         lambda stacked, t: np.asarray(suite.correctness(stacked, t, split), bool), record,
                         chunk=chunk, progress=progress, desc=desc)
     accs = [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
@@ -160,7 +183,7 @@ def _stored_hits(suite: ModelSuite, store, kind: str, tree, tasks: Sequence[str]
     from bcjax.evaluate import stack_trees
 
     key = dict(kind=kind, suite=suite.fingerprint, split=split, per_example=True, **key)
-    if key not in store:
+    if not store.expect(key, packed_for(tasks)):
         stacked = stack_trees([tree])
         store.put(key, {t: pack_correctness(np.asarray(suite.correctness(stacked, t, split), bool)[0]) for t in tasks})
     stored = store.get(key)  # keys come back sorted from the store's JSON: keep the task order

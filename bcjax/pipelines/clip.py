@@ -58,6 +58,37 @@ def default_cache_dir() -> str:
     return str(cache_root("clip"))
 
 
+def check_config(config: dict) -> None:
+    """Every key of a CLIP pipeline config is known (:func:`bcjax.config.check_keys`) and every
+    ``eval.merges`` entry names a registered method and its hyper-parameters — before any
+    model or data is loaded."""
+    from bcjax.config import ANY, check_keys
+    from bcjax.train import TRAIN_KEYS
+
+    check_keys(config, {
+        "pipeline": ANY, "cache_dir": ANY, "suite": ANY,  # suite: when a sweep runs on this pipeline
+        "model": dict.fromkeys(("name", "dtype")),
+        "data": dict.fromkeys(("tasks", "data_dir", "gtsrb_dir", "prepare", "seed", "max_train", "max_eval",
+                               "materialize_mb", "cache_images")),
+        "train": dict.fromkeys(TRAIN_KEYS),
+        "finetuned": dict.fromkeys(("source", "dir", "paths")),
+        "eval": dict.fromkeys(("split", "batch_size", "models_per_call", "export", "merges")),
+    })
+    from bcjax.merging import get_method
+
+    for i, entry in enumerate(get(config, "eval.merges", [], types=(list, type(None))) or []):
+        require(isinstance(entry, dict) and "method" in entry, config,
+                f"eval.merges[{i}] must be a mapping with 'method', got {entry!r}")
+        try:
+            m = get_method(str(entry["method"]))
+        except KeyError as e:
+            raise ConfigError(f"{config.get('_source', '<config>')}: eval.merges[{i}].method: {e}") from None
+        accepted = set(m.tunable) | {"method", "label"} | ({"seed"} if "key" in m.requires else set())
+        bad = sorted(set(entry) - accepted)
+        require(not bad, config, f"eval.merges[{i}].{bad[0] if bad else ''}: {m.name} has no hyper-parameter "
+                f"{bad[0] if bad else ''!r}; accepted: {sorted(accepted)}")
+
+
 def train_config(config: dict):
     """:class:`bcjax.train.TrainConfig` from ``config["train"]`` (paper defaults, SPEC §5)."""
     from bcjax.train import train_config_from_dict
@@ -341,6 +372,8 @@ def model_suite(config: dict, *, cache_dir: str | None = None, progress: bool = 
 
     src = get(config, "suite.config", None, types=(str, type(None)))
     clip_cfg = load_config(src, get(config, "suite.set", [], types=list)) if src else dict(config)
+    if src:
+        check_config(clip_cfg)  # the pipeline config's keys, before loading anything
     if "cache_dir" not in clip_cfg and cache_dir:
         clip_cfg["cache_dir"] = os.path.join(cache_dir, "clip")
     s = setup(clip_cfg, progress=progress)

@@ -112,6 +112,23 @@ def finetune_task(model, params, tokenizer, train_split: glue.GlueSplit, train_c
 # --------------------------------------------------------------------------- target-task
 
 # --------------------------------------------------------------------------- config plumbing
+def check_config(config: dict) -> None:
+    """Every key of a T5 pipeline config is known (:func:`bcjax.config.check_keys`), before
+    any model or data is loaded."""
+    from bcjax.config import ANY, check_keys
+    from bcjax.train import TRAIN_KEYS
+
+    check_keys(config, {
+        "pipeline": ANY, "cache_dir": ANY, "suite": ANY,
+        "model": dict.fromkeys(("name", "tokenizer", "from_pt", "dtype")),
+        "data": dict.fromkeys(("tasks", "data_dir", "download", "val_size", "split_seed", "max_input_length",
+                               "truncation", "max_examples")),
+        "train": dict.fromkeys((*TRAIN_KEYS, "seeds")),
+        "eval": dict.fromkeys(("prediction", "batch_size", "finetuned_dir")),
+        "target_task": {"aux_models": ANY, "grids": ANY},
+    })
+
+
 def _settings(config: dict) -> dict:
     s = {
         "model": get(config, "model.name", types=str),
