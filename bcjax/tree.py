@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax import hparams
 from bcjax.errors import DeviceMismatchError, EmptyModelListError, HyperparameterError, NonFiniteError, TreeMismatchError
 
 PyTree = Any
@@ -257,7 +258,7 @@ def apply_task_vector(pretrained: PyTree, tv: PyTree, alpha=1.0) -> PyTree:
     inputs (NaN/Inf → :class:`NonFiniteError` naming ``pretrained``/``task vector`` and the key
     path); a result outside θ0's dtype raises :class:`bcjax.errors.OverflowMergeError`.
     """
-    alpha = _real_scalar("alpha", alpha)
+    alpha = hparams.real(alpha, "alpha", method="apply_task_vector")
     validate_models(pretrained, [tv], what="task vector", check_dtype=False)
     check_devices([pretrained, tv], ["pretrained", "task vector"])
     check_finite([pretrained, tv], ["pretrained", "task vector"])
@@ -271,24 +272,6 @@ def apply_task_vector(pretrained: PyTree, tv: PyTree, alpha=1.0) -> PyTree:
     out = jax.tree.map(add, pretrained, tv)
     _check_no_overflow("apply_task_vector", out)
     return out
-
-
-def _real_scalar(name: str, value):
-    """``value`` if it is a finite real scalar (traced values pass unchecked), else
-    :class:`HyperparameterError` naming ``name``. (A minimal check: the scalar normaliser of
-    ``bcjax.hparams`` supersedes it where available.)"""
-    if isinstance(value, jax.core.Tracer):
-        return value
-    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
-        raise HyperparameterError(f"{name} must be a finite real number, got {value!r}")
-    try:
-        arr = np.asarray(value)
-    except Exception:  # noqa: BLE001 - anything numpy cannot read is not a number
-        raise HyperparameterError(f"{name} must be a finite real number, got {value!r}") from None
-    if arr.ndim != 0 or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)) \
-            or not np.isfinite(arr.astype(np.float64)):
-        raise HyperparameterError(f"{name} must be a finite real number (a scalar), got {value!r}")
-    return value
 
 
 def _check_no_overflow(what: str, tree: PyTree) -> None:
