@@ -25,28 +25,28 @@ def mrpc(t5_tiny):  # noqa: F811
 @pytest.fixture(scope="module")
 def trained(t5_loaded, mrpc):  # noqa: F811
     model, params, tok = t5_loaded
-    res, enc = pipe.finetune_task(model, params, tok, mrpc["train"], CFG, max_input_length=32, progress=False)
+    res, enc = pipe.finetune_task(model, params, tok, mrpc, CFG, max_input_length=32, progress=False)
     return res
 
 
 def test_finetuning_lowers_loss_and_rank_agrees_with_generation(t5_loaded, mrpc, trained):  # noqa: F811
     model, params0, tok = t5_loaded
     assert trained.losses[-1] < 0.5 * trained.losses[0]
-    out = pipe.evaluate_split(model, trained.params, tok, mrpc["train"], prediction="both", max_input_length=32,
+    out = pipe.evaluate_split(model, trained.params, tok, mrpc, "train", prediction="both", max_input_length=32,
                               batch_size=16)
     assert out["prediction"] == "both" and out["truncated"] == 0
     assert out["rank_generate_agreement"] == 100.0
     assert out["rank"]["accuracy"] >= 90 and out["rank"]["main_metric"] == "accuracy" and "f1" in out["rank"]
-    before = pipe.evaluate_split(model, params0, tok, mrpc["train"], prediction="generate", max_input_length=32,
+    before = pipe.evaluate_split(model, params0, tok, mrpc, "train", prediction="generate", max_input_length=32,
                                  batch_size=16)
     assert before["generate"]["accuracy"] < out["generate"]["accuracy"]
 
 
 def test_predict_classes_rejects_unknown_method(t5_loaded, mrpc):  # noqa: F811
     model, params, tok = t5_loaded
-    enc = glue.encode(mrpc["test"], tok, max_input_length=32)
+    enc = glue.encode(mrpc, "test", tok, max_input_length=32)
     with pytest.raises(bcjax.errors.BcjaxError, match="prediction must be one of"):
-        pipe.predict_classes(model, params, enc, glue.encode_choices(mrpc["test"].task, tok), method="beam")
+        pipe.predict_classes(model, params, enc, glue.encode_choices(mrpc, tok), method="beam")
 
 
 def _trees(seed=0):
@@ -87,7 +87,7 @@ def test_target_task_experiment_picks_on_validation_and_reports_stderr():
     def score(params, split):  # validation prefers alpha 0.2; test is a different function
         gap = float(jnp.abs(params["b"] - target["b"]).sum())
         truth = float(jnp.abs(0.2 * sum(a["b"] - base["b"] for a in aux)).sum())
-        return -abs(gap - truth) if split == "validation" else gap
+        return -abs(gap - truth) if split == "val" else gap
 
     grids = {"task_arithmetic": {"alpha": [0.0, 0.2, 0.5]}}
     out = pipe.target_task_experiment(base, [target, second_seed], aux, score, grids)
@@ -124,7 +124,7 @@ def test_cli_finetune_then_eval_with_target_task(t5_tiny, tmp_path, capsys):  # 
     assert tt["prediction"] == "rank" and tt["metric"] == "accuracy"
     assert set(tt) >= {"finetuned", "breadcrumbs", "task_arithmetic"}
     assert tt["finetuned"]["test"]["values"] == [ev["tasks"]["mrpc"]["seed0"]["test"]["rank"]["main"]]
-    assert tt["breadcrumbs"]["validation"]["mean"] >= tt["finetuned"]["validation"]["mean"]  # α = 0 is in the grid
+    assert tt["breadcrumbs"]["val"]["mean"] >= tt["finetuned"]["val"]["mean"]  # α = 0 is in the grid
     # bad configs: a clear one-line error, exit code 2
     capsys.readouterr()
     assert main(["finetune", "--config", str(path), "--out", str(out), "--set", "train.lr=0.1"]) == 2
@@ -139,12 +139,12 @@ def test_interrupted_finetuning_resumes_from_its_checkpoint(t5_loaded, mrpc, tmp
     model, params0, tok = t5_loaded
     cfg = TrainConfig(steps=6, batch_size=16, learning_rate=3e-3, weight_decay=0.0, warmup_steps=1,
                       checkpoint_every=3)
-    full, _ = pipe.finetune_task(model, params0, tok, mrpc["train"], cfg, max_input_length=32, progress=False)
+    full, _ = pipe.finetune_task(model, params0, tok, mrpc, cfg, max_input_length=32, progress=False)
     ckpt = str(tmp_path / "ckpt")
-    first, _ = pipe.finetune_task(model, params0, tok, mrpc["train"], cfg, max_input_length=32, progress=False,
+    first, _ = pipe.finetune_task(model, params0, tok, mrpc, cfg, max_input_length=32, progress=False,
                                   checkpoint_dir=ckpt, stop_after=3)
     assert len(first.losses) == 3 and first.resumed_from is None
-    resumed, _ = pipe.finetune_task(model, params0, tok, mrpc["train"], cfg, max_input_length=32, progress=False,
+    resumed, _ = pipe.finetune_task(model, params0, tok, mrpc, cfg, max_input_length=32, progress=False,
                                     checkpoint_dir=ckpt)
     assert resumed.resumed_from == 3 and len(resumed.losses) == 3
     np.testing.assert_allclose(resumed.losses, full.losses[3:], rtol=1e-5)

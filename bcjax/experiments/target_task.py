@@ -47,33 +47,33 @@ def target_task_experiment(base: Any, targets: Sequence[Any], auxiliary: Sequenc
                            score: Callable[[Any, str], float], grids: Mapping[str, Mapping[str, Sequence]],
                            progress: Callable[[str], None] | None = None) -> dict:
     """Paper Table 2 for one target task: for each seed's target model and each method,
-    pick the hyper-parameters maximizing ``score(params, "validation")`` over the grid,
+    pick the hyper-parameters maximizing ``score(params, "val")`` over the grid,
     then report ``score(params, "test")``; aggregated over seeds as mean ± standard error.
 
     ``targets`` are the target fine-tunes (one per seed), ``auxiliary`` the auxiliary
     fine-tunes of the same base. The fine-tuned target itself is the reference row.
     """
-    rows: dict[str, dict] = {"finetuned": {"test": [], "validation": []}}
+    rows: dict[str, dict] = {"finetuned": {"test": [], "val": []}}
     for m in grids:
-        rows[m] = {"test": [], "validation": [], "chosen": []}
+        rows[m] = {"test": [], "val": [], "chosen": []}
     for s, target in enumerate(targets):
-        rows["finetuned"]["validation"].append(score(target, "validation"))
+        rows["finetuned"]["val"].append(score(target, "val"))
         rows["finetuned"]["test"].append(score(target, "test"))
         for m, spec in grids.items():
             best = None
             for hp in _grid(spec):
                 merged = target_task_merge(target, base, auxiliary, m, **hp)
-                v = score(merged, "validation")
+                v = score(merged, "val")
                 if progress:
                     progress(f"seed {s} {m} {hp}: validation {v:.2f}")
                 if best is None or v > best[0]:
                     best = (v, hp, merged)
-            rows[m]["validation"].append(best[0])
+            rows[m]["val"].append(best[0])
             rows[m]["chosen"].append(best[1])
             rows[m]["test"].append(score(best[2], "test"))
     out = {}
     for m, r in rows.items():
-        out[m] = {"test": mean_and_stderr(r["test"]), "validation": mean_and_stderr(r["validation"])}
+        out[m] = {"test": mean_and_stderr(r["test"]), "val": mean_and_stderr(r["val"])}
         if "chosen" in r:
             out[m]["chosen"] = r["chosen"]
     return out

@@ -111,7 +111,7 @@ def setup(config: dict, *, progress: bool = True) -> ClipSetup:
     max_bytes = int(get(config, "data.materialize_mb", 2048, types=(int, float)) * 2**20)
     cache = _path(get(config, "cache_dir", None, types=(str, type(None)))) or default_cache_dir()
     disk = cache if get(config, "data.cache_images", True, types=bool) else None
-    tasks = [vision.load_task(e, **common).materialize(max_bytes, disk) for e in entries]
+    tasks = [vision.materialize(vision.load_task(e, **common), max_bytes, disk) for e in entries]
     dup = sorted({t.name for t in tasks if [u.name for u in tasks].count(t.name) > 1})
     require(not dup, config, f"data.tasks names repeat: {dup}")
     _log(progress, "tasks " + ", ".join(f"{t.name} {t.sizes}" for t in tasks))
@@ -119,7 +119,7 @@ def setup(config: dict, *, progress: bool = True) -> ClipSetup:
     frozen = clip_lib.head_args(clip)
     heads = {}
     for t in tasks:
-        w = clip_lib.cached_zero_shot_head(clip, t.name, t.classnames, t.templates, cache_dir=cache)
+        w = clip_lib.cached_zero_shot_head(clip, t.name, t.class_names, t.templates, cache_dir=cache)
         heads[t.name] = tuple(frozen) + tuple(jnp.asarray(a) for a in heads_lib.pad_head(w, cmax))
     _log(progress, f"zero-shot heads ({len(tasks)} tasks, padded to {cmax} classes) cached in {cache}")
     predict, loss = clip_lib.make_classifier(clip.config, dtype)

@@ -14,7 +14,7 @@ Config (``pipeline: t5``; see ``configs/t5_base_glue.yaml``)::
 ``finetune`` trains one model per (task, seed) with :func:`bcjax.train.finetune` (AdamW,
 warm-up + cosine, jitted data-parallel step, orbax checkpoints with resume; dropout off) on
 the text-to-text cross-entropy, saves it under ``<out>/models/<task>_seed<s>`` and reports
-validation/test metrics. ``evaluate`` scores the pretrained model and those fine-tunes, and,
+val/test metrics. ``evaluate`` scores the pretrained model and those fine-tunes, and,
 with ``target_task``, runs :func:`target_task_experiment`.
 
 Prediction (every report names it): **rank** classification scores each label string by
@@ -34,6 +34,7 @@ import numpy as np
 from bcjax.batching import pad_rows
 from bcjax.config import ConfigError, get, require
 from bcjax.data import glue
+from bcjax.data.task import Task
 from bcjax.models import t5 as t5m
 from bcjax.experiments.target_task import mean_and_stderr, target_task_experiment, target_task_merge  # noqa: F401
 
@@ -74,19 +75,21 @@ def predict_classes(model, params, encoded: glue.Encoded, choices: tuple[np.ndar
     return np.concatenate(out).astype(np.int64)
 
 
-def evaluate_split(model, params, tokenizer, split: glue.GlueSplit, *, prediction: str = "rank",
+def evaluate_split(model, params, tokenizer, task: Task, split: str, *, prediction: str = "rank",
                    max_input_length: int = 256, truncation: str = "truncate", batch_size: int = 32,
                    encoded: glue.Encoded | None = None) -> dict:
-    """Metrics (×100) of one model on one split, with how it predicted and what it truncated
-    (``encoded``: the split already tokenized with these settings, to skip re-tokenizing)."""
-    enc = encoded or glue.encode(split, tokenizer, max_input_length=max_input_length, truncation=truncation)
-    choices = glue.encode_choices(split.task, tokenizer)
+    """Metrics (×100) of one model on split ``split`` of the GLUE ``task``, with how it
+    predicted and what it truncated (``encoded``: the split already tokenized with these
+    settings, to skip re-tokenizing)."""
+    enc = encoded or glue.encode(task, split, tokenizer, max_input_length=max_input_length, truncation=truncation)
+    choices = glue.encode_choices(task, tokenizer)
     methods = PREDICTIONS if prediction == "both" else (prediction,)
-    out: dict[str, Any] = {"n": len(split), "truncated": enc.num_truncated}
+    labels = task.splits[split][1]
+    out: dict[str, Any] = {"n": len(labels), "truncated": enc.num_truncated}
     preds = {}
     for m in methods:
         preds[m] = predict_classes(model, params, enc, choices, method=m, batch_size=batch_size)
-        out[m] = glue.task_metrics(split.task, preds[m], split)
+        out[m] = glue.task_metrics(glue.get_task(task.name), preds[m], labels, task.columns[split].get("scores"))
     if len(preds) == 2:
         out["rank_generate_agreement"] = 100 * float(np.mean(preds["rank"] == preds["generate"]))
     out["prediction"] = prediction
@@ -94,18 +97,18 @@ def evaluate_split(model, params, tokenizer, split: glue.GlueSplit, *, predictio
 
 
 # --------------------------------------------------------------------------- fine-tuning
-def finetune_task(model, params, tokenizer, train_split: glue.GlueSplit, train_cfg, *, max_input_length: int = 256,
+def finetune_task(model, params, tokenizer, task: Task, train_cfg, *, max_input_length: int = 256,
                   truncation: str = "truncate", checkpoint_dir: str | None = None, progress: bool = True, mesh=None,
                   stop_after: int | None = None):
-    """Fine-tune on one task's training split (text-to-text cross-entropy) with
+    """Fine-tune on the ``train`` split of a GLUE ``task`` (text-to-text cross-entropy) with
     :func:`bcjax.train.finetune`; returns ``(FinetuneResult, Encoded)``."""
     from bcjax.train import finetune as train_loop
 
-    enc = glue.encode(train_split, tokenizer, max_input_length=max_input_length, truncation=truncation)
+    enc = glue.encode(task, "train", tokenizer, max_input_length=max_input_length, truncation=truncation)
     data = {k: enc.arrays[k] for k in ("input_ids", "attention_mask", "labels", "label_mask")}
     fns = t5m.t5_functions(model)
     res = train_loop(fns.loss, params, data, train_cfg, checkpoint_dir=checkpoint_dir, mesh=mesh, progress=progress,
-                     description=f"t5 {train_split.task.name}", stop_after=stop_after)
+                     description=f"t5 {task.name}", stop_after=stop_after)
     return res, enc
 
 
@@ -157,7 +160,7 @@ def _load(s: dict):
     return model, params, t5m.load_tokenizer(s["tokenizer"] or s["model"])
 
 
-def _splits(s: dict, task: str):
+def _task(s: dict, task: str) -> Task:
     return glue.load_glue(task, data_dir=s["data_dir"], val_size=s["val_size"], seed=s["split_seed"],
                           download=s["download"], max_examples=s["max_examples"])
 
@@ -185,10 +188,10 @@ def finetune(config: dict, *, out_dir: str, progress: bool = True) -> dict:
     model, params0, tok = _load(s)
     summary: dict[str, Any] = {"model": s["model"], "prediction": s["prediction"], "tasks": {}}
     for task in s["tasks"]:
-        splits = _splits(s, task)
+        data = _task(s, task)
         for seed in s["seeds"]:
             cfg = _train_config(config, int(seed))
-            res, enc = finetune_task(model, params0, tok, splits["train"], cfg, max_input_length=s["max_input_length"],
+            res, enc = finetune_task(model, params0, tok, data, cfg, max_input_length=s["max_input_length"],
                                      truncation=s["truncation"], progress=progress,
                                      checkpoint_dir=os.path.join(out_dir, "checkpoints", f"{task}_seed{seed}"))
             params = jax.device_get(res.params)
@@ -197,15 +200,14 @@ def finetune(config: dict, *, out_dir: str, progress: bool = True) -> dict:
             summary["tasks"][f"{task}_seed{seed}"] = {
                 "train": {"steps": cfg.steps, "first_loss": res.losses[0] if res.losses else None,
                           "final_loss": res.losses[-1] if res.losses else None, "resumed_from": res.resumed_from,
-                          "n": len(splits["train"]), "truncated": enc.num_truncated},
-                **{sp: evaluate_split(model, params, tok, splits[sp], **_eval_kwargs(s))
-                   for sp in ("validation", "test")},
+                          "n": data.sizes["train"], "truncated": enc.num_truncated},
+                **{sp: evaluate_split(model, params, tok, data, sp, **_eval_kwargs(s)) for sp in ("val", "test")},
             }
     return _write(out_dir, "finetune.json", summary)
 
 
 def evaluate(config: dict, *, out_dir: str, progress: bool = True) -> dict:
-    """``bcjax eval``: the pretrained model and every saved fine-tune on validation and test;
+    """``bcjax eval``: the pretrained model and every saved fine-tune on val and test;
     with a ``target_task`` section, the target-task experiment. Writes ``eval.json``."""
     s = _settings(config)
     model, params0, tok = _load(s)
@@ -214,28 +216,28 @@ def evaluate(config: dict, *, out_dir: str, progress: bool = True) -> dict:
     say = (lambda msg: print(f"[t5] {msg}", flush=True)) if progress else None
     aux = _aux_models(config, model, params0)
     for task in s["tasks"]:
-        splits = _splits(s, task)
-        entry: dict[str, Any] = {"pretrained": {sp: evaluate_split(model, params0, tok, splits[sp], **_eval_kwargs(s))
-                                                for sp in ("validation", "test")}}
+        data = _task(s, task)
+        entry: dict[str, Any] = {"pretrained": {sp: evaluate_split(model, params0, tok, data, sp, **_eval_kwargs(s))
+                                                for sp in ("val", "test")}}
         targets = []
         for seed in s["seeds"]:
             path = _model_dir(ft_dir, task, seed)
             if os.path.isdir(path):
                 _, p = t5m.load_t5(path, from_pt=False)
                 targets.append(p)
-                entry[f"seed{seed}"] = {sp: evaluate_split(model, p, tok, splits[sp], **_eval_kwargs(s))
-                                        for sp in ("validation", "test")}
+                entry[f"seed{seed}"] = {sp: evaluate_split(model, p, tok, data, sp, **_eval_kwargs(s))
+                                        for sp in ("val", "test")}
         if aux is not None:
             if not targets:
                 raise ConfigError(f"{config.get('_source', '<config>')}: target_task needs fine-tuned {task} models "
                                   f"in {os.path.join(ft_dir, 'models')} (run bcjax finetune first)")
             method = "rank" if s["prediction"] == "both" else s["prediction"]
             kw = {**_eval_kwargs(s), "prediction": method}
-            encoded = {sp: glue.encode(splits[sp], tok, max_input_length=s["max_input_length"],
-                                       truncation=s["truncation"]) for sp in ("validation", "test")}
+            encoded = {sp: glue.encode(data, sp, tok, max_input_length=s["max_input_length"],
+                                       truncation=s["truncation"]) for sp in ("val", "test")}
 
-            def score(p, sp, _splits=splits, _kw=kw, _enc=encoded):
-                return evaluate_split(model, p, tok, _splits[sp], encoded=_enc[sp], **_kw)[_kw["prediction"]]["main"]
+            def score(p, sp, _data=data, _kw=kw, _enc=encoded):
+                return evaluate_split(model, p, tok, _data, sp, encoded=_enc[sp], **_kw)[_kw["prediction"]]["main"]
 
             entry["target_task"] = {"prediction": method, "metric": glue.get_task(task).metrics[0],
                                     **target_task_experiment(params0, targets, aux["params"], score, aux["grids"],
