@@ -284,7 +284,8 @@ def test_data_dependent_methods_through_select_equal_the_core_merge(suite, name,
     res = E.select_and_test(suite, ResultsStore(None), methods=[E.MethodSpec(name, hp)], progress=False)
     assert res["methods"][name]["hparams"] == hp
     needs = bcjax.methods()[name].requires
-    inputs = {r: suite.requirement(r, tasks) for r in needs}
+    assert set(needs) - set(suite.provides) <= {"key", "work_dir"}  # those two the runner supplies itself
+    inputs = {r: suite.requirement(r, tasks) for r in needs if r in suite.provides}
     assert set(method_inputs(suite, name, hp, tasks)) == set(hp) | set(needs) and set(needs) <= set(REQUIREMENTS)
     expect = bcjax.merge(name, suite.pretrained, list(suite.finetuned), **hp, **inputs)
     built = E.method_builder(suite, name, hp, np.ones((1, len(tasks)), bool), contract=False)(np.array([0]))
@@ -295,6 +296,29 @@ def test_data_dependent_methods_through_select_equal_the_core_merge(suite, name,
     # and the method's requirements do matter: the merge differs from the simple average
     plain = bcjax.merge("simple_average", suite.pretrained, list(suite.finetuned))
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(expect), jax.tree.leaves(plain)))
+
+
+def test_select_learns_adamerging_once_and_reuses_the_saved_coefficients(suite, tmp_path, monkeypatch):
+    """Scoring the chosen point on test reuses the coefficients learned for it on val (kept
+    under the run's folder, the ``work_dir`` requirement) instead of re-running the seeded
+    optimisation: one optimisation per point, the same results as learning twice."""
+    import importlib
+
+    adamerging = importlib.import_module("bcjax.adamerging")  # the module (bcjax.adamerging is also the function)
+    calls = []
+    real = adamerging._make_step
+    monkeypatch.setattr(adamerging, "_make_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = E.MethodSpec("adamerging", {"granularity": "task", "steps": 3, "learning_rate": 0.05, "batch_size": 8})
+    res = E.select_and_test(suite, ResultsStore(tmp_path / "results.jsonl"), methods=[spec], progress=False)
+    assert len(calls) == 1  # learned on val; not learned again for test
+    saved = sorted((tmp_path / "method_state" / "adamerging").glob("*/coefficients.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["steps"] == 3
+    calls.clear()
+    memory = E.select_and_test(suite, ResultsStore(None), methods=[spec], progress=False)  # no folder: learns twice
+    assert len(calls) == 2 and memory["methods"] == res["methods"]
+    calls.clear()
+    E.select_and_test(suite, ResultsStore(tmp_path / "results.jsonl"), methods=[spec], progress=False)
+    assert calls == []  # a rerun reads every point from the store
 
 
 def test_synthetic_suite_provides_grams_model_fn_and_unlabeled_test_inputs(suite):
