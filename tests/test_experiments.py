@@ -552,3 +552,47 @@ def test_select_and_subsets_add_bootstrap_intervals_from_per_example_correctness
         np.testing.assert_allclose(p["mean"], curve[k], rtol=1e-12)
         assert p["ci95"][0] <= p["mean"] <= p["ci95"][1] and p["examples_per_task"] == {t: 96 for t in tasks}
         assert p["num_subsets"] == len([r for r in range(2 ** len(tasks)) if bin(r).count("1") == k])
+
+
+def test_target_task_experiment_through_bcjax_sweep(suite, tmp_path):
+    """configs/target_task.yaml (its suite swapped for the synthetic one) runs through `bcjax
+    sweep`: per target, each method's point is chosen on val and reported on test, α = 0 (the
+    target itself) among the candidates; its numbers are the target_task_experiment of the
+    suite's fine-tunes, scored by the suite."""
+    import yaml
+
+    from bcjax.evaluate import stack_trees
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "target_task.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["suite"] = dict(SUITE)
+    cfg["targets"] = ["task0", "task2"]
+    path = tmp_path / "target_task.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bcjax.cli", "sweep", "--config", str(path), "--out", str(out),
+                           "--no-progress"], env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["experiment"] == "target_task" and sorted(summary["targets"]) == ["task0", "task2"]
+    r = summary["targets"]["task0"]
+    assert r["auxiliary"] == ["task1", "task2", "task3"] and r["metric"] == "accuracy"
+    ft = dict(zip(suite.tasks, suite.finetuned, strict=True))
+    for split in ("val", "test"):
+        own = float(suite.evaluate(stack_trees([ft["task0"]]), "task0", split)[0])
+        assert r["finetuned"][split]["values"] == [own]
+    for m in ("breadcrumbs", "task_arithmetic"):
+        assert r[m]["val"]["mean"] >= r["finetuned"]["val"]["mean"]  # α = 0 is a candidate
+        assert r[m]["chosen"][0]["alpha"] in (0.0, 0.1, 0.3, 0.5)
+    expect = E.target_task_experiment(
+        suite.pretrained, [ft["task0"]], [ft[t] for t in ("task1", "task2", "task3")],
+        lambda p, sp: float(suite.evaluate(stack_trees([p]), "task0", sp)[0]),
+        {"task_arithmetic": {"alpha": [0.0, 0.1, 0.3, 0.5]}})
+    assert r["task_arithmetic"] == json.loads(json.dumps(expect["task_arithmetic"]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**cfg, "target": ["task0"]}))
+    proc = subprocess.run([sys.executable, "-m", "bcjax.cli", "sweep", "--config", str(bad), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown key 'target'" in proc.stderr
