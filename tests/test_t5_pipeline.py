@@ -150,3 +150,53 @@ def test_interrupted_finetuning_resumes_from_its_checkpoint(t5_loaded, mrpc, tmp
     np.testing.assert_allclose(resumed.losses, full.losses[3:], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6),
                  resumed.params, full.params)
+
+
+def test_every_registered_method_runs_on_t5_through_the_engine(t5_tiny, t5_loaded, trained, tmp_path):  # noqa: F811
+    """The T5 ModelSuite provides what every method requires (PRNG key, Fishers, data-set
+    sizes, Grams, model function, unlabeled inputs): `bcjax sweep` runs the select experiment
+    with every registered method on two fine-tunes saved as `bcjax finetune` saves them, and
+    the suite's accuracy is the pipeline's own rank-classification accuracy."""
+    from bcjax.cli import main
+    from bcjax.evaluate import stack_trees
+    from bcjax.experiments import model_suite
+
+    model, params0, tok = t5_loaded
+    out = tmp_path / "run"
+    rng = np.random.default_rng(0)
+    fine_tunes = {"mrpc": jax.device_get(trained.params),  # the module's fine-tune; rte: a perturbed θ0 (cheap)
+                  "rte": jax.tree.map(lambda a: np.asarray(a) + 0.02 * rng.standard_normal(np.shape(a)).astype(
+                      np.float32), params0)}
+    for task, params in fine_tunes.items():
+        model.save_pretrained(str(out / "models" / f"{task}_seed0"), params=params)
+    cfg = {"pipeline": "t5", "model": {"name": t5_tiny["model"]},
+           "data": {"tasks": ["mrpc", "rte"], "data_dir": t5_tiny["data_dir"], "val_size": 16,
+                    "max_input_length": 32, "truncation": "error"},
+           "train": {"seeds": [0]}, "eval": {"batch_size": 16, "fisher_examples": 4, "gram_examples": 8}}
+    t5_path = tmp_path / "t5.yaml"
+    t5_path.write_text(yaml.safe_dump(cfg))
+    # one point per method of configs/all_methods.yaml (a test keeps that file covering `bcjax methods`)
+    with open("configs/all_methods.yaml") as f:
+        methods = [{k: v for k, v in m.items() if k != "grid"} for m in yaml.safe_load(f)["methods"]]
+    for m in methods:
+        if m["name"] == "regmean":  # 8 examples × one decoder position < the FFN width: regularize the solve
+            m["jitter"] = 1e-4
+        if m["name"] == "adamerging":
+            m["steps"] = 2
+    sweep = {"experiment": "select", "suite": {"name": "t5", "config": str(t5_path), "out": str(out)},
+             "models_per_call": 2, "methods": methods, "bootstrap_resamples": 50}
+    sweep_path = tmp_path / "sweep.yaml"
+    sweep_path.write_text(yaml.safe_dump(sweep))
+    assert main(["sweep", "--config", str(sweep_path), "--out", str(tmp_path / "sweep"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "sweep" / "summary.json").read_text())
+    assert set(summary["methods"]) == set(bcjax.methods())
+    for name, r in summary["methods"].items():
+        assert set(r["acc"]) == {"mrpc", "rte"} and all(0.0 <= a <= 1.0 for a in r["acc"].values()), name
+    # the suite scores a model as the pipeline does (rank classification, accuracy)
+    suite = model_suite({"suite": {"name": "t5", "config": str(t5_path), "out": str(out)}}, progress=False)
+    task = glue.load_glue("mrpc", data_dir=t5_tiny["data_dir"], val_size=16)
+    own = pipe.evaluate_split(model, suite.finetuned[0], tok, task, "test", prediction="rank", max_input_length=32)
+    acc = float(suite.evaluate(stack_trees([suite.finetuned[0]]), "mrpc", "test")[0])
+    assert acc == pytest.approx(own["rank"]["accuracy"] / 100, abs=1e-12) and summary["finetuned_acc"]["mrpc"] == acc
+    for x, y in zip(jax.tree.leaves(suite.finetuned[0]), jax.tree.leaves(fine_tunes["mrpc"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # the saved fine-tune, as `bcjax finetune` saves it
