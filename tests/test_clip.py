@@ -325,6 +325,13 @@ def test_cli_finetune_then_eval(tiny, tmp_path, monkeypatch, capsys):
     t = suite.tasks[1]
     accs = suite.evaluate(stack_trees([suite.pretrained, suite.finetuned[1]]), t, "test")
     np.testing.assert_allclose(accs, [ev["zero_shot"][t], ev["finetuned"][t]])
+    # `bcjax eval` scored its merges through the engine's chunked evaluation: the suite's accuracy of each merge
+    import bcjax
+
+    ta = bcjax.merge("task_arithmetic", suite.pretrained, list(suite.finetuned), alpha=0.5)
+    for name in suite.tasks:
+        assert ev["merges"]["task_arithmetic alpha=0.5"]["accuracy"][name] == float(
+            suite.evaluate(stack_trees([ta]), name, "test")[0])
     # every method runs on CLIP: Fishers and sizes come from the suite, the PRNG key from `seed`
     from bcjax.experiments import parse_methods, select_and_test
     from bcjax.results_store import ResultsStore
