@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bcjax.data import vision
+from bcjax.data.task import Task
 from bcjax.errors import BcjaxError, TreeMismatchError
 from bcjax.models import clip as clip_lib
 from bcjax.pipelines import clip as pipeline
@@ -207,6 +208,7 @@ def test_tfds_task_by_name_without_tensorflow(tiny, tmp_path):
     b = vision.load_task(entry, data_dir=tiny["data"]["data_dir"], image_size=32)
     assert a.sizes == {"train": 32, "val": 8, "test": 16}
     assert a.class_names == tuple(clip_tiny.TINY_TASKS[entry["name"]])
+    assert isinstance(a, Task) and all(y.dtype == np.int32 for _, y in a.splits.values())  # the one task type
     np.testing.assert_array_equal(a.splits["val"][0].indices, b.splits["val"][0].indices)
     assert not set(a.splits["val"][0].indices) & set(a.splits["train"][0].indices)
     x = a.splits["train"][0][np.array([0, 5])]
