@@ -47,8 +47,8 @@ __all__ = ["MergeMethod", "REQUIREMENTS", "register_method", "unregister_method"
 #: What a method may need besides its hyper-parameters. Each name is also the keyword
 #: argument the method receives; a runner (``bcjax.experiments``) obtains the value from the
 #: model suite (:meth:`bcjax.experiments.ModelSuite.requirement`), never by naming a method.
-#: Every entry but ``key`` is per task: a list with one value per fine-tuned model passed to
-#: the method, in order (so a method merging a subset gets exactly its members' values).
+#: Every entry but ``key`` and ``work_dir`` is per task: a list with one value per fine-tuned
+#: model passed to the method, in order (so a method merging a subset gets exactly its members' values).
 REQUIREMENTS: dict[str, str] = {
     "key": "a jax.random key (configs give an integer `seed`, default 0)",
     "fishers": "per task: a diagonal-Fisher tree shaped like θ0 (non-negative)",
@@ -61,6 +61,9 @@ REQUIREMENTS: dict[str, str] = {
     "labeled_batches": "per task: an iterable of (inputs, labels) batches",
     "model_fn": "per task: logits = model_fn(params, inputs) with that task's head, pure and jittable "
                 "(test-time adaptation, e.g. AdaMerging)",
+    "work_dir": "a folder under the run's output for this merge's saved state (e.g. learned coefficients), one "
+                "per (model suite, method, hyper-parameters, merged tasks): the same merge asked for again, in "
+                "this run or a resumed one, reuses it; None when the runner keeps no files",
 }
 
 

@@ -21,7 +21,7 @@ from bcjax.results_store import finite_number, numbers_for
 
 __all__ = ["reference_accuracy", "evaluate_models", "evaluate_correctness", "reference_correctness",
            "pack_correctness", "unpack_correctness", "normalized", "mean_normalized", "members", "jsonable",
-           "method_inputs", "method_builder", "lazy_builder", "grid_builder", "pad_chunk", "progress_bar"]
+           "method_inputs", "state_dir", "method_builder", "lazy_builder", "grid_builder", "pad_chunk", "progress_bar"]
 
 
 def pad_chunk(indices: Sequence[int], size: int) -> np.ndarray:
@@ -225,30 +225,47 @@ def jsonable(v):
     return v
 
 
+def state_dir(store) -> str | None:
+    """The folder of a run's method state (``work_dir`` requirements): ``method_state/`` beside
+    the results store's file; None for an in-memory store."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(store.path)), "method_state") if store.path else None
+
+
 def method_inputs(suite: ModelSuite, method: str, hparams: Mapping, tasks: Sequence[str], *,
-                  seed: int | None = None) -> dict:
+                  seed: int | None = None, work_dir: str | None = None) -> dict:
     """``hparams`` plus what ``method`` requires (:data:`bcjax.merging.REQUIREMENTS`) for merging
-    ``tasks``: a PRNG key from the hyper-parameter ``seed`` (else ``seed``, else the suite's) for ``"key"``, the
-    suite's per-task values (:meth:`ModelSuite.requirement`) for the others. No runner names a
-    method."""
+    ``tasks``: a PRNG key from the hyper-parameter ``seed`` (else ``seed``, else the suite's) for ``"key"``;
+    for ``"work_dir"`` the folder ``<work_dir>/<method>/<hash of suite, hyper-parameters and tasks>``
+    (None without ``work_dir``); the suite's per-task values (:meth:`ModelSuite.requirement`) for
+    the others. No runner names a method."""
+    import os
+
+    from bcjax.experiments.suite import fingerprint
     from bcjax.merging import get_method
 
     m = get_method(method)
     hp = dict(hparams)
-    seed = hp.pop("seed", suite.seed if seed is None else seed)
+    point = dict(suite=suite.fingerprint, method=method, hparams=jsonable(hp), tasks=list(tasks))
+    if "key" in m.requires:  # `seed` makes the key; for other methods it is a hyper-parameter of their own
+        seed = hp.pop("seed", suite.seed if seed is None else seed)
     for need in m.requires:
         if need == "key":
             hp["key"] = jax.random.key(int(seed))
+        elif need == "work_dir":
+            hp["work_dir"] = os.path.join(work_dir, method, fingerprint(point)) if work_dir else None
         else:
             hp[need] = suite.requirement(need, tasks, method=method)
     return hp
 
 
 def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray,
-                   mesh: Mesh | None = None, *, contract: bool = True) -> Callable:
+                   mesh: Mesh | None = None, *, contract: bool = True, work_dir: str | None = None) -> Callable:
     """``build(indices)`` for merged models of the subsets ``indicator[indices]``: one
     contraction per leaf for methods registered ``linear=True`` (unless ``contract`` is False),
-    else ``bcjax.merge`` per subset.
+    else ``bcjax.merge`` per subset (``work_dir``: the run's :func:`state_dir`, for methods
+    requiring one, :func:`method_inputs`).
 
     With a one-axis ``mesh``, the stacked task vectors Δ are sharded over it (each leaf's
     first divisible parameter axis, :func:`bcjax.grids.leaf_shardings`) and the contraction
@@ -280,7 +297,8 @@ def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: 
             names = members(suite, indicator[i])
             fts = [f for f, on in zip(suite.finetuned, indicator[i], strict=True) if on]
             trees.append(merge(method, suite.pretrained, fts, exclude=suite.exclude,
-                               **method_inputs(suite, method, hp, names)) if fts else suite.pretrained)
+                               **method_inputs(suite, method, hp, names, work_dir=work_dir))
+                         if fts else suite.pretrained)
         stacked = stack_trees(trees)
         if mesh is not None:  # replicate over the mesh: bit-identical, evaluated like the sharded ones
             stacked = jax.device_put(stacked, NamedSharding(mesh, P()))
@@ -290,13 +308,14 @@ def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: 
 
 
 def lazy_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray,
-                 mesh: Mesh | None = None, *, contract: bool = True) -> Callable:
+                 mesh: Mesh | None = None, *, contract: bool = True, work_dir: str | None = None) -> Callable:
     """:func:`method_builder`, set up (task deltas) only if some point is not stored yet."""
     state = {}
 
     def build(idx):
         if "fn" not in state:
-            state["fn"] = method_builder(suite, method, hparams, indicator, mesh, contract=contract)
+            state["fn"] = method_builder(suite, method, hparams, indicator, mesh, contract=contract,
+                                         work_dir=work_dir)
         return state["fn"](idx)
 
     return build

@@ -17,7 +17,7 @@ __all__ = ["run_sweep", "EXPERIMENTS"]
 
 def _load_builtin() -> None:
     # each module registers its experiment on import
-    from bcjax.experiments import class_split, cosine, grid, select, subsets, validation_free  # noqa: F401
+    from bcjax.experiments import class_split, cosine, grid, select, subsets, target_task, validation_free  # noqa: F401
 
 
 _load_builtin()
