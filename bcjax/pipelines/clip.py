@@ -407,9 +407,10 @@ def finetune_multitask(s: "ClipSetup", cfg, out: pathlib.Path, *, progress: bool
     the union of the tasks' training images, each with its task's frozen zero-shot head, the
     per-task recipe ``cfg`` with ``steps × T`` (:func:`bcjax.train.multitask_finetune`); resumable
     from ``<out>/checkpoints/multitask-<tasks hash>``."""
+    from bcjax.experiments.suite import fingerprint
     from bcjax.train import multitask_finetune
 
-    tag = hashlib.sha256(json.dumps(list(s.names)).encode()).hexdigest()[:12]
+    tag = fingerprint(list(s.names))
     res = multitask_finetune(s.loss, s.clip.vision,
                              [dict(zip(("x", "y"), s.task(n).splits["train"], strict=True)) for n in s.names],
                              [s.heads[n] for n in s.names], cfg,
