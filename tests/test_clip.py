@@ -351,7 +351,7 @@ def test_cli_finetune_then_eval(tiny, tmp_path, monkeypatch, capsys):
     assert "unknown vision task 'imagenet'" in capsys.readouterr().err
     cfg_path.write_text(yaml.safe_dump(dict(tiny, train={"steps": 1, "lr": 1.0})))
     assert cli.main(["finetune", "--config", str(cfg_path), "--out", out, "--no-progress"]) == 2
-    assert "train: unknown key(s) ['lr']" in capsys.readouterr().err
+    assert "unknown key 'train.lr'" in capsys.readouterr().err
 
 
 def test_eval_without_finetunes_names_what_to_do(tiny, tmp_path):
