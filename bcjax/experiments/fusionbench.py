@@ -30,7 +30,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bcjax.experiments.engine import jsonable
+from bcjax.experiments.engine import jsonable, state_dir
 from bcjax.experiments.registry import register_experiment
 from bcjax.experiments.rows import labelled, merged_model, needs, row_of_tree, score_rows, stored_row
 from bcjax.experiments.settings import MethodSpec, parse_section
@@ -190,7 +190,7 @@ def fusionbench_experiment(suite, store, s: FusionBenchSettings, *, progress: bo
     for label, name, hp in specs:
         def build(label=label, name=name, hp=hp):
             if label not in trees:
-                trees[label] = merged_model(suite, name, hp)
+                trees[label] = merged_model(suite, name, hp, work_dir=state_dir(store))
             return trees[label]
 
         key = dict(kind="fusionbench", suite=suite.fingerprint, split=s.split, model=label, hparams=jsonable(hp))

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from bcjax.experiments.engine import jsonable
+from bcjax.experiments.engine import jsonable, state_dir
 from bcjax.experiments.registry import register_experiment
 from bcjax.experiments.rows import labelled, merged_model, row_of_tree, score_rows, stored_row
 from bcjax.experiments.settings import MethodSpec
@@ -72,7 +72,7 @@ def generalization_experiment(suite, store, *, methods: Sequence[MethodSpec], se
         key = dict(kind="generalization", suite=suite.fingerprint, split=split, seen=seen, model=name or label,
                    hparams=jsonable(hp or {}))
         build = (lambda: stack_trees([suite.pretrained])) if hp is None else \
-            (lambda name=name, hp=hp: merged_model(suite, name, hp, seen))
+            (lambda name=name, hp=hp: merged_model(suite, name, hp, seen, work_dir=state_dir(store)))
         rows[label] = stored_row(store, key, tasks, lambda missing, build=build: row_of_tree(suite, build(), missing,
                                                                                            split))
         if hp is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
-from bcjax.experiments.engine import jsonable
+from bcjax.experiments.engine import jsonable, state_dir
 from bcjax.experiments.registry import register_experiment
 from bcjax.experiments.rows import labelled, merged_model, needs, row_of_tree, score_rows, stored_row
 from bcjax.experiments.settings import MethodSpec
@@ -97,7 +97,7 @@ def robustness_experiment(suite, store, *, methods: Sequence[MethodSpec], corrup
     bar = progress_bar(len(specs) + 2, "robustness", progress)
     models = [("pretrained", None, lambda: stack_trees([suite.pretrained]))]
     models += [(label, hp, lambda label=label, name=name, hp=hp: merged[label] if merged and label in merged
-                else merged_model(suite, name, hp)) for label, name, hp in specs]
+                else merged_model(suite, name, hp, work_dir=state_dir(store))) for label, name, hp in specs]
     for name, hp, build in models:
         state = {}
 

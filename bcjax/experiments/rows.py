@@ -50,15 +50,18 @@ def needs(suite: ModelSuite, *fields: str, what: str) -> None:
                                       "does not provide")
 
 
-def merged_model(suite: ModelSuite, method: str, hparams: Mapping, tasks: Sequence[str] | None = None) -> Any:
+def merged_model(suite: ModelSuite, method: str, hparams: Mapping, tasks: Sequence[str] | None = None, *,
+                 work_dir: str | None = None) -> Any:
     """The method's merge of ``tasks`` (default: all) as a stack of one tree (the core
-    :func:`bcjax.merge`, with what the method requires from the suite); θ0 when ``tasks`` is empty."""
+    :func:`bcjax.merge`, with what the method requires from the suite); θ0 when ``tasks`` is empty.
+    ``work_dir``: the run's :func:`bcjax.experiments.engine.state_dir` (state such as AdaMerging's
+    learned coefficients is then reused across runs)."""
     names = list(suite.tasks) if tasks is None else list(tasks)
     unknown = sorted(set(names) - set(suite.tasks))
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; the suite's tasks: {list(suite.tasks)}")
     row = np.array([[t in names for t in suite.tasks]])
-    return method_builder(suite, method, hparams, row, contract=False)(np.array([0]))
+    return method_builder(suite, method, hparams, row, contract=False, work_dir=work_dir)(np.array([0]))
 
 
 def stored_row(store, key: Mapping, tasks: Sequence[str], compute: Callable[[list[str]], Mapping]) -> dict:

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bcjax.experiments.engine import jsonable
+from bcjax.experiments.engine import jsonable, state_dir
 from bcjax.experiments.registry import register_experiment
 from bcjax.experiments.rows import merged_model, row_of_tree, score_rows, stored_row
 from bcjax.experiments.settings import MethodSpec
@@ -61,7 +61,7 @@ def scaling_experiment(suite, store, *, methods: Sequence[MethodSpec], alphas: S
     bar = progress_bar(len(points), "scaling", progress)
     for name, hp in points:
         rows[f"{name}@{hp['alpha']:g}"] = stored_row(store, key(name, hp), tasks, lambda missing, name=name, hp=hp:
-                                                     row_of_tree(suite, merged_model(suite, name, hp), missing, split))
+                                                     row_of_tree(suite, merged_model(suite, name, hp, work_dir=state_dir(store)), missing, split))
         if bar is not None:
             bar.update(1)
     if bar is not None:
