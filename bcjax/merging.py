@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -29,13 +30,14 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from bcjax import order_stats
 from bcjax.errors import HyperparameterError, TreeMismatchError, UnknownMethodError
 from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask, check_beta_gamma,
                          check_fraction, diff_masks_from_counts, fraction_count)
-from bcjax.tree import (PyTree, all_finite, check_finite, compute_dtype, is_tracing, keystr, merged_leaf_flags,
-                        validate_models)
+from bcjax.tree import (PyTree, all_finite, check_finite, compute_dtype, is_floating, is_tracing, keystr,
+                        merged_leaf_flags, validate_models)
 
 __all__ = ["MergeMethod", "REQUIREMENTS", "register_method", "unregister_method", "methods", "get_method", "merge",
            "map_merged_leaves", "propagates_nonfinite", "enable_compilation_cache", "ties_thresholds",
@@ -228,16 +230,23 @@ def parallel_map(fn: Callable, items: Sequence, *, traced: bool = False) -> list
 
 
 def map_merged_leaves(leaf_fn: Callable, pretrained: PyTree, finetuned: Sequence[PyTree],
-                      flags: Sequence[bool], *extra: Sequence[PyTree]) -> PyTree:
+                      flags: Sequence[bool], *extra: Sequence[PyTree], host: Callable | None = None) -> PyTree:
     """Rebuild ``pretrained`` with ``leaf_fn(i, p0, [θt leaf], *[[extra leaf] ...])`` on
-    merged leaves (index ``i`` among all leaves) and θ0's leaf elsewhere."""
+    merged leaves (index ``i`` among all leaves) and θ0's leaf elsewhere.
+
+    ``host`` (optional) converts θ0's and each θt's leaf just before ``leaf_fn`` sees it, one
+    leaf at a time as the merge streams through the model: :func:`host_view` (kernels that
+    read every input through :func:`_upcast`; NumPy leaves without a copy) or
+    :func:`_host_to_device` (NumPy leaves copied aligned, then adopted by XLA)."""
     leaves0, treedef = jax.tree.flatten(pretrained)
     per_model = [jax.tree.leaves(t) for t in finetuned]
     per_extra = [[jax.tree.leaves(t) for t in group] for group in extra]
     todo = [i for i, (p0, flag) in enumerate(zip(leaves0, flags)) if flag and np.size(p0) > 0]
 
+    view = host or (lambda x: x)
+
     def one(i):
-        return leaf_fn(i, leaves0[i], [m[i] for m in per_model], *[[t[i] for t in g] for g in per_extra])
+        return leaf_fn(i, view(leaves0[i]), [view(m[i]) for m in per_model], *[[t[i] for t in g] for g in per_extra])
 
     out = list(leaves0)
     traced = _is_traced((pretrained, finetuned, extra))
@@ -263,12 +272,113 @@ def _nan_where_nonfinite(out, inputs):
     return jnp.where(ok, out, jnp.nan)
 
 
+#: XLA:CPU adopts a host buffer without copying when its start is aligned to this many bytes.
+_ZERO_COPY_ALIGNMENT = 64
+
+
+def _aligned_host_buffer(x: np.ndarray, count: int) -> np.ndarray:
+    """A fresh 1-D buffer of ``count`` elements starting on a :data:`_ZERO_COPY_ALIGNMENT`-byte
+    boundary, holding ``x``'s elements (C order) first (numpy's memcpy: several times faster than
+    XLA's own copy of an unaligned buffer)."""
+    pad = _ZERO_COPY_ALIGNMENT // x.itemsize
+    buf = np.empty(count + pad, x.dtype)
+    start = (-buf.ctypes.data % _ZERO_COPY_ALIGNMENT) // x.itemsize
+    out = buf[start:start + count]
+    out[:x.size] = x.reshape(-1)
+    out[x.size:] = 0
+    return out
+
+
 def _host_to_device(x):
-    return jax.device_put(x) if isinstance(x, np.ndarray) else x
+    """A NumPy leaf as a jax.Array on the default device (other leaves unchanged). On the CPU
+    backend an unaligned buffer is first copied by numpy into an aligned one, which XLA then
+    adopts without a copy (XLA's own copy of an unaligned buffer is several times slower)."""
+    if not isinstance(x, np.ndarray):
+        return x
+    if (x.size and x.dtype.isnative and jax.default_backend() == "cpu"
+            and not (x.flags.c_contiguous and x.ctypes.data % _ZERO_COPY_ALIGNMENT == 0)):
+        x = _aligned_host_buffer(x, x.size).reshape(x.shape)
+    return jax.device_put(x)
+
+
+class _HostSpan:
+    """``count`` elements of host memory from address ``start``, as an array interface; holds
+    ``leaf`` (whose data lie inside the span) alive as long as any array made from it."""
+
+    def __init__(self, leaf: np.ndarray, start: int, count: int):
+        self.leaf = leaf
+        # as unsigned integers of the leaf's width (bfloat16 has no array-interface type string)
+        self.__array_interface__ = {"data": (start, True), "shape": (count,), "typestr": f"<u{leaf.itemsize}",
+                                    "version": 3}
+
+
+@jax.tree_util.register_pytree_node_class
+class HostView:
+    """A NumPy leaf handed to a merge kernel on the CPU backend without a copy.
+
+    XLA:CPU adopts only 64-byte-aligned host buffers, and NumPy arrays usually start 16 bytes
+    past a boundary (copying 9 models costs several times task arithmetic itself). So
+    ``padded`` is a 1-D jax.Array adopting the aligned span of memory around the leaf
+    (``offset`` elements before its first element, up to 2 cache lines after its last: the
+    same memory pages, so always readable; see :func:`host_view`) and a kernel reads the leaf
+    as ``dynamic_slice(padded, offset, size).reshape(shape)`` (:func:`_upcast`), fused into
+    its own loop. The padded length depends only on the size, so one program serves every
+    alignment. Values are bit for bit the leaf's."""
+
+    def __init__(self, padded, offset, shape: tuple[int, ...], dtype):
+        self.padded, self.offset, self.shape, self.dtype = padded, offset, tuple(shape), np.dtype(dtype)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def array(self) -> jax.Array:
+        """The leaf (inside a kernel: a slice fused into the consumer, no copy)."""
+        return lax.dynamic_slice_in_dim(self.padded, self.offset, self.size).reshape(self.shape)
+
+    def tree_flatten(self):
+        return (self.padded, self.offset), (self.shape, self.dtype)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+
+def _padded_count(x: np.ndarray) -> int:
+    line = _ZERO_COPY_ALIGNMENT // x.itemsize
+    return -(-x.size // line) * line + line
+
+
+def host_view(x):
+    """A concrete NumPy leaf as a :class:`HostView` on the CPU backend (leaves of other kinds
+    and other backends: :func:`_host_to_device`). Zero copy when the aligned span around the
+    leaf (start rounded down to 64 bytes, :func:`_padded_count` elements) lies in the pages
+    that hold the leaf; otherwise (and for non-contiguous leaves) one aligned numpy copy."""
+    if not (isinstance(x, np.ndarray) and x.size and x.dtype.isnative and is_floating(x)
+            and jax.default_backend() == "cpu"):
+        return _host_to_device(x)
+    count = _padded_count(x)
+    address = x.ctypes.data
+    lead = address % _ZERO_COPY_ALIGNMENT
+    page = mmap.PAGESIZE
+    span_end = address - lead + count * x.itemsize
+    if (x.flags.c_contiguous and lead % x.itemsize == 0
+            and (span_end - 1) // page == (address + x.nbytes - 1) // page):
+        padded, offset = np.asarray(_HostSpan(x, address - lead, count)).view(x.dtype), lead // x.itemsize
+    else:
+        padded, offset = _aligned_host_buffer(x, count), 0
+    return HostView(jax.device_put(padded), np.int32(offset), x.shape, x.dtype)
 
 
 def _upcast(x, like):
-    return jnp.asarray(x).astype(compute_dtype(jnp.result_type(like)))
+    """``x`` (an array or a :class:`HostView`) in the compute dtype of ``like``'s dtype."""
+    if isinstance(x, HostView):
+        x = x.array()
+    return jnp.asarray(x).astype(compute_dtype(like.dtype if isinstance(like, HostView) else jnp.result_type(like)))
 
 
 def _per_task(value, num_tasks: int, name: str):
@@ -315,7 +425,7 @@ def task_arithmetic(pretrained, finetuned, flags, *, alpha=1.0):
     _check_finite_scalar("alpha", alpha)
     alphas = _per_task(alpha, len(finetuned), "alpha")
     return map_merged_leaves(lambda i, p0, fts: _weighted_task_sum(p0, tuple(fts), None, alphas),
-                             pretrained, finetuned, flags)
+                             pretrained, finetuned, flags, host=host_view)
 
 
 @jax.jit
@@ -328,7 +438,8 @@ def _simple_average_leaf(p0, fts):
 @propagates_nonfinite
 def simple_average(pretrained, finetuned, flags):
     """Simple average / model soup: θ* = (1/T) Σt θt."""
-    return map_merged_leaves(lambda i, p0, fts: _simple_average_leaf(p0, tuple(fts)), pretrained, finetuned, flags)
+    return map_merged_leaves(lambda i, p0, fts: _simple_average_leaf(p0, tuple(fts)), pretrained, finetuned, flags,
+                             host=host_view)
 
 
 @jax.jit
@@ -392,7 +503,7 @@ def breadcrumbs(pretrained, finetuned, flags, *, alpha=0.3, beta=0.9, gamma=0.99
             return _breadcrumbs_row_leaf(p0, tuple(fts), alphas, beta, gamma, ax % nd)
     else:
         raise HyperparameterError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
-    return map_merged_leaves(leaf, pretrained, finetuned, flags)
+    return map_merged_leaves(leaf, pretrained, finetuned, flags, host=_host_to_device)  # the native selection reads whole buffers
 
 
 def _leaf_key(key, task: int, leaf_index: int):

@@ -2,6 +2,8 @@
 own pass, NumPy inputs, and TIES's model-wide native selection. Each is compared against
 the plain definition: the separate finiteness check's error, the JAX-input merge, a numpy
 sort of the concatenated |τ| and the portable histogram path."""
+import mmap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,3 +195,60 @@ def test_ties_native_and_portable_merges_identical_with_ties_at_the_threshold(dt
                           for f in fts[:1] for k in sorted(pre)])
     thr = np.sort(tau)[n - int(0.3 * n)]
     assert (tau >= thr).sum() > int(0.3 * n)  # the grid really produced ties at the threshold
+
+
+# ------------------------------------------------------------------ NumPy leaves without a copy
+def _misaligned(x: np.ndarray, offset: int) -> np.ndarray:
+    """``x``'s values in a buffer starting ``offset`` elements past a 64-byte boundary."""
+    buf = np.empty(x.size + 64, x.dtype)
+    start = (-buf.ctypes.data % 64) // x.itemsize + offset
+    out = buf[start:start + x.size].reshape(x.shape)
+    out[...] = x
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, jnp.bfloat16])
+def test_host_view_is_the_leaf_at_every_alignment_and_adopts_its_memory(dtype):
+    x = np.random.default_rng(0).standard_normal((37, 29)).astype(dtype)
+    read = jax.jit(lambda v: v.array())
+    for offset in range(64 // x.itemsize):
+        y = _misaligned(x, offset)
+        view = merging.host_view(y)
+        assert isinstance(view, merging.HostView) and view.shape == y.shape and view.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(read(view)).view(np.uint8), y.view(np.uint8))
+        page = mmap.PAGESIZE
+        span_end = y.ctypes.data - offset * y.itemsize + view.padded.size * y.itemsize
+        if (span_end - 1) // page == (y.ctypes.data + y.nbytes - 1) // page:  # zero copy: XLA reads y's memory
+            assert int(view.offset) == offset
+            assert view.padded.unsafe_buffer_pointer() == y.ctypes.data - offset * y.itemsize
+
+
+def test_host_view_copies_when_the_span_would_leave_the_leafs_pages_or_the_leaf_is_strided():
+    page = mmap.PAGESIZE
+    region = mmap.mmap(-1, 2 * page)
+    n = page // 4 + 5  # ends exactly at the region's end: the aligned span would run past it
+    x_values = np.arange(n, dtype=np.float32)
+    region[2 * page - 4 * n:] = x_values.tobytes()
+    x = np.frombuffer(region, np.float32, count=n, offset=2 * page - 4 * n)
+    view = merging.host_view(x)
+    assert view.padded.unsafe_buffer_pointer() != x.ctypes.data - int(view.offset) * 4  # a copy
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: v.array())(view)), x_values)
+    strided = np.arange(40 * 70, dtype=np.float32).reshape(40, 70).T
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: v.array())(merging.host_view(strided))), strided)
+    del view, x
+    region.close()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "simple_average", "breadcrumbs", "breadcrumbs_row", "ties"])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_misaligned_numpy_leaves_merge_like_device_arrays(method, dtype):
+    pre, fts = models(seed=5, dtype=dtype)
+    shift = lambda tree, t: {k: _misaligned(np.asarray(v), (3 * t + len(k)) % 16) if np.ndim(v) else v  # noqa: E731
+                             for k, v in tree.items()}
+    host = [shift(m, t) for t, m in enumerate([pre, *fts])]
+    on_device = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
+    a = run(method, host[0], host[1:])
+    b = run(method, on_device(pre), [on_device(f) for f in fts])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
