@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from bcjax import order_stats
+from bcjax import _native, order_stats
 from bcjax.errors import HyperparameterError, TreeMismatchError, UnknownMethodError
 from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask, check_beta_gamma,
                          check_fraction, diff_masks_from_counts, fraction_count)
@@ -459,12 +459,31 @@ def weighted_average(pretrained, finetuned, flags, *, weights=None):
     return map_merged_leaves(lambda i, p0, fts: _weighted_average_leaf(p0, tuple(fts), w), pretrained, finetuned, flags)
 
 
+def _selection_on_views(p0, fts, p, fs):
+    """For float32 :class:`HostView` inputs on the CPU backend: a ``select(ranks)`` for
+    :func:`diff_masks_from_counts` whose native pass reads the views in place (the kernel
+    would otherwise get copies of the sliced leaves); None otherwise (the default selection)."""
+    views = [p0, *fts]
+    if not (all(isinstance(v, HostView) and v.dtype == np.float32 for v in views)
+            and p0.size > order_stats.SORT_BELOW and _native.available()):
+        return None
+
+    def native(r):
+        return _native.select_diff_bits_views([(p0.padded, p0.offset)], [[(f.padded, f.offset)] for f in fts], r,
+                                              sizes=[p0.size])
+
+    return lambda ranks: lax.platform_dependent(ranks, cpu=native,
+                                                default=lambda r: order_stats.select_diff_bits_multi(p, fs, r))
+
+
 @jax.jit
 def _breadcrumbs_tensor_leaf(p0, fts, alphas, n_bot, n_top):
     p = _upcast(p0, p0)
     acc = jnp.zeros_like(p)
+    views = fts
     fts = [_upcast(ft, p0) for ft in fts]
-    masks = diff_masks_from_counts(fts, p, n_bot, n_top)  # all tasks' thresholds in one pass
+    # all tasks' thresholds in one pass
+    masks = diff_masks_from_counts(fts, p, n_bot, n_top, select=_selection_on_views(p0, views, p, fts))
     for t, ft in enumerate(fts):
         acc = acc + jnp.where(masks[t], alphas[t].astype(p.dtype) * (ft - p), 0)
     return _nan_where_nonfinite(p + acc, [p, *fts]).astype(p0.dtype)
@@ -503,7 +522,7 @@ def breadcrumbs(pretrained, finetuned, flags, *, alpha=0.3, beta=0.9, gamma=0.99
             return _breadcrumbs_row_leaf(p0, tuple(fts), alphas, beta, gamma, ax % nd)
     else:
         raise HyperparameterError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
-    return map_merged_leaves(leaf, pretrained, finetuned, flags, host=_host_to_device)  # the native selection reads whole buffers
+    return map_merged_leaves(leaf, pretrained, finetuned, flags, host=host_view)
 
 
 def _leaf_key(key, task: int, leaf_index: int):

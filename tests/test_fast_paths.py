@@ -252,3 +252,30 @@ def test_misaligned_numpy_leaves_merge_like_device_arrays(method, dtype):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert np.asarray(x).dtype == np.asarray(y).dtype
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.skipif(not _native.available(), reason="native kernel unavailable (no C++ compiler)")
+def test_native_selection_on_views_equals_selection_on_the_leaves():
+    rng = np.random.default_rng(7)
+    sizes = [5000, 64, 3001]
+    p0 = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    fts = [[p + np.round(rng.standard_t(3, p.size) * 50).astype(np.float32) / 5000 for p in p0] for _ in range(3)]
+    ranks = np.array([[0, 4000, sum(sizes) - 1], [17, 17, 5000], [8064, 1, 2]], np.int32)
+    as_views = lambda leaves, t: [merging.host_view(_misaligned(x, (5 * t + j) % 16)) for j, x in enumerate(leaves)]  # noqa: E731
+    hv = [as_views(m, t) for t, m in enumerate([p0, *fts])]
+    got = jax.jit(lambda hv, r: _native.select_diff_bits_views(
+        [(v.padded, v.offset) for v in hv[0]], [[(v.padded, v.offset) for v in task] for task in hv[1:]], r,
+        sizes=sizes))(hv, ranks)
+    np.testing.assert_array_equal(np.asarray(got), _reference_bits(p0, fts, ranks))
+
+
+@pytest.mark.skipif(not _native.available(), reason="native kernel unavailable (no C++ compiler)")
+def test_breadcrumbs_on_numpy_leaves_selects_in_place():
+    """The Breadcrumbs kernel hands the views themselves to the native selection (no copies of
+    the sliced leaves); misaligned NumPy leaves merge like device arrays (tests above)."""
+    pre, fts = models(seed=11)
+    views = [merging.host_view(_misaligned(np.asarray(m["enc/kernel"]), 3)) for m in [pre, *fts]]
+    alphas = merging._per_task(0.3, len(fts), "alpha")
+    n_bot, n_top = bcjax.masks.breadcrumbs_counts(views[0].size, 0.6, 0.95)
+    hlo = merging._breadcrumbs_tensor_leaf.lower(views[0], tuple(views[1:]), alphas, n_bot, n_top).as_text()
+    assert _native.VIEWS_TARGET in hlo and _native.MULTI_TARGET not in hlo
