@@ -598,8 +598,27 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
     # N over all merged leaves of the model, all tasks in one pass over the models
     rank = jnp.asarray(ties_trim_rank(density, total), jnp.int32)
     per_model = [jax.tree.leaves(model) for model in finetuned]
-    return _model_threshold_bits([leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model],
-                                 jnp.broadcast_to(rank, (len(finetuned), 1)))[:, 0]
+    p0, fts = [leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model]
+    ranks = jnp.broadcast_to(rank, (len(finetuned), 1))
+    if _selects_on_views([*p0, *(f for task in fts for f in task)]):  # NumPy leaves read in place
+        return _model_threshold_bits_on_views([host_view(p) for p in p0], [[host_view(f) for f in task] for task in fts],
+                                              ranks, sizes=tuple(int(p.size) for p in p0))[:, 0]
+    return _model_threshold_bits(p0, fts, ranks)[:, 0]
+
+
+def _selects_on_views(leaves) -> bool:
+    """True when the native selection can read these leaves as :class:`HostView` in place:
+    float32 NumPy arrays, CPU backend, kernel available."""
+    return (all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in leaves)
+            and jax.default_backend() == "cpu" and _native.available())
+
+
+@functools.partial(jax.jit, static_argnames=("sizes",))
+def _model_threshold_bits_on_views(p0, fts, ranks, sizes):
+    """:func:`order_stats.select_diff_bits_leaves` on :class:`HostView` leaves (native, in place)."""
+    pair = lambda v: (v.padded, v.offset)  # noqa: E731
+    return _native.select_diff_bits_views([pair(p) for p in p0], [[pair(f) for f in task] for task in fts], ranks,
+                                          sizes=sizes)
 
 
 @register_method("ties")
@@ -607,9 +626,10 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
 def ties(pretrained, finetuned, flags, *, density=0.2, alpha=1.0):
     """TIES-merging (Yadav et al., SPEC §3): trim to the top `density` of |τt| per model (global threshold, ties kept), elect signs, disjoint mean; θ* = θ0 + λ·mean."""
     _check_finite_scalar("alpha", alpha)
-    if not _is_traced((pretrained, finetuned)):
-        # NumPy leaves are read by two passes (thresholds, then the merge): copy them once
-        # (zero-copy where aligned); the threshold pass holds them all at once anyway
+    merged = [x for tree in (pretrained, *finetuned) for x, f in zip(jax.tree.leaves(tree), flags) if f and np.size(x)]
+    if not _is_traced((pretrained, finetuned)) and not _selects_on_views(merged):
+        # NumPy leaves the native selection cannot read in place (e.g. bfloat16) are read by two
+        # passes (thresholds, then the merge): put them on the device once
         pretrained, finetuned = jax.tree.map(_host_to_device, (pretrained, list(finetuned)))
     return ties_merge_with_thresholds(pretrained, finetuned, flags,
                                       thresholds=ties_thresholds(pretrained, finetuned, flags, density), alpha=alpha)
@@ -734,4 +754,4 @@ def ties_merge_with_thresholds(pretrained, finetuned, flags, *, thresholds, alph
     when the thresholds are those of the whole model."""
     thresholds = jnp.asarray(thresholds, jnp.int32)
     return map_merged_leaves(lambda i, p0, fts: _ties_leaf(p0, tuple(fts), thresholds, alpha),
-                             pretrained, finetuned, flags)
+                             pretrained, finetuned, flags, host=host_view)

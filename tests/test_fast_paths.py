@@ -279,3 +279,16 @@ def test_breadcrumbs_on_numpy_leaves_selects_in_place():
     n_bot, n_top = bcjax.masks.breadcrumbs_counts(views[0].size, 0.6, 0.95)
     hlo = merging._breadcrumbs_tensor_leaf.lower(views[0], tuple(views[1:]), alphas, n_bot, n_top).as_text()
     assert _native.VIEWS_TARGET in hlo and _native.MULTI_TARGET not in hlo
+
+
+@pytest.mark.skipif(not _native.available(), reason="native kernel unavailable (no C++ compiler)")
+def test_ties_thresholds_on_misaligned_numpy_leaves_equal_the_device_ones():
+    pre, fts = models(seed=13)
+    host = [{k: _misaligned(np.asarray(v), (7 * t + len(k)) % 16) if np.ndim(v) else v for k, v in m.items()}
+            for t, m in enumerate([pre, *fts])]
+    flags = tuple(bcjax.tree.merged_leaf_flags(pre, None))
+    merged = [x for x, f in zip(jax.tree.leaves(host[0]), flags) if f]
+    assert merging._selects_on_views(merged)  # the threshold pass reads these leaves in place
+    on_device = [jax.tree.map(jnp.asarray, m) for m in host]
+    np.testing.assert_array_equal(np.asarray(merging.ties_thresholds(host[0], host[1:], flags, 0.3)),
+                                  np.asarray(merging.ties_thresholds(on_device[0], on_device[1:], flags, 0.3)))
