@@ -238,8 +238,8 @@ def map_merged_leaves(leaf_fn: Callable, pretrained: PyTree, finetuned: Sequence
     leaf at a time as the merge streams through the model: :func:`host_view` (kernels that
     read every input through :func:`_upcast`; NumPy leaves without a copy) or
     :func:`_host_to_device` (NumPy leaves copied aligned, then adopted by XLA)."""
-    leaves0, treedef = jax.tree.flatten(pretrained)
-    per_model = [jax.tree.leaves(t) for t in finetuned]
+    leaves0, treedef = jax.tree.flatten(pretrained, is_leaf=lambda x: isinstance(x, HostView))
+    per_model = [_leaves(t) for t in finetuned]
     per_extra = [[jax.tree.leaves(t) for t in group] for group in extra]
     todo = [i for i, (p0, flag) in enumerate(zip(leaves0, flags)) if flag and np.size(p0) > 0]
 
@@ -589,7 +589,7 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
     max(1, ⌊density·N + 1e-6⌋); entries with bits ≥ the threshold are kept (ties kept).
     One native/portable pass over all leaves and tasks; shape (T,), int32."""
     check_fraction("density", density)
-    leaves0 = jax.tree.leaves(pretrained)
+    leaves0 = _leaves(pretrained)
     merged = [i for i, (p0, f) in enumerate(zip(leaves0, flags)) if f and np.size(p0) > 0]
     total = sum(int(np.size(leaves0[i])) for i in merged)
     if total == 0:
@@ -597,7 +597,7 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
     # keep n_keep = max(1, ⌊density·N + 1e-6⌋) largest: threshold = (N − n_keep)-th smallest,
     # N over all merged leaves of the model, all tasks in one pass over the models
     rank = jnp.asarray(ties_trim_rank(density, total), jnp.int32)
-    per_model = [jax.tree.leaves(model) for model in finetuned]
+    per_model = [_leaves(model) for model in finetuned]
     p0, fts = [leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model]
     ranks = jnp.broadcast_to(rank, (len(finetuned), 1))
     if _selects_on_views([*p0, *(f for task in fts for f in task)]):  # NumPy leaves read in place
@@ -608,9 +608,20 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
 
 def _selects_on_views(leaves) -> bool:
     """True when the native selection can read these leaves as :class:`HostView` in place:
-    float32 NumPy arrays, CPU backend, kernel available."""
-    return (all(isinstance(x, np.ndarray) and x.dtype == np.float32 for x in leaves)
+    float32 NumPy arrays (or their views), CPU backend, kernel available."""
+    return (all(isinstance(x, (np.ndarray, HostView)) and x.dtype == np.float32 for x in leaves)
             and jax.default_backend() == "cpu" and _native.available())
+
+
+def _leaves(tree) -> list:
+    """``jax.tree.leaves`` keeping :class:`HostView` objects whole."""
+    return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, HostView))
+
+
+def _with_host_views(tree, flags):
+    """``tree`` with its merged NumPy leaves as :class:`HostView` (wrapped once, for several passes)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [host_view(x) if f and np.size(x) else x for x, f in zip(leaves, flags)])
 
 
 @functools.partial(jax.jit, static_argnames=("sizes",))
@@ -627,10 +638,13 @@ def ties(pretrained, finetuned, flags, *, density=0.2, alpha=1.0):
     """TIES-merging (Yadav et al., SPEC §3): trim to the top `density` of |τt| per model (global threshold, ties kept), elect signs, disjoint mean; θ* = θ0 + λ·mean."""
     _check_finite_scalar("alpha", alpha)
     merged = [x for tree in (pretrained, *finetuned) for x, f in zip(jax.tree.leaves(tree), flags) if f and np.size(x)]
-    if not _is_traced((pretrained, finetuned)) and not _selects_on_views(merged):
-        # NumPy leaves the native selection cannot read in place (e.g. bfloat16) are read by two
-        # passes (thresholds, then the merge): put them on the device once
-        pretrained, finetuned = jax.tree.map(_host_to_device, (pretrained, list(finetuned)))
+    if not _is_traced((pretrained, finetuned)):
+        # NumPy leaves are read by two passes (thresholds, then the merge): wrap them once, as
+        # views the native selection reads in place, or else (e.g. bfloat16) on the device
+        if _selects_on_views(merged):
+            pretrained, finetuned = _with_host_views(pretrained, flags), [_with_host_views(t, flags) for t in finetuned]
+        else:
+            pretrained, finetuned = jax.tree.map(_host_to_device, (pretrained, list(finetuned)))
     return ties_merge_with_thresholds(pretrained, finetuned, flags,
                                       thresholds=ties_thresholds(pretrained, finetuned, flags, density), alpha=alpha)
 
