@@ -342,12 +342,12 @@ def subset_sweep(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Seq
 
 
 def cosine_matrices(ctx: DemoContext, finetuned: Sequence, beta: float, gamma: float) -> dict[str, np.ndarray]:
-    """cos(τi, τj) of raw and of Breadcrumbs-masked task vectors (Fig. 8)."""
-    raw = [jax.tree.map(lambda a, b: a - b, p, ctx.params0) for p in finetuned]
-    masked = [jax.tree.map(lambda d: d[0], sweeps.task_deltas("breadcrumbs", ctx.params0, [p], beta=beta, gamma=gamma))
-              for p in finetuned]
-    return {"raw task vectors": sweeps.cosine_similarity_matrix(raw),
-            "Breadcrumbs-masked": sweeps.cosine_similarity_matrix(masked)}
+    """cos(τi, τj) of raw and of Breadcrumbs-masked task vectors (Fig. 8): the engine's cosine
+    experiment (:func:`bcjax.experiments.cosine_experiment`) at the chosen (β, γ)."""
+    from bcjax.experiments import cosine_experiment
+
+    raw, masked = cosine_experiment(requirement_suite(ctx, finetuned), settings=[(beta, gamma)])["matrices"].values()
+    return {"raw task vectors": np.array(raw, np.float32), "Breadcrumbs-masked": np.array(masked, np.float32)}
 
 
 # ----------------------------------------------------------------------------- pipeline

@@ -139,7 +139,8 @@ def dinov2_class_split_suite(config: Mapping, *, cache_dir: str, progress: bool 
     """One data set of the offline suite (``suite.dataset``, e.g. mnist) split into tasks of
     ``suite.classes_per_task`` classes; per-task prototype heads; one cached fine-tune per task."""
     from bcjax import demo
-    from bcjax.data.suite import Task, load_suite
+    from bcjax.data.suite import load_suite
+    from bcjax.data.task import Task
     from bcjax.models import dinov2
 
     cfg = demo_config(config)

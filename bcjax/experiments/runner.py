@@ -17,7 +17,7 @@ __all__ = ["run_sweep", "EXPERIMENTS"]
 
 def _load_builtin() -> None:
     # each module registers its experiment on import
-    from bcjax.experiments import class_split, cosine, grid, select, subsets, validation_free  # noqa: F401
+    from bcjax.experiments import class_split, cosine, grid, select, subsets, target_task, validation_free  # noqa: F401
 
 
 _load_builtin()
@@ -33,6 +33,9 @@ def run_sweep(config: Mapping, *, out_dir: str, progress: bool = True, suite: Mo
     typed settings are parsed first, so a misspelt key fails before any model is loaded."""
     from bcjax.results_store import ResultsStore
 
+    if "train" in config:  # a sweep's models are fine-tuned by its suite, configured under suite.train
+        raise ConfigError(f"{where(config)}: unknown key 'train' in a sweep config; training settings of the "
+                          "suite's fine-tunes go under suite.train (e.g. --set suite.train.steps=100)")
     kind = get(config, "experiment", types=str)
     registered = experiments()
     if kind not in registered:
@@ -41,9 +44,10 @@ def run_sweep(config: Mapping, *, out_dir: str, progress: bool = True, suite: Mo
     settings = parse_section(exp.settings, config)
     mesh = sweep_mesh(config)
     chunk = get(config, "models_per_call", None, types=(int, type(None)))
+    results = get(config, "results", os.path.join(out_dir, "results.jsonl"), types=str)
+    suite = suite or model_suite(config, progress=progress)  # a suite builder checks its keys before loading
     os.makedirs(out_dir, exist_ok=True)
-    store = ResultsStore(get(config, "results", os.path.join(out_dir, "results.jsonl"), types=str))
-    suite = suite or model_suite(config, progress=progress)
+    store = ResultsStore(results)
     res = exp.run(suite, store, settings, chunk=chunk, mesh=mesh, progress=progress)
     plots = {}
     for name, (filename, fig) in exp.figures(res, suite).items():

@@ -18,7 +18,7 @@ from bcjax.config import ConfigError, get
 from bcjax.errors import BcjaxError
 
 __all__ = ["ModelSuite", "Evaluate", "register_suite", "suite_builders", "model_suite", "guard_splits",
-           "SplitAccessError", "MissingRequirementError", "fingerprint"]
+           "SplitAccessError", "MissingRequirementError", "fingerprint", "tree_checksum"]
 
 #: ``evaluate(stacked_params, task, split) -> float[M]`` accuracies of M stacked models.
 Evaluate = Callable[[Any, str, str], Any]
@@ -118,6 +118,20 @@ def guard_splits(evaluate: Evaluate, allowed: Sequence[str], what: str) -> Evalu
 def fingerprint(obj) -> str:
     """A short stable hash of a JSON-serializable description (results-store keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tree_checksum(trees) -> str:
+    """A short hash of pytrees' leaf shapes and a strided sample of their values (≤ 512 per
+    leaf, as float32): identifies loaded models in a suite's fingerprint cheaply."""
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(trees):
+        a = np.asarray(leaf)
+        h.update(str(a.shape).encode())
+        h.update(a.reshape(-1)[:: max(1, a.size // 512)].astype(np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- registry
