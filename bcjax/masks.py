@@ -113,13 +113,16 @@ def mask_from_counts(tau: jax.Array, n_bot, n_top) -> jax.Array:
     return (bits >= lo) & (bits < hi)
 
 
-def diff_masks_from_counts(finetuned, pretrained: jax.Array, n_bot, n_top) -> list[jax.Array]:
+def diff_masks_from_counts(finetuned, pretrained: jax.Array, n_bot, n_top, *, select=None) -> list[jax.Array]:
     """:func:`mask_from_counts` of τt = finetuned[t] − pretrained for every task of one leaf,
     without writing τ to memory for the selection: the order statistics of all tasks come
-    from one pass over the leaf where the native CPU kernel applies (same result everywhere)."""
+    from one pass over the leaf where the native CPU kernel applies (same result everywhere).
+    ``select(ranks[T, K]) -> bits[T, K]`` replaces that selection (same contract as
+    :func:`order_stats.select_diff_bits_multi`; e.g. one reading the inputs where they lie)."""
     n = pretrained.size
     ranks = jnp.broadcast_to(_threshold_ranks(n, n_bot, n_top), (len(finetuned), 2))
-    lo, hi = _thresholds_from(order_stats.select_diff_bits_multi(pretrained, finetuned, ranks), n, n_bot, n_top)
+    select = select or (lambda r: order_stats.select_diff_bits_multi(pretrained, finetuned, r))
+    lo, hi = _thresholds_from(select(ranks), n, n_bot, n_top)
     masks = []
     for t, ft in enumerate(finetuned):
         bits = order_stats.magnitude_bits(ft - pretrained)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence
@@ -29,14 +30,15 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+from bcjax import _native, order_stats
 from bcjax import hparams as hp_specs
-from bcjax import order_stats
 from bcjax.errors import HyperparameterError, OverflowMergeError, TreeMismatchError, UnknownMethodError
 from bcjax.masks import (GRANULARITY, bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask,
                          diff_masks_from_counts, fraction_count)
-from bcjax.tree import (PyTree, all_finite, check_devices, check_finite, compute_dtype, is_tracing, keystr,
-                        merged_leaf_flags, unmerged_complex_paths, validate_models)
+from bcjax.tree import (PyTree, all_finite, check_devices, check_finite, compute_dtype, is_floating, is_tracing,
+                        keystr, merged_leaf_flags, unmerged_complex_paths, validate_models)
 
 __all__ = ["MergeMethod", "REQUIREMENTS", "register_method", "unregister_method", "methods", "get_method", "merge",
            "map_merged_leaves", "propagates_nonfinite", "enable_compilation_cache", "ties_thresholds",
@@ -312,16 +314,23 @@ def parallel_map(fn: Callable, items: Sequence, *, traced: bool = False) -> list
 
 
 def map_merged_leaves(leaf_fn: Callable, pretrained: PyTree, finetuned: Sequence[PyTree],
-                      flags: Sequence[bool], *extra: Sequence[PyTree]) -> PyTree:
+                      flags: Sequence[bool], *extra: Sequence[PyTree], host: Callable | None = None) -> PyTree:
     """Rebuild ``pretrained`` with ``leaf_fn(i, p0, [θt leaf], *[[extra leaf] ...])`` on
-    merged leaves (index ``i`` among all leaves) and θ0's leaf elsewhere."""
-    leaves0, treedef = jax.tree.flatten(pretrained)
-    per_model = [jax.tree.leaves(t) for t in finetuned]
+    merged leaves (index ``i`` among all leaves) and θ0's leaf elsewhere.
+
+    ``host`` (optional) converts θ0's and each θt's leaf just before ``leaf_fn`` sees it, one
+    leaf at a time as the merge streams through the model: :func:`host_view` (kernels that
+    read every input through :func:`_upcast`; NumPy leaves without a copy) or
+    :func:`_host_to_device` (NumPy leaves copied aligned, then adopted by XLA)."""
+    leaves0, treedef = jax.tree.flatten(pretrained, is_leaf=lambda x: isinstance(x, HostView))
+    per_model = [_leaves(t) for t in finetuned]
     per_extra = [[jax.tree.leaves(t) for t in group] for group in extra]
     todo = [i for i, (p0, flag) in enumerate(zip(leaves0, flags)) if flag and np.size(p0) > 0]
 
+    view = host or (lambda x: x)
+
     def one(i):
-        return leaf_fn(i, leaves0[i], [m[i] for m in per_model], *[[t[i] for t in g] for g in per_extra])
+        return leaf_fn(i, view(leaves0[i]), [view(m[i]) for m in per_model], *[[t[i] for t in g] for g in per_extra])
 
     out = list(leaves0)
     traced = _is_traced((pretrained, finetuned, extra))
@@ -371,12 +380,113 @@ def _finite_or_rescaled(out, combine, *args):
     return jnp.where(jnp.isfinite(out), out, combine(*scaled) * jnp.asarray(1 / _RESCUE_SCALE, out.dtype))
 
 
+#: XLA:CPU adopts a host buffer without copying when its start is aligned to this many bytes.
+_ZERO_COPY_ALIGNMENT = 64
+
+
+def _aligned_host_buffer(x: np.ndarray, count: int) -> np.ndarray:
+    """A fresh 1-D buffer of ``count`` elements starting on a :data:`_ZERO_COPY_ALIGNMENT`-byte
+    boundary, holding ``x``'s elements (C order) first (numpy's memcpy: several times faster than
+    XLA's own copy of an unaligned buffer)."""
+    pad = _ZERO_COPY_ALIGNMENT // x.itemsize
+    buf = np.empty(count + pad, x.dtype)
+    start = (-buf.ctypes.data % _ZERO_COPY_ALIGNMENT) // x.itemsize
+    out = buf[start:start + count]
+    out[:x.size] = x.reshape(-1)
+    out[x.size:] = 0
+    return out
+
+
 def _host_to_device(x):
-    return jax.device_put(x) if isinstance(x, np.ndarray) else x
+    """A NumPy leaf as a jax.Array on the default device (other leaves unchanged). On the CPU
+    backend an unaligned buffer is first copied by numpy into an aligned one, which XLA then
+    adopts without a copy (XLA's own copy of an unaligned buffer is several times slower)."""
+    if not isinstance(x, np.ndarray):
+        return x
+    if (x.size and x.dtype.isnative and jax.default_backend() == "cpu"
+            and not (x.flags.c_contiguous and x.ctypes.data % _ZERO_COPY_ALIGNMENT == 0)):
+        x = _aligned_host_buffer(x, x.size).reshape(x.shape)
+    return jax.device_put(x)
+
+
+class _HostSpan:
+    """``count`` elements of host memory from address ``start``, as an array interface; holds
+    ``leaf`` (whose data lie inside the span) alive as long as any array made from it."""
+
+    def __init__(self, leaf: np.ndarray, start: int, count: int):
+        self.leaf = leaf
+        # as unsigned integers of the leaf's width (bfloat16 has no array-interface type string)
+        self.__array_interface__ = {"data": (start, True), "shape": (count,), "typestr": f"<u{leaf.itemsize}",
+                                    "version": 3}
+
+
+@jax.tree_util.register_pytree_node_class
+class HostView:
+    """A NumPy leaf handed to a merge kernel on the CPU backend without a copy.
+
+    XLA:CPU adopts only 64-byte-aligned host buffers, and NumPy arrays usually start 16 bytes
+    past a boundary (copying 9 models costs several times task arithmetic itself). So
+    ``padded`` is a 1-D jax.Array adopting the aligned span of memory around the leaf
+    (``offset`` elements before its first element, up to 2 cache lines after its last: the
+    same memory pages, so always readable; see :func:`host_view`) and a kernel reads the leaf
+    as ``dynamic_slice(padded, offset, size).reshape(shape)`` (:func:`_upcast`), fused into
+    its own loop. The padded length depends only on the size, so one program serves every
+    alignment. Values are bit for bit the leaf's."""
+
+    def __init__(self, padded, offset, shape: tuple[int, ...], dtype):
+        self.padded, self.offset, self.shape, self.dtype = padded, offset, tuple(shape), np.dtype(dtype)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def array(self) -> jax.Array:
+        """The leaf (inside a kernel: a slice fused into the consumer, no copy)."""
+        return lax.dynamic_slice_in_dim(self.padded, self.offset, self.size).reshape(self.shape)
+
+    def tree_flatten(self):
+        return (self.padded, self.offset), (self.shape, self.dtype)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+
+def _padded_count(x: np.ndarray) -> int:
+    line = _ZERO_COPY_ALIGNMENT // x.itemsize
+    return -(-x.size // line) * line + line
+
+
+def host_view(x):
+    """A concrete NumPy leaf as a :class:`HostView` on the CPU backend (leaves of other kinds
+    and other backends: :func:`_host_to_device`). Zero copy when the aligned span around the
+    leaf (start rounded down to 64 bytes, :func:`_padded_count` elements) lies in the pages
+    that hold the leaf; otherwise (and for non-contiguous leaves) one aligned numpy copy."""
+    if not (isinstance(x, np.ndarray) and x.size and x.dtype.isnative and is_floating(x)
+            and jax.default_backend() == "cpu"):
+        return _host_to_device(x)
+    count = _padded_count(x)
+    address = x.ctypes.data
+    lead = address % _ZERO_COPY_ALIGNMENT
+    page = mmap.PAGESIZE
+    span_end = address - lead + count * x.itemsize
+    if (x.flags.c_contiguous and lead % x.itemsize == 0
+            and (span_end - 1) // page == (address + x.nbytes - 1) // page):
+        padded, offset = np.asarray(_HostSpan(x, address - lead, count)).view(x.dtype), lead // x.itemsize
+    else:
+        padded, offset = _aligned_host_buffer(x, count), 0
+    return HostView(jax.device_put(padded), np.int32(offset), x.shape, x.dtype)
 
 
 def _upcast(x, like):
-    return jnp.asarray(x).astype(compute_dtype(jnp.result_type(like)))
+    """``x`` (an array or a :class:`HostView`) in the compute dtype of ``like``'s dtype."""
+    if isinstance(x, HostView):
+        x = x.array()
+    return jnp.asarray(x).astype(compute_dtype(like.dtype if isinstance(like, HostView) else jnp.result_type(like)))
 
 
 def _per_task(value, num_tasks: int, name: str):
@@ -426,7 +536,7 @@ def task_arithmetic(pretrained, finetuned, flags, *, alpha=1.0):
     """Task arithmetic (Ilharco et al.): θ* = θ0 + α Σt τt (α scalar or one per task)."""
     alphas = _per_task(alpha, len(finetuned), "alpha")
     return map_merged_leaves(lambda i, p0, fts: _weighted_task_sum(p0, tuple(fts), None, alphas),
-                             pretrained, finetuned, flags)
+                             pretrained, finetuned, flags, host=host_view)
 
 
 @jax.jit
@@ -442,7 +552,8 @@ def _simple_average_leaf(p0, fts):
 @propagates_nonfinite
 def simple_average(pretrained, finetuned, flags):
     """Simple average / model soup: θ* = (1/T) Σt θt."""
-    return map_merged_leaves(lambda i, p0, fts: _simple_average_leaf(p0, tuple(fts)), pretrained, finetuned, flags)
+    return map_merged_leaves(lambda i, p0, fts: _simple_average_leaf(p0, tuple(fts)), pretrained, finetuned, flags,
+                             host=host_view)
 
 
 @jax.jit
@@ -465,11 +576,30 @@ def weighted_average(pretrained, finetuned, flags, *, weights=None):
     return map_merged_leaves(lambda i, p0, fts: _weighted_average_leaf(p0, tuple(fts), w), pretrained, finetuned, flags)
 
 
+def _selection_on_views(p0, fts, p, fs):
+    """For float32 :class:`HostView` inputs on the CPU backend: a ``select(ranks)`` for
+    :func:`diff_masks_from_counts` whose native pass reads the views in place (the kernel
+    would otherwise get copies of the sliced leaves); None otherwise (the default selection)."""
+    views = [p0, *fts]
+    if not (all(isinstance(v, HostView) and v.dtype == np.float32 for v in views)
+            and p0.size > order_stats.SORT_BELOW and _native.available()):
+        return None
+
+    def native(r):
+        return _native.select_diff_bits_views([(p0.padded, p0.offset)], [[(f.padded, f.offset)] for f in fts], r,
+                                              sizes=[p0.size])
+
+    return lambda ranks: lax.platform_dependent(ranks, cpu=native,
+                                                default=lambda r: order_stats.select_diff_bits_multi(p, fs, r))
+
+
 @jax.jit
 def _breadcrumbs_tensor_leaf(p0, fts, alphas, n_bot, n_top):
     p = _upcast(p0, p0)
+    views = fts
     fts = [_upcast(ft, p0) for ft in fts]
-    masks = diff_masks_from_counts(fts, p, n_bot, n_top)  # all tasks' thresholds in one pass
+    # all tasks' thresholds in one pass
+    masks = diff_masks_from_counts(fts, p, n_bot, n_top, select=_selection_on_views(p0, views, p, fts))
     return _nan_where_nonfinite(_masked_task_sum(p, fts, masks, alphas), [p, *fts]).astype(p0.dtype)
 
 
@@ -517,7 +647,7 @@ def breadcrumbs(pretrained, finetuned, flags, *, alpha=0.3, beta=0.9, gamma=0.99
             return _breadcrumbs_row_leaf(p0, tuple(fts), alphas, beta, gamma, ax)
     else:
         raise HyperparameterError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
-    return map_merged_leaves(leaf, pretrained, finetuned, flags)
+    return map_merged_leaves(leaf, pretrained, finetuned, flags, host=host_view)
 
 
 def _leaf_key(key, task: int, leaf_index: int):
@@ -597,7 +727,7 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
     max(1, ⌊density·N + 1e-6⌋); entries with bits ≥ the threshold are kept (ties kept).
     One native/portable pass over all leaves and tasks; shape (T,), int32."""
     density = hp_specs.normalize("ties", {"density": FRACTION}, {"density": density})["density"]
-    leaves0 = jax.tree.leaves(pretrained)
+    leaves0 = _leaves(pretrained)
     merged = [i for i, (p0, f) in enumerate(zip(leaves0, flags)) if f and np.size(p0) > 0]
     total = sum(int(np.size(leaves0[i])) for i in merged)
     if total == 0:
@@ -605,9 +735,39 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
     # keep n_keep = max(1, ⌊density·N + 1e-6⌋) largest: threshold = (N − n_keep)-th smallest,
     # N over all merged leaves of the model, all tasks in one pass over the models
     rank = jnp.asarray(ties_trim_rank(density, total), jnp.int32)
-    per_model = [jax.tree.leaves(model) for model in finetuned]
-    return _model_threshold_bits([leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model],
-                                 jnp.broadcast_to(rank, (len(finetuned), 1)))[:, 0]
+    per_model = [_leaves(model) for model in finetuned]
+    p0, fts = [leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model]
+    ranks = jnp.broadcast_to(rank, (len(finetuned), 1))
+    if _selects_on_views([*p0, *(f for task in fts for f in task)]):  # NumPy leaves read in place
+        return _model_threshold_bits_on_views([host_view(p) for p in p0], [[host_view(f) for f in task] for task in fts],
+                                              ranks, sizes=tuple(int(p.size) for p in p0))[:, 0]
+    return _model_threshold_bits(p0, fts, ranks)[:, 0]
+
+
+def _selects_on_views(leaves) -> bool:
+    """True when the native selection can read these leaves as :class:`HostView` in place:
+    float32 NumPy arrays (or their views), CPU backend, kernel available."""
+    return (all(isinstance(x, (np.ndarray, HostView)) and x.dtype == np.float32 for x in leaves)
+            and jax.default_backend() == "cpu" and _native.available())
+
+
+def _leaves(tree) -> list:
+    """``jax.tree.leaves`` keeping :class:`HostView` objects whole."""
+    return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, HostView))
+
+
+def _with_host_views(tree, flags):
+    """``tree`` with its merged NumPy leaves as :class:`HostView` (wrapped once, for several passes)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [host_view(x) if f and np.size(x) else x for x, f in zip(leaves, flags)])
+
+
+@functools.partial(jax.jit, static_argnames=("sizes",))
+def _model_threshold_bits_on_views(p0, fts, ranks, sizes):
+    """:func:`order_stats.select_diff_bits_leaves` on :class:`HostView` leaves (native, in place)."""
+    pair = lambda v: (v.padded, v.offset)  # noqa: E731
+    return _native.select_diff_bits_views([pair(p) for p in p0], [[pair(f) for f in task] for task in fts], ranks,
+                                          sizes=sizes)
 
 
 @register_method("ties", hparams={"density": FRACTION, "alpha": ALPHA})
@@ -617,10 +777,14 @@ def ties(pretrained, finetuned, flags, *, density=0.2, alpha=1.0):
 
     ``alpha`` (λ) is a scalar or one value per task: per task, θ* = θ0 + (Σt λt e_t) / #{t: e_t ≠ 0}
     per entry with e_t the elected trimmed vectors (a scalar λ gives exactly θ0 + λ · mean)."""
+    merged = [x for tree in (pretrained, *finetuned) for x, f in zip(jax.tree.leaves(tree), flags) if f and np.size(x)]
     if not _is_traced((pretrained, finetuned)):
-        # NumPy leaves are read by two passes (thresholds, then the merge): copy them once
-        # (zero-copy where aligned); the threshold pass holds them all at once anyway
-        pretrained, finetuned = jax.tree.map(_host_to_device, (pretrained, list(finetuned)))
+        # NumPy leaves are read by two passes (thresholds, then the merge): wrap them once, as
+        # views the native selection reads in place, or else (e.g. bfloat16) on the device
+        if _selects_on_views(merged):
+            pretrained, finetuned = _with_host_views(pretrained, flags), [_with_host_views(t, flags) for t in finetuned]
+        else:
+            pretrained, finetuned = jax.tree.map(_host_to_device, (pretrained, list(finetuned)))
     return ties_merge_with_thresholds(pretrained, finetuned, flags,
                                       thresholds=ties_thresholds(pretrained, finetuned, flags, density), alpha=alpha)
 
@@ -767,4 +931,4 @@ def ties_merge_with_thresholds(pretrained, finetuned, flags, *, thresholds, alph
     alpha = hp_specs.normalize("ties", {"alpha": ALPHA}, {"alpha": alpha}, num_tasks=len(finetuned))["alpha"]
     thresholds = jnp.asarray(thresholds, jnp.int32)
     return map_merged_leaves(lambda i, p0, fts: _ties_leaf(p0, tuple(fts), thresholds, alpha),
-                             pretrained, finetuned, flags)
+                             pretrained, finetuned, flags, host=host_view)

@@ -2,6 +2,8 @@
 own pass, NumPy inputs, and TIES's model-wide native selection. Each is compared against
 the plain definition: the separate finiteness check's error, the JAX-input merge, a numpy
 sort of the concatenated |τ| and the portable histogram path."""
+import mmap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,3 +201,100 @@ def test_ties_native_and_portable_merges_identical_with_ties_at_the_threshold(dt
                           for f in fts[:1] for k in sorted(pre)])
     thr = np.sort(tau)[n - int(0.3 * n)]
     assert (tau >= thr).sum() > int(0.3 * n)  # the grid really produced ties at the threshold
+
+
+# ------------------------------------------------------------------ NumPy leaves without a copy
+def _misaligned(x: np.ndarray, offset: int) -> np.ndarray:
+    """``x``'s values in a buffer starting ``offset`` elements past a 64-byte boundary."""
+    buf = np.empty(x.size + 64, x.dtype)
+    start = (-buf.ctypes.data % 64) // x.itemsize + offset
+    out = buf[start:start + x.size].reshape(x.shape)
+    out[...] = x
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, jnp.bfloat16])
+def test_host_view_is_the_leaf_at_every_alignment_and_adopts_its_memory(dtype):
+    x = np.random.default_rng(0).standard_normal((37, 29)).astype(dtype)
+    read = jax.jit(lambda v: v.array())
+    for offset in range(64 // x.itemsize):
+        y = _misaligned(x, offset)
+        view = merging.host_view(y)
+        assert isinstance(view, merging.HostView) and view.shape == y.shape and view.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(read(view)).view(np.uint8), y.view(np.uint8))
+        page = mmap.PAGESIZE
+        span_end = y.ctypes.data - offset * y.itemsize + view.padded.size * y.itemsize
+        if (span_end - 1) // page == (y.ctypes.data + y.nbytes - 1) // page:  # zero copy: XLA reads y's memory
+            assert int(view.offset) == offset
+            assert view.padded.unsafe_buffer_pointer() == y.ctypes.data - offset * y.itemsize
+
+
+def test_host_view_copies_when_the_span_would_leave_the_leafs_pages_or_the_leaf_is_strided():
+    page = mmap.PAGESIZE
+    region = mmap.mmap(-1, 2 * page)
+    n = page // 4 + 5  # ends exactly at the region's end: the aligned span would run past it
+    x_values = np.arange(n, dtype=np.float32)
+    region[2 * page - 4 * n:] = x_values.tobytes()
+    x = np.frombuffer(region, np.float32, count=n, offset=2 * page - 4 * n)
+    view = merging.host_view(x)
+    assert view.padded.unsafe_buffer_pointer() != x.ctypes.data - int(view.offset) * 4  # a copy
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: v.array())(view)), x_values)
+    strided = np.arange(40 * 70, dtype=np.float32).reshape(40, 70).T
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda v: v.array())(merging.host_view(strided))), strided)
+    del view, x
+    region.close()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "simple_average", "breadcrumbs", "breadcrumbs_row", "ties"])
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_misaligned_numpy_leaves_merge_like_device_arrays(method, dtype):
+    pre, fts = models(seed=5, dtype=dtype)
+    shift = lambda tree, t: {k: _misaligned(np.asarray(v), (3 * t + len(k)) % 16) if np.ndim(v) else v  # noqa: E731
+                             for k, v in tree.items()}
+    host = [shift(m, t) for t, m in enumerate([pre, *fts])]
+    on_device = lambda tree: jax.tree.map(jnp.asarray, tree)  # noqa: E731
+    a = run(method, host[0], host[1:])
+    b = run(method, on_device(pre), [on_device(f) for f in fts])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.asarray(x).dtype == np.asarray(y).dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.skipif(not _native.available(), reason="native kernel unavailable (no C++ compiler)")
+def test_native_selection_on_views_equals_selection_on_the_leaves():
+    rng = np.random.default_rng(7)
+    sizes = [5000, 64, 3001]
+    p0 = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    fts = [[p + np.round(rng.standard_t(3, p.size) * 50).astype(np.float32) / 5000 for p in p0] for _ in range(3)]
+    ranks = np.array([[0, 4000, sum(sizes) - 1], [17, 17, 5000], [8064, 1, 2]], np.int32)
+    as_views = lambda leaves, t: [merging.host_view(_misaligned(x, (5 * t + j) % 16)) for j, x in enumerate(leaves)]  # noqa: E731
+    hv = [as_views(m, t) for t, m in enumerate([p0, *fts])]
+    got = jax.jit(lambda hv, r: _native.select_diff_bits_views(
+        [(v.padded, v.offset) for v in hv[0]], [[(v.padded, v.offset) for v in task] for task in hv[1:]], r,
+        sizes=sizes))(hv, ranks)
+    np.testing.assert_array_equal(np.asarray(got), _reference_bits(p0, fts, ranks))
+
+
+@pytest.mark.skipif(not _native.available(), reason="native kernel unavailable (no C++ compiler)")
+def test_breadcrumbs_on_numpy_leaves_selects_in_place():
+    """The Breadcrumbs kernel hands the views themselves to the native selection (no copies of
+    the sliced leaves); misaligned NumPy leaves merge like device arrays (tests above)."""
+    pre, fts = models(seed=11)
+    views = [merging.host_view(_misaligned(np.asarray(m["enc/kernel"]), 3)) for m in [pre, *fts]]
+    alphas = merging._per_task(0.3, len(fts), "alpha")
+    n_bot, n_top = bcjax.masks.breadcrumbs_counts(views[0].size, 0.6, 0.95)
+    hlo = merging._breadcrumbs_tensor_leaf.lower(views[0], tuple(views[1:]), alphas, n_bot, n_top).as_text()
+    assert _native.VIEWS_TARGET in hlo and _native.MULTI_TARGET not in hlo
+
+
+@pytest.mark.skipif(not _native.available(), reason="native kernel unavailable (no C++ compiler)")
+def test_ties_thresholds_on_misaligned_numpy_leaves_equal_the_device_ones():
+    pre, fts = models(seed=13)
+    host = [{k: _misaligned(np.asarray(v), (7 * t + len(k)) % 16) if np.ndim(v) else v for k, v in m.items()}
+            for t, m in enumerate([pre, *fts])]
+    flags = tuple(bcjax.tree.merged_leaf_flags(pre, None))
+    merged = [x for x, f in zip(jax.tree.leaves(host[0]), flags) if f]
+    assert merging._selects_on_views(merged)  # the threshold pass reads these leaves in place
+    on_device = [jax.tree.map(jnp.asarray, m) for m in host]
+    np.testing.assert_array_equal(np.asarray(merging.ties_thresholds(host[0], host[1:], flags, 0.3)),
+                                  np.asarray(merging.ties_thresholds(on_device[0], on_device[1:], flags, 0.3)))

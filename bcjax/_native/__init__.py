@@ -31,11 +31,13 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-__all__ = ["MULTI_TARGET", "TARGET", "select_diff_bits_multi", "select_diff_bits_leaves", "available",
+__all__ = ["MULTI_TARGET", "TARGET", "VIEWS_TARGET", "select_diff_bits_multi", "select_diff_bits_leaves",
+           "select_diff_bits_views", "available",
            "library_path", "select_bits", "unavailable_reason"]
 
 TARGET = "bcjax_select_bits"
 MULTI_TARGET = "bcjax_select_diff_bits_multi"
+VIEWS_TARGET = "bcjax_select_diff_bits_views"
 _SOURCE = Path(__file__).with_name("select_bits.cc")
 _lock = threading.Lock()
 _state: dict = {}
@@ -137,6 +139,8 @@ def _load() -> None:
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.BcjaxSelectBits), platform="cpu")
                 jax.ffi.register_ffi_target(MULTI_TARGET, jax.ffi.pycapsule(lib.BcjaxSelectDiffBitsMulti),
                                             platform="cpu")
+                jax.ffi.register_ffi_target(VIEWS_TARGET, jax.ffi.pycapsule(lib.BcjaxSelectDiffBitsViews),
+                                            platform="cpu")
                 _state.update(ok=True, reason=None, path=path, lib=lib)
             except (OSError, RuntimeError, AttributeError) as e:
                 _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
@@ -207,3 +211,16 @@ def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: 
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(MULTI_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(ranks, *p0, *fts, num_leaves=np.int64(len(p0)), threads=_threads(), sigmas=np.float32(sigmas))
+
+
+def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, sigmas: float = DEFAULT_SIGMAS):
+    """:func:`select_diff_bits_leaves` on views: ``pretrained`` is θ0's L ``(padded, offset)``
+    pairs and ``finetuned[t]`` task t's, each a float32 1-D buffer holding the leaf's ``sizes[l]``
+    elements from element ``offset`` (bcjax.merging.HostView: NumPy memory adopted without a
+    copy). Same result as on the leaves themselves. CPU only."""
+    views = [*pretrained, *(v for task in finetuned for v in task)]
+    offsets = jnp.stack([jnp.asarray(off, jnp.int32) for _, off in views])
+    ranks = jnp.asarray(ranks, jnp.int32)
+    call = jax.ffi.ffi_call(VIEWS_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
+    return call(ranks, offsets, *(buf for buf, _ in views), sizes=np.asarray(sizes, np.int64), threads=_threads(),
+                sigmas=np.float32(sigmas))

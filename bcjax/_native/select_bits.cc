@@ -473,6 +473,25 @@ ffi::Error SelectBitsImpl(ffi::Buffer<ffi::S32> bits, ffi::Buffer<ffi::S32> rank
   return ffi::Error::Success();
 }
 
+// Checks the output shape and every task's ranks, then runs SelectDiffSegments.
+ffi::Error CheckedSelectDiffSegments(const std::vector<const float*>& p0,
+                                     const std::vector<std::vector<const float*>>& fts,
+                                     const std::vector<int64_t>& start, ffi::Buffer<ffi::S32>& ranks,
+                                     ffi::ResultBuffer<ffi::S32>& out, int64_t threads, float sigmas) {
+  const int64_t num_tasks = static_cast<int64_t>(fts.size());
+  const int64_t kk = ranks.dimensions()[1];
+  if (static_cast<int64_t>(out->element_count()) != num_tasks * kk) {
+    return ffi::Error::InvalidArgument("bcjax_select_diff_bits: output must have shape (tasks, K)");
+  }
+  for (int64_t t = 0; t < num_tasks; ++t) {
+    ffi::Error err = CheckRanks(ranks.typed_data() + t * kk, kk, start.back(), kk);
+    if (err.failure()) return err;
+  }
+  SelectDiffSegments(p0, fts, start, ranks.typed_data(), kk, out->typed_data(),
+                     static_cast<int>(std::max<int64_t>(1, threads)), sigmas);
+  return ffi::Error::Success();
+}
+
 // Arguments: ranks[T, K], then θ0's L leaves, then task 0's L leaves, …, task T−1's; the
 // number of tasks is (args − L) / L. One leaf (L = 1) is the per-leaf Breadcrumbs selection.
 ffi::Error SelectDiffBitsSegmentsImpl(ffi::Buffer<ffi::S32> ranks, ffi::RemainingArgs leaves,
@@ -488,7 +507,6 @@ ffi::Error SelectDiffBitsSegmentsImpl(ffi::Buffer<ffi::S32> ranks, ffi::Remainin
   if (rdims.size() != 2 || rdims[0] != num_tasks) {
     return ffi::Error::InvalidArgument("bcjax_select_diff_bits: ranks must have shape (tasks, K)");
   }
-  const int64_t kk = rdims[1];
   std::vector<const float*> p0(nl);
   std::vector<std::vector<const float*>> fts(num_tasks, std::vector<const float*>(nl));
   std::vector<int64_t> start(nl + 1, 0);
@@ -507,16 +525,42 @@ ffi::Error SelectDiffBitsSegmentsImpl(ffi::Buffer<ffi::S32> ranks, ffi::Remainin
       fts[m - 1][l] = buf->typed_data();
     }
   }
-  if (static_cast<int64_t>(out->element_count()) != num_tasks * kk) {
-    return ffi::Error::InvalidArgument("bcjax_select_diff_bits: output must have shape (tasks, K)");
+  return CheckedSelectDiffSegments(p0, fts, start, ranks, out, threads, sigmas);
+}
+
+// The same selection on host views (bcjax.merging.HostView): each leaf argument is a padded
+// buffer holding the leaf's ``sizes[l]`` elements from element ``offsets[j]`` (argument j: θ0's
+// L leaves, then each task's), so XLA hands over NumPy memory without a copy.
+ffi::Error SelectDiffBitsViewsImpl(ffi::Buffer<ffi::S32> ranks, ffi::Buffer<ffi::S32> offsets,
+                                   ffi::RemainingArgs leaves, ffi::ResultBuffer<ffi::S32> out,
+                                   ffi::Span<const int64_t> sizes, int64_t threads, float sigmas) {
+  const int64_t nl = static_cast<int64_t>(sizes.size());
+  const int64_t nargs = static_cast<int64_t>(leaves.size());
+  if (nl <= 0 || nargs % nl != 0 || nargs / nl < 2 || static_cast<int64_t>(offsets.element_count()) != nargs) {
+    return ffi::Error::InvalidArgument("bcjax_select_diff_bits_views: expected θ0's views, at least one task's, "
+                                       "and one offset per view");
   }
-  for (int64_t t = 0; t < num_tasks; ++t) {
-    ffi::Error err = CheckRanks(ranks.typed_data() + t * kk, kk, start.back(), kk);
-    if (err.failure()) return err;
+  const int64_t num_tasks = nargs / nl - 1;
+  const auto rdims = ranks.dimensions();
+  if (rdims.size() != 2 || rdims[0] != num_tasks) {
+    return ffi::Error::InvalidArgument("bcjax_select_diff_bits_views: ranks must have shape (tasks, K)");
   }
-  SelectDiffSegments(p0, fts, start, ranks.typed_data(), kk, out->typed_data(),
-                     static_cast<int>(std::max<int64_t>(1, threads)), sigmas);
-  return ffi::Error::Success();
+  std::vector<const float*> p0(nl);
+  std::vector<std::vector<const float*>> fts(num_tasks, std::vector<const float*>(nl));
+  std::vector<int64_t> start(nl + 1, 0);
+  for (int64_t l = 0; l < nl; ++l) start[l + 1] = start[l] + sizes[l];
+  const int32_t* off = offsets.typed_data();
+  for (int64_t j = 0; j < nargs; ++j) {
+    auto buf = leaves.get<ffi::Buffer<ffi::F32>>(j);
+    if (buf.has_error()) return buf.error();
+    const int64_t l = j % nl, m = j / nl;
+    if (off[j] < 0 || off[j] + sizes[l] > static_cast<int64_t>(buf->element_count())) {
+      return ffi::Error::InvalidArgument("bcjax_select_diff_bits_views: a view runs past its buffer");
+    }
+    const float* data = buf->typed_data() + off[j];
+    if (m == 0) p0[l] = data; else fts[m - 1][l] = data;
+  }
+  return CheckedSelectDiffSegments(p0, fts, start, ranks, out, threads, sigmas);
 }
 
 }  // namespace
@@ -538,3 +582,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectBits, SelectBitsImpl,
                                   .Attr<int64_t>("threads")
                                   .Attr<float>("sigmas"));
 
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectDiffBitsViews, SelectDiffBitsViewsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<ffi::Span<const int64_t>>("sizes")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<float>("sigmas"));
