@@ -183,7 +183,11 @@ def test_cli_sweep_end_to_end(tmp_path):
         assert (out / png).stat().st_size > 5000
     assert json.loads(proc.stdout)["best"] == summary["best"]
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 3 + 3 + 8  # fine-tuned references (accuracy + per-example correctness), 8 grid points
+    # fine-tuned references (accuracy + per-example correctness), θ0's per-example correctness (one
+    # record), 8 grid points (accuracy + per-example correctness, for the intervals)
+    assert len(lines) == 3 + 3 + 1 + 8 + 8
+    assert all(p["avg_normalized_acc_ci95"][0] <= p["avg_normalized_acc"] <= p["avg_normalized_acc_ci95"][1]
+               for p in summary["points"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("experiment: nope\nsuite: {name: synthetic}\n")
     proc = subprocess.run([*cmd[:5], str(bad), "--out", str(out)], env=env, capture_output=True, text=True,
@@ -213,7 +217,11 @@ def test_dinov2_suite_subsets_and_cosine(demo_cache, tmp_path):
     s = E.run_sweep(cfg, out_dir=str(tmp_path / "subsets"), progress=False)
     curve = s["methods"]["breadcrumbs"]["observed"]
     assert sorted(curve) == ["0", "1", "3"] and all(0 < v < 1.5 for v in curve.values())
-    assert s["points_stored"] == 3 + 1 + 3 + 1
+    # fine-tuned accuracy + per-example correctness, θ0's correctness, 5 subsets' accuracy + correctness
+    assert s["points_stored"] == 3 + 3 + 1 + 5 + 5
+    points = s["methods"]["breadcrumbs"]["points"]["observed"]  # the suite's intervals (stratified samples)
+    for k, p in points.items():
+        assert p["ci95"][0] <= p["mean"] <= p["ci95"][1] and p["examples_per_task"] == {t: 16 for t in s["tasks"]}
     cos = {k: v for k, v in cfg.items() if k not in ("sizes", "methods")}  # keys of the subsets experiment
     c = E.run_sweep({**cos, "experiment": "cosine", "settings": [[0.9, 0.99]]}, out_dir=str(tmp_path / "cos"),
                     progress=False)
