@@ -18,7 +18,11 @@ def _cmd_demo(args) -> int:
 
     cache_root = _cache_root(args)
     _enable_compile_cache(cache_root)
-    results = run_demo(args.out, quick=args.quick, cache_dir=cache_root, progress=not args.no_progress)
+    from bcjax.demo import DemoConfig
+
+    preset = "quick" if args.quick else args.preset
+    results = run_demo(args.out, config=DemoConfig.preset(preset), cache_dir=cache_root,
+                       progress=not args.no_progress, seeds=args.seeds)
     bc = results["methods"]["breadcrumbs"]["avg_normalized_acc"]
     ta = results["methods"]["task_arithmetic"]["avg_normalized_acc"]
     print(f"\nbreadcrumbs {100 * bc:.1f} vs task arithmetic {100 * ta:.1f} (avg normalized accuracy, test); "
@@ -108,7 +112,13 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo_out", help="output folder (results.json, report.md, PNG plots)")
-    p.add_argument("--quick", action="store_true", help="fewer tasks, steps and images (minutes; used by CI)")
+    p.add_argument("--quick", action="store_true", help="fewer tasks, steps and images (minutes; used by CI); "
+                   "the same as --preset quick")
+    p.add_argument("--preset", choices=("quick", "default", "accelerator"), default="default",
+                   help="quick: 3 tasks (≈3 min on 2 cores); default: 8 tasks (≈20 min on 2 cores); "
+                   "accelerator: paper scale, 224 px, 2,000 steps of 128 (one GPU/TPU)")
+    p.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="repeat the fine-tunes with N training seeds; report mean ± s.e. and 95%% t-intervals")
     _common_args(p)
 
 

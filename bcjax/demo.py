@@ -38,8 +38,9 @@ from bcjax.results_store import ResultsStore
 from bcjax.train import TrainConfig, finetune
 
 __all__ = ["DemoConfig", "DemoContext", "setup", "finetune_tasks", "finetune_multitask", "task_fishers",
-           "merge_for_demo",
-           "demo_suite", "requirement_suite", "select_and_test", "subset_sweep", "cosine_matrices", "run_demo", "validate_results", "render_report"]
+           "merge_for_demo", "demo_suite", "requirement_suite", "select_and_test", "subset_sweep", "seed_repeats",
+           "accelerator_programs", "split_examples", "cosine_matrices", "run_demo", "validate_results",
+           "render_report"]
 
 SUITE_NAME = "bcjax-offline-8 (DINOv2 ViT-S/14)"
 
@@ -52,14 +53,16 @@ class DemoConfig:
     resolution: int = 28
     max_train: int = 1000
     max_val: int = 100
-    max_test: int = 300
+    max_test: int | None = 1000  # None: every test image the source allows
     k_shot: int = 16
     head_scale: float = 20.0
-    train: TrainConfig = TrainConfig(steps=100, batch_size=32, learning_rate=1e-4, weight_decay=0.1,
-                                     warmup_steps=10, seed=0)
+    # the regime chosen in docs/regime.md (D3): gentle fine-tuning, frozen head
+    train: TrainConfig = TrainConfig(steps=60, batch_size=32, learning_rate=1e-5, weight_decay=0.1,
+                                     warmup_steps=6, seed=0)
     fisher_examples: int = 24
     subset_sizes: tuple[int, ...] | None = None  # None: all 2^T subsets
-    subset_eval_examples: int = 16  # test images per task for each subset's model
+    subsets_per_size: int | None = None  # None: every subset; else a seeded sample of this many per size
+    subset_eval_examples: int = 200  # stratified test images per task for each subset's model
     eval_batch: int = 16
     models_per_call: int = 2
     grids: tuple = ()
@@ -69,16 +72,42 @@ class DemoConfig:
     def full() -> "DemoConfig":
         from bcjax.data.suite import SUITE_TASKS
 
-        return DemoConfig(tasks=tuple(SUITE_TASKS), grids=_grids(full=True))
+        # docs/regime.md §4: 28 px, k=16, lr 1e-5 x 60 steps, 1,000-image test sets, subset
+        # models on 200 stratified images per task, 4 sampled subsets per size (30 of 256)
+        return DemoConfig(tasks=tuple(SUITE_TASKS), subsets_per_size=4, grids=_grids(full=True))
 
     @staticmethod
     def quick() -> "DemoConfig":
+        """The same recipe (lr 1e-5, wd 0.1, 10% warm-up, frozen head) on 3 tasks, smaller."""
         from bcjax.data.suite import SUITE_TASKS
 
-        return DemoConfig(tasks=tuple(SUITE_TASKS[:3]), max_train=320, max_val=40, max_test=80, k_shot=8,
-                          train=TrainConfig(steps=40, batch_size=16, learning_rate=5e-5, weight_decay=0.1,
+        return DemoConfig(tasks=tuple(SUITE_TASKS[:3]), max_train=320, max_val=40, max_test=200, k_shot=8,
+                          train=TrainConfig(steps=40, batch_size=16, learning_rate=1e-5, weight_decay=0.1,
                                             warmup_steps=4, seed=0),
-                          fisher_examples=8, subset_eval_examples=40, eval_batch=40, grids=_grids(full=False))
+                          fisher_examples=8, subset_eval_examples=100, eval_batch=40, grids=_grids(full=False))
+
+    @staticmethod
+    def accelerator() -> "DemoConfig":
+        """Paper scale for one GPU/TPU (SPEC §5): 224 px (16x16 patches), the full training sets
+        the sources allow, 2,000 AdamW steps of batch 128 at lr 1e-5 (200 warm-up), every test
+        image, all 2^8 subsets on 1,000 stratified images per task. Not for 2 CPU cores; its
+        programs are AOT-lowered at full shape in tests/test_demo.py."""
+        from bcjax.data.suite import SUITE_TASKS
+
+        return DemoConfig(tasks=tuple(SUITE_TASKS), resolution=224, max_train=None, max_val=500, max_test=None,
+                          train=TrainConfig(steps=2000, batch_size=128, learning_rate=1e-5, weight_decay=0.1,
+                                            warmup_steps=200, seed=0),
+                          fisher_examples=256, subset_eval_examples=1000, eval_batch=256, models_per_call=4,
+                          grids=_grids(full=True))
+
+    @staticmethod
+    def preset(name: str) -> "DemoConfig":
+        """``quick`` | ``default`` | ``accelerator``."""
+        presets = {"quick": DemoConfig.quick, "default": DemoConfig.full, "full": DemoConfig.full,
+                   "accelerator": DemoConfig.accelerator}
+        if name not in presets:
+            raise ValueError(f"demo preset must be one of {sorted(presets)}, got {name!r}")
+        return presets[name]()
 
     def fingerprint(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
@@ -94,7 +123,7 @@ class DemoConfig:
         """What an evaluated point depends on besides its method and hyper-parameters."""
         return dict(finetune=self.finetune_fingerprint(), tasks=list(self.tasks), max_val=self.max_val,
                     max_test=self.max_test, fisher_examples=self.fisher_examples,
-                    subset_eval_examples=self.subset_eval_examples)
+                    subset_eval_examples=self.subset_eval_examples, subset_sample="stratified")
 
 
 def _grids(full: bool) -> tuple:
@@ -174,14 +203,30 @@ class DemoContext:
     def task(self, name: str):
         return next(t for t in self.tasks if t.name == name)
 
+    def examples(self, task: str, split: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`split_examples` of a task of this context."""
+        return split_examples(self.task(task), split, n, seed=self.cfg.seed)
+
     def accuracy(self, params, task: str, split: str, n: int | None = None) -> float:
-        x, y = self.task(task).splits[split]
-        n = n or len(y)
-        return evaluate.accuracy(self.predict, params, x[:n], y[:n], batch_size=self.cfg.eval_batch,
+        x, y = self.examples(task, split, n)
+        return evaluate.accuracy(self.predict, params, x, y, batch_size=self.cfg.eval_batch,
                                  predict_args=self.heads[task])
 
     def accuracies(self, params, split: str) -> dict[str, float]:
         return {t: self.accuracy(params, t, split) for t in self.names}
+
+
+def split_examples(task, split: str, n: int | None = None, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A task's split as (images, labels): all of them, or a seeded class-stratified sample of
+    ``n`` (:func:`bcjax.stats.stratified_sample` keyed by the task's name; never the first
+    ``n``, SPEC §4 "Uncertainty")."""
+    from bcjax.stats import stratified_sample
+
+    x, y = task.splits[split]
+    if not n or n >= len(y):
+        return x, y
+    idx = stratified_sample(y, n, seed=seed, key=task.name)
+    return x[idx], y[idx]
 
 
 def setup(cfg: DemoConfig, cache_root: str, *, progress: bool = True) -> DemoContext:
@@ -294,7 +339,7 @@ def demo_suite(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequ
                examples: int | None = None):
     """The demo's models as a :class:`bcjax.experiments.ModelSuite` for the engine's experiments.
 
-    ``evaluate`` scores on the first ``examples`` images of a split (all when None): a single
+    ``evaluate`` scores on ``examples`` stratified images of a split (all when None): a single
     model with the single-model path (:meth:`DemoContext.accuracy`), a stack of models vmapped
     ``models_per_call`` at a time. Provides Fishers (``fishers()``, called only when a method
     needs them) and training-set sizes; the seed of key-requiring methods is the config's."""
@@ -306,24 +351,23 @@ def demo_suite(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequ
     def evaluate_stack(stacked, task, split):
         if jax.tree.leaves(stacked)[0].shape[0] == 1:
             return np.array([ctx.accuracy(jax.tree.map(lambda x: x[0], stacked), task, split, examples)])
-        x, y = ctx.task(task).splits[split]
-        n = examples or len(y)
-        return evaluate.accuracy_of_stack(ctx.predict, stacked, x[:n], y[:n], batch_size=cfg.eval_batch,
+        x, y = ctx.examples(task, split, examples)
+        return evaluate.accuracy_of_stack(ctx.predict, stacked, x, y, batch_size=cfg.eval_batch,
                                           models_per_call=cfg.models_per_call, predict_args=ctx.heads[task])
 
     def correctness_stack(stacked, task, split):  # per-example; row means are evaluate_stack's values
-        x, y = ctx.task(task).splits[split]
-        n = examples or len(y)
+        x, y = ctx.examples(task, split, examples)
         if jax.tree.leaves(stacked)[0].shape[0] == 1:
-            return evaluate.correctness(ctx.predict, jax.tree.map(lambda x: x[0], stacked), x[:n], y[:n],
+            return evaluate.correctness(ctx.predict, jax.tree.map(lambda x: x[0], stacked), x, y,
                                         batch_size=cfg.eval_batch, predict_args=ctx.heads[task])[None]
-        return evaluate.correctness_of_stack(ctx.predict, stacked, x[:n], y[:n], batch_size=cfg.eval_batch,
+        return evaluate.correctness_of_stack(ctx.predict, stacked, x, y, batch_size=cfg.eval_batch,
                                              models_per_call=cfg.models_per_call, predict_args=ctx.heads[task])
 
     base = requirement_suite(ctx, finetuned, fishers)
     return dataclasses.replace(base, evaluate=evaluate_stack, correctness=correctness_stack,
                                models_per_call=cfg.models_per_call, seed=cfg.seed,
-                               fingerprint=fingerprint(dict(demo=cfg.eval_tag(), examples=examples)))
+                               fingerprint=fingerprint(dict(demo=cfg.eval_tag(), examples=examples,
+                                                            **({"sample": "stratified"} if examples else {}))))
 
 
 def select_and_test(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[], Sequence], finetuned_val: Mapping,
@@ -349,15 +393,17 @@ def select_and_test(ctx: DemoContext, finetuned: Sequence, fishers: Callable[[],
 def subset_sweep(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Sequence, *,
                  progress: bool = True) -> tuple[dict, dict, dict]:
     """Curves (observed-task and all-task protocols) over all subsets of the tasks — the engine's
-    subsets experiment (:func:`bcjax.experiments.subsets_experiment`) on the first
-    ``subset_eval_examples`` test images; linear methods use one contraction per leaf. Returns
+    subsets experiment (:func:`bcjax.experiments.subsets_experiment`) on ``subset_eval_examples``
+    stratified test images per task, over all subsets or ``subsets_per_size`` seeded samples
+    of each size; linear methods use one contraction per leaf. Returns
     ``(observed curve, all-task curve, points)``, ``points`` the per-size bootstrap intervals
     of both protocols (``{"observed" | "all": {k: {"mean", "ci95", ...}}}``)."""
     from bcjax.experiments import subsets_experiment
 
     suite = demo_suite(ctx, finetuned, examples=ctx.cfg.subset_eval_examples)
     res = subsets_experiment(suite, ctx.store, methods=[(method, dict(hparams))], sizes=ctx.cfg.subset_sizes,
-                             split="test", chunk=ctx.cfg.models_per_call, progress=progress)
+                             per_size=ctx.cfg.subsets_per_size, split="test", chunk=ctx.cfg.models_per_call,
+                             progress=progress)
     r = res["methods"][method]
     return r["observed"], r["all"], r["points"]
 
@@ -371,12 +417,48 @@ def cosine_matrices(ctx: DemoContext, finetuned: Sequence, beta: float, gamma: f
     return {"raw task vectors": np.array(raw, np.float32), "Breadcrumbs-masked": np.array(masked, np.float32)}
 
 
-# ----------------------------------------------------------------------------- pipeline
-def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = None, cache_dir: str | None = None,
-             progress: bool = True) -> dict:
-    """Run the whole pipeline and write ``results.json``, ``report.md`` and plots to ``out_dir``."""
+def accelerator_programs(model_config, cfg: DemoConfig | None = None, *, num_classes: int = 10) -> dict:
+    """The preset's device programs lowered at full shape with abstract arguments (no weights,
+    no data, no device needed): ``{"train": one AdamW step of ``train.batch_size`` images at
+    ``resolution`` px (the fine-tune's own jitted step), "eval": ``models_per_call`` stacked
+    models' per-example correctness on ``eval_batch`` images (the evaluation's own call)}`` as
+    ``jax.stages.Lowered``; ``.compile().memory_analysis()`` gives the per-device memory.
+    ``cfg`` defaults to :meth:`DemoConfig.accelerator`; heads padded to ``num_classes``."""
+    from bcjax import train
     from bcjax.models import dinov2
 
+    cfg = cfg or DemoConfig.accelerator()
+    f32, r = jnp.float32, cfg.resolution
+    shapes = dinov2.param_shapes(model_config)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, f32), shapes, is_leaf=lambda v: isinstance(v, tuple))
+    _, predict, loss = make_classifier(model_config, cfg.head_scale)
+    heads = (jax.ShapeDtypeStruct((num_classes, model_config.hidden_size), f32),
+             jax.ShapeDtypeStruct((num_classes,), jnp.bool_))
+
+    def images(n):
+        return jax.ShapeDtypeStruct((n, r, r, 3), f32), jax.ShapeDtypeStruct((n,), jnp.int32)
+
+    x, y = images(cfg.train.batch_size)
+    tx = train.make_optimizer(cfg.train)
+    opt_state = jax.eval_shape(tx.init, params)
+    stacked = jax.tree.map(lambda a: jax.ShapeDtypeStruct((cfg.models_per_call, *a.shape), a.dtype), params)
+    ex, ey = images(cfg.eval_batch)
+    return {"train": train._train_step.lower(loss, tx, params, opt_state, {"x": x, "y": y}, heads),
+            "eval": evaluate._hits_stack.lower(predict, stacked, ex, ey, heads)}
+
+
+# ----------------------------------------------------------------------------- pipeline
+def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = None, cache_dir: str | None = None,
+             progress: bool = True, seeds: int = 1) -> dict:
+    """Run the whole pipeline and write ``results.json``, ``report.md`` and plots to ``out_dir``.
+
+    ``seeds`` > 1 repeats the fine-tunes with training seeds ``train.seed + 1, ...`` and scores
+    every method's chosen-on-val point again for each (:func:`seed_repeats`); the subset curves
+    and cosine matrices stay those of the first seed."""
+    from bcjax.models import dinov2
+
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {seeds!r}")
     cfg = config or (DemoConfig.quick() if quick else DemoConfig.full())
     os.makedirs(out_dir, exist_ok=True)
     cache_root = os.path.abspath(cache_dir) if cache_dir else str(dinov2.default_cache_dir())
@@ -398,8 +480,11 @@ def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = N
     for method in linear:
         subsets[method], subsets_all[method], points[method] = subset_sweep(
             ctx, method, methods_out[method]["hparams"], finetuned, progress=progress)
-    log("subsets", f"{len(sweeps.all_subsets(len(names), cfg.subset_sizes))} subsets x "
-        f"{len(linear)} methods, {cfg.subset_eval_examples} test images per task")
+    num_subsets = len(sweeps.all_subsets(len(names), cfg.subset_sizes, per_size=cfg.subsets_per_size, seed=cfg.seed))
+    log("subsets", f"{num_subsets} subsets x {len(linear)} methods, {cfg.subset_eval_examples} stratified test "
+        "images per task")
+    seed_rows = (seed_repeats(ctx, methods_out, intervals["references"], seeds, progress=progress)
+                 if seeds > 1 else None)
     bc = methods_out["breadcrumbs"]["hparams"]
     cos = cosine_matrices(ctx, finetuned, bc["beta"], bc["gamma"])
     log("cosine", ", ".join(f"{k}: mean off-diagonal {_offdiag(v):.4f}" for k, v in cos.items()))
@@ -427,6 +512,8 @@ def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = N
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                     "devices": [str(d) for d in jax.devices()]},
     }
+    if seed_rows is not None:
+        results["seeds"] = seed_rows
     figs = {
         "subsets": plots.subset_curves(subsets, os.path.join(out_dir, "subsets.png"),
                                        title="merged tasks, observed-task protocol",
@@ -449,6 +536,43 @@ def run_demo(out_dir: str, *, quick: bool = False, config: DemoConfig | None = N
         f.write(render_report(results, figs))
     log("done", f"wrote {out_dir}/results.json, report.md and {len(figs)} plots")
     return results
+
+
+def seed_repeats(ctx: DemoContext, methods_out: Mapping, references: Mapping, seeds: int, *,
+                 progress: bool = True) -> dict:
+    """The fine-tunes repeated with ``seeds`` training seeds (the first is ``ctx``'s own run),
+    each scored on the test split at every method's hyper-parameters *as chosen on validation
+    by that seed's own grid* (the engine's select-on-val), summarised across seeds as the paper
+    reports them: mean ± s.e. and the 95 % Student-t interval (:func:`bcjax.stats.seed_summary`).
+
+    Returns ``{"train_seeds", "methods": {m: {"mean", "se", "num_seeds", "ci95", "values"}},
+    "delta_vs_task_arithmetic": {m: ...}, "references": {"pretrained": ...}}`` over the average
+    normalized accuracy (each seed normalized by its own fine-tunes)."""
+    from bcjax.stats import seed_summary
+
+    base = ctx.cfg.train.seed
+    per_seed = [{m: r["avg_normalized_acc"] for m, r in methods_out.items()}]
+    pre = [references["pretrained"]["avg_normalized_acc"]]
+    for extra in range(1, seeds):
+        cfg = dataclasses.replace(ctx.cfg, train=dataclasses.replace(ctx.cfg.train, seed=base + extra))
+        sub = dataclasses.replace(ctx, cfg=cfg, store=ResultsStore(os.path.join(
+            ctx.cache_root, "demo", cfg.finetune_fingerprint(), "results.jsonl")))
+        finetuned = finetune_tasks(sub, progress=progress)
+        fishers = functools.lru_cache(maxsize=1)(lambda sub=sub, finetuned=finetuned: task_fishers(sub, finetuned))
+        out, _, intervals = select_and_test(sub, finetuned, fishers, None, None, progress=progress)
+        per_seed.append({m: r["avg_normalized_acc"] for m, r in out.items()})
+        pre.append(intervals["references"]["pretrained"]["avg_normalized_acc"])
+        ctx.log(f"seed {base + extra}", " ".join(f"{m}={100 * v:.1f}" for m, v in per_seed[-1].items()))
+        del finetuned
+
+    def summary(values):
+        return {**seed_summary(values), "values": [float(v) for v in values]}
+
+    return {"train_seeds": [base + i for i in range(seeds)],
+            "methods": {m: summary([s[m] for s in per_seed]) for m in methods_out},
+            "delta_vs_task_arithmetic": {m: summary([s[m] - s["task_arithmetic"] for s in per_seed])
+                                         for m in methods_out},
+            "references": {"pretrained": summary(pre)}}
 
 
 def _points(points: Mapping, protocol: str) -> dict:
@@ -592,9 +716,24 @@ def render_report(r: Mapping, figs: Mapping[str, str]) -> str:
         verdict = (f"Breadcrumbs − task arithmetic: {100 * (bc - ta):+.1f} points, 95% CI {_ci(d)}" +
                    (" (includes 0)" if d[0] <= 0 <= d[1] else "") +
                    "; the paper reports +5.7 for CLIP ViT-B/32 (SPEC §6).")
-    lines += ["", verdict, "", "## Subsets (Fig. 2 style)", "",
+    lines += ["", verdict]
+    if "seeds" in r:
+        sd = r["seeds"]
+        lines += ["", f"## Across fine-tuning seeds ({len(sd['train_seeds'])} seeds: {sd['train_seeds']})", "",
+                  "Each seed's fine-tunes, validation grid and test scores are its own; mean ± s.e. and the 95% "
+                  "Student-t interval over seeds (the spread of fine-tuning, not of the test images):", "",
+                  "| model | avg normalized acc, mean ± s.e. | 95% CI | Δ vs TA, mean ± s.e. | 95% CI |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, m in sorted(sd["methods"].items(), key=lambda kv: -kv[1]["mean"]):
+            d = sd["delta_vs_task_arithmetic"][name]
+            lines.append(f"| {name} | {100 * m['mean']:.1f} ± {100 * m['se']:.1f} | {_ci(m['ci95'])} "
+                         f"| {100 * d['mean']:+.1f} ± {100 * d['se']:.1f} | {_ci(d['ci95'])} |")
+        p = sd["references"]["pretrained"]
+        lines.append(f"| *pretrained* (reference) | {100 * p['mean']:.1f} ± {100 * p['se']:.1f} | {_ci(p['ci95'])} "
+                     "| – | – |")
+    lines += ["", "## Subsets (Fig. 2 style)", "",
               "Mean over all subsets of each size of the average normalized accuracy (observed-task protocol; "
-              "size 0 is the pretrained model). Each subset's model is scored on the first "
+              "size 0 is the pretrained model). Each subset's model is scored on a seeded class-stratified sample of "
               f"{r['config']['subset_eval_examples']} test images of each task (normalized by the fine-tuned "
               "models' accuracy on the same images), so the full-set size equals the table above only up to "
               "that sampling:", "",

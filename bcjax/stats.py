@@ -305,12 +305,30 @@ def stratified_sample(labels: np.ndarray, size: int, *, seed: int = 0, key: str 
     return np.sort(np.concatenate(picked))
 
 
+#: Student-t 0.975 quantiles for 1..30 degrees of freedom (beyond: :func:`_t975`'s expansion).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042)
+
+
+def _t975(df: int) -> float:
+    """t_{0.975, df}: the table for df ≤ 30, else the Cornish-Fisher expansion around z = 1.96
+    (error < 1e-4 for df > 30)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
 def seed_summary(values: Sequence[float]) -> dict:
     """Mean ± standard error over repeated fine-tuning seeds (as the paper reports):
-    ``{"mean", "se", "num_seeds"}`` with se = s / √N, s the sample standard deviation
-    (ddof = 1); se is 0 for a single seed."""
+    ``{"mean", "se", "num_seeds", "ci95"}`` with se = s / √N, s the sample standard deviation
+    (ddof = 1), and the 95 % Student-t interval mean ± t_{0.975, N−1} · se (the seeds'
+    spread, not the test images'); for a single seed se is 0 and the interval is the point."""
     v = np.asarray(values, np.float64)
     if v.ndim != 1 or v.size == 0 or not np.all(np.isfinite(v)):
         raise EvaluationDataError(f"seed_summary needs a non-empty 1-d list of finite values, got {values!r}")
+    mean = float(v.mean())
     se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0
-    return {"mean": float(v.mean()), "se": se, "num_seeds": int(v.size)}
+    half = _t975(v.size - 1) * se if v.size > 1 else 0.0
+    return {"mean": mean, "se": se, "num_seeds": int(v.size), "ci95": [mean - half, mean + half]}

@@ -29,15 +29,27 @@ def is_linear(method: str) -> bool:
     return get_method(method).linear
 
 
-def all_subsets(num_tasks: int, sizes: Sequence[int] | None = None) -> np.ndarray:
+def all_subsets(num_tasks: int, sizes: Sequence[int] | None = None, *, per_size: int | None = None,
+                seed: int = 0) -> np.ndarray:
     """bool[S, T] indicator rows of all subsets (of the given sizes), by size, then
-    lexicographically. Size 0 (the empty subset, i.e. θ0) is included when asked for."""
+    lexicographically. Size 0 (the empty subset, i.e. θ0) is included when asked for.
+
+    ``per_size``: keep at most that many subsets of each size k — all C(T, k) when there are
+    no more, else a uniform draw without replacement seeded by ``(seed, k)`` (so a size's
+    sample does not depend on the other sizes), kept in lexicographic order."""
     sizes = range(num_tasks + 1) if sizes is None else sizes
+    if per_size is not None and (isinstance(per_size, bool) or not isinstance(per_size, (int, np.integer))
+                                 or per_size < 1):
+        raise ValueError(f"per_size must be an int >= 1 or None, got {per_size!r}")
     rows = []
     for k in sizes:
         if not 0 <= k <= num_tasks:
             raise ValueError(f"subset size {k} outside [0, {num_tasks}]")
-        for combo in itertools.combinations(range(num_tasks), k):
+        combos = list(itertools.combinations(range(num_tasks), k))
+        if per_size is not None and len(combos) > per_size:
+            keep = np.sort(np.random.default_rng([seed, k]).choice(len(combos), size=per_size, replace=False))
+            combos = [combos[i] for i in keep]
+        for combo in combos:
             row = np.zeros(num_tasks, bool)
             row[list(combo)] = True
             rows.append(row)

@@ -3,7 +3,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bcjax.demo import DemoConfig, validate_results
@@ -20,7 +22,7 @@ def quick_run(demo_cache, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_quick_demo_writes_valid_results_report_and_plots(quick_run):
+def test_quick_demo_writes_valid_results_report_and_plots(quick_run, demo_cache):
     out, stdout = quick_run
     results = json.loads((out / "results.json").read_text())
     validate_results(results)
@@ -41,6 +43,12 @@ def test_quick_demo_writes_valid_results_report_and_plots(quick_run):
     for png in ("subsets.png", "subsets_all_tasks.png", "normalized_accuracy.png", "cosine_similarity.png"):
         assert (out / png).stat().st_size > 5000, png
     assert "breadcrumbs" in stdout and "task arithmetic" in stdout
+    # the shape-only ViT-S/14 config (accelerator plans) is the architecture the conversion derived
+    from bcjax.models import dinov2
+
+    manifest = json.loads((Path(demo_cache) / dinov2.CACHE_NAME / "manifest.json").read_text())
+    assert dinov2.param_shapes(dinov2.vits14_config()) == dinov2.param_shapes(
+        type(dinov2.vits14_config()).from_dict(manifest["config"]))
 
 
 def _check_intervals(results, cfg, report):
@@ -102,3 +110,77 @@ def test_validate_results_rejects_bad_schema():
         mutate(bad)
         with pytest.raises(ValueError, match=msg):
             validate_results(bad)
+
+
+def test_accelerator_preset_programs_lower_at_full_shape():
+    """`--preset accelerator` (paper scale) is sized for one GPU/TPU: its fine-tuning step and
+    evaluation call lower at full shape from abstract arguments (no weights, data or device),
+    with the shapes and FLOPs of a 224 px ViT-S/14 step of batch 128 (6·N·tokens rule) and of
+    ``models_per_call`` stacked models on ``eval_batch`` images (2·N·tokens each)."""
+    import jax
+
+    from bcjax.demo import accelerator_programs
+    from bcjax.models import dinov2
+
+    cfg = DemoConfig.accelerator()
+    assert (cfg.resolution, cfg.train.steps, cfg.train.batch_size, cfg.train.learning_rate) == (224, 2000, 128, 1e-5)
+    assert cfg.max_test is None and cfg.subsets_per_size is None and cfg.subset_sizes is None  # every subset
+    vits14 = dinov2.vits14_config()
+    progs = accelerator_programs(vits14, cfg)
+    n_params = sum(int(np.prod(s)) for s in jax.tree.leaves(dinov2.param_shapes(vits14),
+                                                             is_leaf=lambda v: isinstance(v, tuple)))
+    tokens = (224 // 14) ** 2 + 1
+    train_in = jax.tree.leaves(progs["train"].in_avals)
+    assert any(a.shape == (128, 224, 224, 3) for a in train_in)
+    params_out, _, loss = progs["train"].out_info
+    assert loss.shape == () and sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params_out)) == n_params
+    (hits,) = jax.tree.leaves(progs["eval"].out_info)
+    assert hits.shape == (cfg.models_per_call, cfg.eval_batch) and hits.dtype == np.bool_
+    train_flops = progs["train"].cost_analysis()["flops"] / (6 * n_params * tokens * cfg.train.batch_size)
+    eval_flops = progs["eval"].cost_analysis()["flops"] / (2 * n_params * tokens * cfg.eval_batch * cfg.models_per_call)
+    assert 0.9 < train_flops < 1.5 and 0.9 < eval_flops < 1.5, (train_flops, eval_flops)  # + attention
+
+
+def test_split_examples_is_a_seeded_stratified_sample_never_the_first_n():
+    """Subset models and sweep suites score a class-stratified sample of each split (SPEC §4),
+    keyed by the task's name: class counts within 1 of proportional, not the first n."""
+    import types
+
+    from bcjax import stats
+    from bcjax.demo import split_examples
+
+    y = np.repeat(np.arange(4, dtype=np.int32), [40, 30, 20, 10])
+    x = np.arange(100, dtype=np.float32)[:, None]
+    task = types.SimpleNamespace(name="t", splits={"test": (x, y)})
+    xs, ys = split_examples(task, "test", 20)
+    assert np.bincount(ys).tolist() == [8, 6, 4, 2]
+    idx = stats.stratified_sample(y, 20, seed=0, key="t")
+    assert np.array_equal(xs[:, 0], x[idx, 0]) and not np.array_equal(idx, np.arange(20))
+    assert not np.array_equal(split_examples(task, "test", 20, seed=1)[0], xs)
+    for n in (None, 100, 500):  # all of them, in order
+        assert np.array_equal(split_examples(task, "test", n)[1], y)
+
+
+def test_seed_rows_in_the_report():
+    """`--seeds N` results (mean ± s.e. and a t-interval over seeds) are rendered as a table."""
+    from bcjax.demo import render_report
+
+    summary = lambda m, se, lo, hi: {"mean": m, "se": se, "num_seeds": 3, "ci95": [lo, hi], "values": [m] * 3}
+    r = {"suite": "s", "tasks": ["a"], "pretrained_acc": {"a": 0.5}, "finetuned_acc": {"a": 0.9},
+         "methods": {"task_arithmetic": {"hparams": {}, "acc": {"a": 0.6}, "normalized_acc": {"a": 0.6 / 0.9},
+                                         "avg_normalized_acc": 0.6 / 0.9},
+                     "breadcrumbs": {"hparams": {}, "acc": {"a": 0.7}, "normalized_acc": {"a": 0.7 / 0.9},
+                                     "avg_normalized_acc": 0.7 / 0.9}},
+         "subsets": {"task_arithmetic": {"0": 0.5, "1": 0.6}}, "subsets_all_tasks": {"task_arithmetic": {"0": 0.5}},
+         "config": {"subset_eval_examples": 10}, "provenance": {"a": {"source": "x", "license": "y", "sizes": {}}},
+         "timings_s": {"total": 1.0},
+         "seeds": {"train_seeds": [0, 1, 2],
+                   "methods": {"task_arithmetic": summary(0.66, 0.01, 0.62, 0.70),
+                               "breadcrumbs": summary(0.77, 0.02, 0.68, 0.86)},
+                   "delta_vs_task_arithmetic": {"task_arithmetic": summary(0.0, 0.0, 0.0, 0.0),
+                                                "breadcrumbs": summary(0.11, 0.01, 0.07, 0.15)},
+                   "references": {"pretrained": summary(0.55, 0.03, 0.42, 0.68)}}}
+    text = render_report(r, {k: f"{k}.png" for k in ("subsets", "subsets_all", "per_task", "cosine")})
+    assert "## Across fine-tuning seeds (3 seeds: [0, 1, 2])" in text
+    assert "| breadcrumbs | 77.0 ± 2.0 | [68.0, 86.0] | +11.0 ± 1.0 | [7.0, 15.0] |" in text
+    assert "| *pretrained* (reference) | 55.0 ± 3.0 | [42.0, 68.0] | – | – |" in text

@@ -183,7 +183,11 @@ def test_cli_sweep_end_to_end(tmp_path):
         assert (out / png).stat().st_size > 5000
     assert json.loads(proc.stdout)["best"] == summary["best"]
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 3 + 3 + 8  # fine-tuned references (accuracy + per-example correctness), 8 grid points
+    # fine-tuned references (accuracy + per-example correctness), θ0's per-example correctness (one
+    # record), 8 grid points (accuracy + per-example correctness, for the intervals)
+    assert len(lines) == 3 + 3 + 1 + 8 + 8
+    assert all(p["avg_normalized_acc_ci95"][0] <= p["avg_normalized_acc"] <= p["avg_normalized_acc_ci95"][1]
+               for p in summary["points"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("experiment: nope\nsuite: {name: synthetic}\n")
     proc = subprocess.run([*cmd[:5], str(bad), "--out", str(out)], env=env, capture_output=True, text=True,
@@ -213,7 +217,11 @@ def test_dinov2_suite_subsets_and_cosine(demo_cache, tmp_path):
     s = E.run_sweep(cfg, out_dir=str(tmp_path / "subsets"), progress=False)
     curve = s["methods"]["breadcrumbs"]["observed"]
     assert sorted(curve) == ["0", "1", "3"] and all(0 < v < 1.5 for v in curve.values())
-    assert s["points_stored"] == 3 + 1 + 3 + 1
+    # fine-tuned accuracy + per-example correctness, θ0's correctness, 5 subsets' accuracy + correctness
+    assert s["points_stored"] == 3 + 3 + 1 + 5 + 5
+    points = s["methods"]["breadcrumbs"]["points"]["observed"]  # the suite's intervals (stratified samples)
+    for k, p in points.items():
+        assert p["ci95"][0] <= p["mean"] <= p["ci95"][1] and p["examples_per_task"] == {t: 16 for t in s["tasks"]}
     cos = {k: v for k, v in cfg.items() if k not in ("sizes", "methods")}  # keys of the subsets experiment
     c = E.run_sweep({**cos, "experiment": "cosine", "settings": [[0.9, 0.99]]}, out_dir=str(tmp_path / "cos"),
                     progress=False)
@@ -596,3 +604,47 @@ def test_target_task_experiment_through_bcjax_sweep(suite, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bcjax.cli", "sweep", "--config", str(bad), "--out", str(out)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown key 'target'" in proc.stderr
+
+def test_grid_validation_free_and_class_split_carry_bootstrap_intervals(suite, split_suite, tmp_path):
+    """SPEC §4 "Uncertainty" in the sweep experiments: with per-example correctness every grid
+    point, validation-free test-curve point and class-split step carries a 95% interval that
+    holds its point estimate and equals the stats module's on the stored correctness; without
+    it (``with_evaluate`` drops correctness) the experiments keep their accuracy-only output."""
+    from bcjax import stats
+    from bcjax.experiments.engine import reference_correctness
+
+    store = ResultsStore(str(tmp_path / "g.jsonl"))
+    res = E.grid_experiment(suite, store, alphas=[0.3, 1.0], betas=[0.0, 0.8], gammas=[0.99, 1.0], split="val",
+                            progress=False)
+    ft = reference_correctness(suite, store, "val")["finetuned"]
+    for p in res["points"]:
+        lo, hi = p["avg_normalized_acc_ci95"]
+        assert lo <= p["avg_normalized_acc"] <= hi and hi - lo > 0, p
+    p = res["points"][-1]
+    hits = store.get(dict(kind="grid", suite=suite.fingerprint, split="val", alpha=p["alpha"], beta=p["beta"],
+                          gamma=p["gamma"], subset=[1] * len(suite.tasks), per_example=True))
+    from bcjax.experiments.engine import unpack_correctness
+
+    expect = stats.method_intervals({"p": {t: unpack_correctness(hits[t]) for t in suite.tasks}}, ft)["p"]["avg"]
+    assert p["avg_normalized_acc_ci95"] == expect["ci95"]
+    np.testing.assert_allclose(p["avg_normalized_acc"], expect["mean"], rtol=1e-12)
+    plain = E.grid_experiment(suite.with_evaluate(suite.evaluate), ResultsStore(None), alphas=[0.3], betas=[0.8],
+                              gammas=[0.99], split="val", progress=False)
+    assert "avg_normalized_acc_ci95" not in plain["points"][0]
+
+    vf = E.validation_free_experiment(suite, ResultsStore(None), tune_size=2, alphas=[0.3, 1.0],
+                                      variants={"breadcrumbs": {"betas": [0.8], "gammas": [0.99]}}, progress=False)
+    bc = vf["variants"]["breadcrumbs"]
+    assert sorted(bc["test_points"]) == sorted(bc["test_curve"]) == [2, 3, 4]
+    for k, pt in bc["test_points"].items():
+        assert pt["mean"] == pytest.approx(bc["test_curve"][k], rel=1e-12)
+        assert pt["ci95"][0] <= pt["mean"] <= pt["ci95"][1]
+    assert bc["test_points"][4]["num_subsets"] == 1 and not bc["test_points"][4]["subsets_resampled"]
+
+    cs = E.class_split_experiment(split_suite, ResultsStore(None), methods=[("task_arithmetic", dict(alpha=1.0))],
+                                  progress=False)
+    for st in cs["methods"]["task_arithmetic"]["steps"]:
+        assert st["avg_acc_ci95"][0] <= st["avg_acc"] <= st["avg_acc_ci95"][1]
+        assert st["avg_normalized_acc_ci95"][0] <= st["avg_normalized_acc"] <= st["avg_normalized_acc_ci95"][1]
+    first = cs["methods"]["task_arithmetic"]["steps"][0]  # step 1 with α = 1 is the first fine-tune itself
+    assert first["avg_normalized_acc_ci95"] == [1.0, 1.0]

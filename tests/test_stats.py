@@ -253,7 +253,15 @@ def test_seed_summary():
     got = stats.seed_summary([0.5, 0.7, 0.6])
     assert got["mean"] == pytest.approx(0.6) and got["num_seeds"] == 3
     assert got["se"] == pytest.approx(np.std([0.5, 0.7, 0.6], ddof=1) / np.sqrt(3))
-    assert stats.seed_summary([0.4])["se"] == 0.0
+    half = 4.303 * got["se"]  # t_{0.975, 2}
+    assert got["ci95"] == pytest.approx([0.6 - half, 0.6 + half])
+    assert stats.seed_summary([0.4])["se"] == 0.0 and stats.seed_summary([0.4])["ci95"] == [0.4, 0.4]
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for n in (2, 5, 31, 32, 40, 200):  # the quantile table and its expansion against scipy
+        v = np.linspace(0.0, 1.0, n) ** 2
+        got = stats.seed_summary(v)
+        t = scipy_stats.t.ppf(0.975, n - 1)
+        assert got["ci95"][1] - got["mean"] == pytest.approx(t * got["se"], rel=5e-4)
     with pytest.raises(EvaluationDataError):
         stats.seed_summary([])
 

@@ -24,6 +24,25 @@ def test_all_subsets():
         sweeps.all_subsets(3, sizes=[4])
 
 
+def test_all_subsets_sampled_per_size():
+    """per_size keeps every subset of a size with at most that many, else a seeded draw of
+    distinct subsets of that size from the full list (the demo: 4 per size of 8 tasks = 30)."""
+    full = sweeps.all_subsets(8)
+    got = sweeps.all_subsets(8, per_size=4, seed=0)
+    sizes = got.sum(1)
+    assert len(got) == 30 and np.bincount(sizes).tolist() == [1, 4, 4, 4, 4, 4, 4, 4, 1]
+    assert len({r.tobytes() for r in got}) == 30  # distinct
+    full_rows = {r.tobytes() for r in full}
+    assert all(r.tobytes() in full_rows for r in got)
+    assert np.array_equal(got, sweeps.all_subsets(8, per_size=4, seed=0))  # seeded
+    assert not np.array_equal(got, sweeps.all_subsets(8, per_size=4, seed=1))
+    # a size's draw does not depend on which other sizes are asked for
+    assert np.array_equal(sweeps.all_subsets(8, [3], per_size=4), got[sizes == 3])
+    assert np.array_equal(sweeps.all_subsets(4, per_size=6), sweeps.all_subsets(4))  # C(4, k) <= 6: all
+    with pytest.raises(ValueError, match="per_size"):
+        sweeps.all_subsets(4, per_size=0)
+
+
 @pytest.mark.parametrize("method,hp", [("breadcrumbs", dict(beta=0.8, gamma=0.99)), ("task_arithmetic", {})])
 def test_contraction_equals_per_subset_merges(models, method, hp):
     pre, fts = models

@@ -6,7 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bcjax.experiments.engine import evaluate_models, jsonable, lazy_builder, mean_normalized, members, reference_accuracy
+from bcjax.experiments.engine import (evaluate_points, jsonable, lazy_builder, mean_normalized, members,
+                                     reference_accuracy, reference_correctness)
 from bcjax.experiments.registry import register_experiment
 from bcjax.experiments.settings import MethodSpec
 from bcjax.experiments.subsets import DEFAULT_METHODS, _pairs
@@ -18,6 +19,8 @@ __all__ = ["ClassSplitSettings", "class_split_experiment", "split_classes", "cla
 class ClassSplitSettings:
     methods: list[MethodSpec] = dataclasses.field(default_factory=lambda: list(DEFAULT_METHODS))
     split: str = "test"
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 0
 
 
 def split_classes(num_classes: int, classes_per_task: int, order: Sequence[int] | None = None) -> list[tuple[int, ...]]:
@@ -46,9 +49,12 @@ def prefix_indicator(num_tasks: int) -> np.ndarray:
 
 
 def class_split_experiment(suite, store, *, methods: Sequence, split: str = "test", chunk: int | None = None,
-                           progress: bool = True, mesh=None) -> dict:
+                           progress: bool = True, mesh=None, bootstrap_resamples: int = 1000,
+                           bootstrap_seed: int = 0) -> dict:
     """Fig. 4: after each new task i, merge tasks 0 … i and evaluate on all of them (each
-    with its own head). Linear methods use one contraction per leaf for all steps."""
+    with its own head). Linear methods use one contraction per leaf for all steps. With
+    per-example correctness each step carries ``avg_acc_ci95`` and ``avg_normalized_acc_ci95``
+    (percentile bootstrap over the test examples, :func:`bcjax.stats.method_intervals`)."""
     ref = reference_accuracy(suite, store, split)
     ind = prefix_indicator(len(suite.tasks))
     out = {}
@@ -57,10 +63,21 @@ def class_split_experiment(suite, store, *, methods: Sequence, split: str = "tes
                      subset=[int(v) for v in row]) for row in ind]
         tasks_of = [members(suite, row) for row in ind]
         build = lazy_builder(suite, method, hp, ind, mesh)
-        accs = evaluate_models(suite, store, keys, tasks_of, build, split, chunk=chunk or suite.models_per_call,
-                               progress=progress, desc=f"class split {method}")
+        accs, hits = evaluate_points(suite, store, keys, tasks_of, build, split,
+                                     chunk=chunk or suite.models_per_call, progress=progress,
+                                     desc=f"class split {method}")
         out[method] = {"steps": [{"tasks_seen": len(a), "acc": a, "avg_acc": float(np.mean(list(a.values()))),
                                   "avg_normalized_acc": mean_normalized(a, ref)} for a in accs]}
+        if hits is not None:  # SPEC §4 "Uncertainty": 95% bootstrap intervals of every step
+            from bcjax.stats import method_intervals
+
+            ft = reference_correctness(suite, store, split)["finetuned"]
+            for step, h in zip(out[method]["steps"], hits, strict=True):
+                norm = method_intervals({"step": h}, {t: ft[t] for t in h}, num_resamples=bootstrap_resamples,
+                                        seed=bootstrap_seed)["step"]["avg"]
+                raw = method_intervals({"step": h}, None, num_resamples=bootstrap_resamples,
+                                       seed=bootstrap_seed)["step"]["avg"]
+                step.update(avg_acc_ci95=raw["ci95"], avg_normalized_acc_ci95=norm["ci95"])
     return {"split": split, "tasks": list(suite.tasks), "finetuned_acc": ref, "methods": out}
 
 
@@ -76,4 +93,5 @@ def _figures(res: dict, suite) -> dict:
 def run(suite, store, s: ClassSplitSettings, *, chunk=None, mesh=None, progress=True) -> dict:
     """Fig. 4: class-split sequence, merged after each new task."""
     return class_split_experiment(suite, store, methods=s.methods, split=s.split, chunk=chunk, progress=progress,
-                                  mesh=mesh)
+                                  mesh=mesh, bootstrap_resamples=s.bootstrap_resamples,
+                                  bootstrap_seed=s.bootstrap_seed)

@@ -50,18 +50,25 @@ def demo_config(config: Mapping):
 
 
 def stack_evaluator(predict, tasks: Mapping[str, Any], heads: Mapping[str, tuple], eval_examples: Mapping[str, int],
-                    batch: int, models_per_call: int) -> Evaluate:
-    """``evaluate(stacked, task, split)`` on the first ``eval_examples[split]`` examples (all if None)."""
-    from bcjax.evaluate import accuracy_of_stack
+                    batch: int, models_per_call: int, *, seed: int = 0) -> tuple[Evaluate, Evaluate]:
+    """``(evaluate, correctness)``, each ``fn(stacked, task, split)``: accuracies float[M] and
+    per-example correctness bool[M, n] on ``eval_examples[split]`` seeded class-stratified
+    examples of the split (all if None; :func:`bcjax.demo.split_examples`)."""
+    from bcjax.evaluate import accuracy_of_stack, correctness_of_stack
 
-    examples = _examples(tasks, eval_examples)
+    data = _examples(tasks, eval_examples, seed)
 
     def evaluate(stacked, task, split):
-        x, y = examples(task, split)
+        x, y = data(task, split)
         return accuracy_of_stack(predict, stacked, x, y, batch_size=min(batch, len(y)),
                                  models_per_call=models_per_call, predict_args=heads[task])
 
-    return evaluate
+    def correctness(stacked, task, split):
+        x, y = data(task, split)
+        return correctness_of_stack(predict, stacked, x, y, batch_size=min(batch, len(y)),
+                                    models_per_call=models_per_call, predict_args=heads[task])
+
+    return evaluate, correctness
 
 
 def _gram_examples(config) -> int:
@@ -111,25 +118,24 @@ def _provides(ctx, finetuned, gram_examples: int) -> dict:
     }
 
 
-def _examples(tasks: Mapping[str, Any], eval_examples: Mapping[str, int | None]):
-    """``examples(task, split)``: the labeled images ``stack_evaluator`` scores (the first
-    ``eval_examples[split]``, all if None)."""
+def _examples(tasks: Mapping[str, Any], eval_examples: Mapping[str, int | None], seed: int = 0):
+    """``examples(task, split)``: the labeled images the suite scores — ``eval_examples[split]``
+    seeded class-stratified examples of the split (all if None; :func:`bcjax.demo.split_examples`)."""
+    from bcjax.demo import split_examples
 
     def examples(task, split):
-        x, y = tasks[task].splits[split]
-        n = int(eval_examples.get(split) or len(y))
-        return x[:n], y[:n]
+        return split_examples(tasks[task], split, eval_examples.get(split), seed=seed)
 
     return examples
 
 
-def _protocol_fields(ctx, tasks, eval_examples, progress: bool) -> dict:
+def _protocol_fields(ctx, tasks, eval_examples, progress: bool, seed: int) -> dict:
     """The ModelSuite fields of the FusionBench protocols: ``examples``, ``corrupt`` (the SPEC §4
     image corruptions) and ``multitask`` (:func:`bcjax.demo.finetune_multitask`, on first use)."""
     from bcjax import demo
     from bcjax.data.corruptions import corrupt
 
-    return {"examples": _examples(tasks, eval_examples), "corrupt": corrupt,
+    return {"examples": _examples(tasks, eval_examples, seed), "corrupt": corrupt,
             "multitask": lambda: demo.finetune_multitask(ctx, progress=progress)}
 
 
@@ -148,14 +154,17 @@ def dinov2_demo_suite(config: Mapping, *, cache_dir: str, progress: bool = True)
     finetuned = demo.finetune_tasks(ctx, progress=progress)
     eval_examples = _eval_examples(config)
     tasks = {t.name: t for t in ctx.tasks}
-    evaluate = stack_evaluator(ctx.predict, tasks, ctx.heads, eval_examples, cfg.eval_batch, cfg.models_per_call)
+    evaluate, correctness = stack_evaluator(ctx.predict, tasks, ctx.heads, eval_examples, cfg.eval_batch,
+                                            cfg.models_per_call, seed=cfg.seed)
     fp = fingerprint(dict(suite="dinov2_demo", finetune=cfg.finetune_fingerprint(), tasks=list(cfg.tasks),
-                          max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples, **_gram_tag(config)))
+                          max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples, sample="stratified",
+                          **_gram_tag(config)))
     return ModelSuite(name=demo.SUITE_NAME, tasks=tuple(ctx.names), pretrained=ctx.params0, finetuned=tuple(finetuned),
-                      evaluate=evaluate, fingerprint=fp, heads=ctx.heads, models_per_call=cfg.models_per_call,
+                      evaluate=evaluate, correctness=correctness, fingerprint=fp, heads=ctx.heads,
+                      models_per_call=cfg.models_per_call,
                       info={"sizes": {t.name: t.sizes for t in ctx.tasks}, "config_fingerprint": cfg.fingerprint()},
                       provides=_provides(ctx, finetuned, _gram_examples(config)),
-                      **_protocol_fields(ctx, tasks, eval_examples, progress))
+                      **_protocol_fields(ctx, tasks, eval_examples, progress, cfg.seed))
 
 
 @register_suite("dinov2_class_split")
@@ -190,13 +199,15 @@ def dinov2_class_split_suite(config: Mapping, *, cache_dir: str, progress: bool 
     finetuned = demo.finetune_tasks(ctx, progress=progress)
     eval_examples = _eval_examples(config)
     by_name = {t.name: t for t in tasks}
-    evaluate = stack_evaluator(predict, by_name, heads, eval_examples, cfg.eval_batch, cfg.models_per_call)
+    evaluate, correctness = stack_evaluator(predict, by_name, heads, eval_examples, cfg.eval_batch,
+                                            cfg.models_per_call, seed=cfg.seed)
     fp = fingerprint(dict(suite="dinov2_class_split", finetune=cfg.finetune_fingerprint(), dataset=dataset,
                           groups=groups, max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples,
-                          **_gram_tag(config)))
+                          sample="stratified", **_gram_tag(config)))
     return ModelSuite(name=f"{dataset} split into {len(groups)} tasks of {k} classes (DINOv2 ViT-S/14)",
                       tasks=tuple(t.name for t in tasks), pretrained=params0, finetuned=tuple(finetuned),
-                      evaluate=evaluate, fingerprint=fp, heads=heads, models_per_call=cfg.models_per_call,
+                      evaluate=evaluate, correctness=correctness, fingerprint=fp, heads=heads,
+                      models_per_call=cfg.models_per_call,
                       info={"classes": [list(g) for g in groups], "sizes": {t.name: t.sizes for t in tasks}},
                       provides=_provides(ctx, finetuned, _gram_examples(config)),
-                      **_protocol_fields(ctx, by_name, eval_examples, progress))
+                      **_protocol_fields(ctx, by_name, eval_examples, progress, cfg.seed))

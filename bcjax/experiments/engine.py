@@ -20,7 +20,8 @@ from bcjax.experiments.suite import ModelSuite
 from bcjax.results_store import finite_number, numbers_for
 
 __all__ = ["reference_accuracy", "evaluate_models", "evaluate_correctness", "reference_correctness",
-           "pack_correctness", "unpack_correctness", "normalized", "mean_normalized", "members", "jsonable",
+           "evaluate_points", "curve_intervals", "pack_correctness", "unpack_correctness", "normalized",
+           "mean_normalized", "members", "jsonable",
            "method_inputs", "state_dir", "method_builder", "lazy_builder", "grid_builder", "pad_chunk", "progress_bar"]
 
 
@@ -175,6 +176,35 @@ def evaluate_correctness(suite: ModelSuite, store, keys: Sequence[Mapping], task
     accs = [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
     correct = [{t: unpack_correctness(store.get(k)[t]) for t in tasks_of[i]} for i, k in enumerate(ckeys)]
     return accs, correct
+
+
+def evaluate_points(suite: ModelSuite, store, keys: Sequence[Mapping], tasks_of: Sequence[Sequence[str]],
+                    build: Callable[[np.ndarray], Any], split: str, *, chunk: int, progress: bool = True,
+                    desc: str = "models") -> tuple[list[dict[str, float]], list[dict[str, np.ndarray]] | None]:
+    """``(accuracies, correctness)``: :func:`evaluate_correctness` when the suite provides
+    per-example correctness (the experiments then carry bootstrap intervals), else
+    ``(``:func:`evaluate_models```, None)``."""
+    if suite.correctness is not None:
+        return evaluate_correctness(suite, store, keys, tasks_of, build, split, chunk=chunk, progress=progress,
+                                    desc=desc)
+    return evaluate_models(suite, store, keys, tasks_of, build, split, chunk=chunk, progress=progress,
+                           desc=desc), None
+
+
+def curve_intervals(indicator: np.ndarray, hits: Sequence[Mapping[str, np.ndarray]], finetuned: Mapping,
+                    tasks: Sequence[str], *, protocol: str, num_resamples: int = 1000, seed: int = 0,
+                    resample_subsets: bool | None = None) -> dict:
+    """:func:`bcjax.stats.subset_curve_intervals` from per-model correctness that may cover only
+    each model's own tasks (``observed`` protocol): the tasks a model was not scored on are
+    zero-filled, which that protocol never reads."""
+    from bcjax.stats import subset_curve_intervals
+
+    stacked = {t: np.stack([h[t] if t in h else np.zeros(len(finetuned[t]), bool) for h in hits]) for t in tasks}
+    if protocol == "all" and any(t not in h for h in hits for t in tasks):
+        raise ValueError("the all-task protocol needs every model scored on every task")
+    return subset_curve_intervals(np.asarray(indicator, bool), stacked, {t: finetuned[t] for t in tasks},
+                                  protocol=protocol, num_resamples=num_resamples, seed=seed,
+                                  resample_subsets=resample_subsets)
 
 
 def _stored_hits(suite: ModelSuite, store, kind: str, tree, tasks: Sequence[str], split: str, **key) -> dict:

@@ -6,7 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bcjax.experiments.engine import evaluate_models, grid_builder, mean_normalized, reference_accuracy
+from bcjax.experiments.engine import (evaluate_points, grid_builder, mean_normalized, reference_accuracy,
+                                     reference_correctness)
 from bcjax.experiments.registry import register_experiment
 
 __all__ = ["GridSettings", "grid_experiment"]
@@ -19,12 +20,17 @@ class GridSettings:
     gammas: list[float] = dataclasses.field(default_factory=lambda: [0.99, 1.0])
     split: str = "val"
     subset: list[str] | None = None  # task names to merge (default: all)
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 0
 
 
 def grid_experiment(suite, store, *, alphas, betas, gammas, split: str = "val", subset: Sequence[str] | None = None,
-                    chunk: int | None = None, progress: bool = True, mesh=None) -> dict:
+                    chunk: int | None = None, progress: bool = True, mesh=None, bootstrap_resamples: int = 1000,
+                    bootstrap_seed: int = 0) -> dict:
     """Fig. 7/9: Breadcrumbs over an (α, β, γ) grid (β ≤ γ) merging ``subset`` (default: all
-    tasks), scored by average normalized accuracy on ``split``; per (β, γ) the best α."""
+    tasks), scored by average normalized accuracy on ``split``; per (β, γ) the best α. With
+    per-example correctness each point carries ``avg_normalized_acc_ci95`` (paired percentile
+    bootstrap over the split's examples, :func:`bcjax.stats.method_intervals`)."""
     from bcjax import grids
 
     betas, gammas = grids.grid_axis(betas, "betas"), grids.grid_axis(gammas, "gammas")  # SPEC §2 decimals
@@ -40,10 +46,18 @@ def grid_experiment(suite, store, *, alphas, betas, gammas, split: str = "val", 
                  subset=[int(v) for v in row]) for a, b, g in points]
     rows = np.repeat(row[None], len(points), 0)
     build = grid_builder(suite, pairs, points, rows, np.arange(len(points)), mesh)
-    accs = evaluate_models(suite, store, keys, [names] * len(points), build, split,
-                           chunk=chunk or suite.models_per_call, progress=progress, desc="grid")
+    accs, hits = evaluate_points(suite, store, keys, [names] * len(points), build, split,
+                                 chunk=chunk or suite.models_per_call, progress=progress, desc="grid")
     scored = [dict(alpha=a, beta=b, gamma=g, variant=grids.masking_variant(b, g), acc=acc,
                    avg_normalized_acc=mean_normalized(acc, ref)) for (a, b, g), acc in zip(points, accs, strict=True)]
+    if hits is not None:  # SPEC §4 "Uncertainty": every point's 95% bootstrap interval over the split's examples
+        from bcjax.stats import method_intervals
+
+        ft = reference_correctness(suite, store, split)["finetuned"]
+        iv = method_intervals({str(i): h for i, h in enumerate(hits)}, {t: ft[t] for t in names},
+                              num_resamples=bootstrap_resamples, seed=bootstrap_seed)
+        for i, r in enumerate(scored):
+            r["avg_normalized_acc_ci95"] = iv[str(i)]["avg"]["ci95"]
     best = max(scored, key=lambda r: r["avg_normalized_acc"])
     heat = np.full((len(betas), len(gammas)), np.nan)
     for r in scored:
@@ -69,4 +83,5 @@ def _figures(res: dict, suite) -> dict:
 def run(suite, store, s: GridSettings, *, chunk=None, mesh=None, progress=True) -> dict:
     """Fig. 7/9: Breadcrumbs (α, β, γ) grid scored on one split."""
     return grid_experiment(suite, store, alphas=s.alphas, betas=s.betas, gammas=s.gammas, split=s.split,
-                           subset=s.subset, chunk=chunk, progress=progress, mesh=mesh)
+                           subset=s.subset, chunk=chunk, progress=progress, mesh=mesh,
+                           bootstrap_resamples=s.bootstrap_resamples, bootstrap_seed=s.bootstrap_seed)

@@ -6,8 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
-from bcjax.experiments.engine import (evaluate_correctness, evaluate_models, jsonable, lazy_builder, members,
-                                     normalized, reference_accuracy, reference_correctness)
+from bcjax.experiments.engine import (curve_intervals, evaluate_points, jsonable, lazy_builder, members, normalized,
+                                     reference_accuracy, reference_correctness)
 from bcjax.experiments.registry import register_experiment
 from bcjax.experiments.settings import MethodSpec
 
@@ -21,17 +21,21 @@ DEFAULT_METHODS = (MethodSpec("task_arithmetic", {"alpha": 0.3}),
 class SubsetsSettings:
     methods: list[MethodSpec] = dataclasses.field(default_factory=lambda: list(DEFAULT_METHODS))
     sizes: list[int] | None = None  # None: all 2^T subsets
+    per_size: int | None = None  # None: every subset of each size; else a seeded sample of this many
     split: str = "test"
     bootstrap_resamples: int = 1000
     bootstrap_seed: int = 0
 
 
-def subsets_experiment(suite, store, *, methods: Sequence, sizes: Sequence[int] | None = None, split: str = "test",
-                       chunk: int | None = None, progress: bool = True, mesh=None, bootstrap_resamples: int = 1000,
+def subsets_experiment(suite, store, *, methods: Sequence, sizes: Sequence[int] | None = None,
+                       per_size: int | None = None, split: str = "test", chunk: int | None = None,
+                       progress: bool = True, mesh=None, bootstrap_resamples: int = 1000,
                        bootstrap_seed: int = 0) -> dict:
     """Fig. 2: every subset (of the given sizes) merged — one contraction per leaf for linear
     methods — evaluated on all tasks; curves for both protocols (SPEC §4). The empty subset is
-    θ0. ``methods``: (name, hparams) pairs or :class:`MethodSpec`. ``mesh`` shards the stacked
+    θ0. ``per_size``: at most that many subsets of each size, a seeded sample (seed
+    ``suite.seed``, :func:`bcjax.sweeps.all_subsets`); the intervals then resample the subsets
+    too. ``methods``: (name, hparams) pairs or :class:`MethodSpec`. ``mesh`` shards the stacked
     task vectors and the contraction (:func:`bcjax.experiments.engine.method_builder`).
 
     When the suite provides per-example correctness, the models are evaluated through it (one
@@ -39,34 +43,27 @@ def subsets_experiment(suite, store, *, methods: Sequence, sizes: Sequence[int] 
     {k: {"mean", "ci95", "num_subsets", "examples_per_task", "subsets_resampled"}}}``, the
     two-level bootstrap intervals of :func:`bcjax.stats.subset_curve_intervals`."""
     from bcjax import sweeps
-    from bcjax.stats import subset_curve_intervals
 
     ref = reference_accuracy(suite, store, split)
-    ind = sweeps.all_subsets(len(suite.tasks), sizes)
+    ind = sweeps.all_subsets(len(suite.tasks), sizes, per_size=per_size, seed=suite.seed)
     chunk = chunk or suite.models_per_call
     out = {}
     for method, hp in _pairs(methods):
         keys = [dict(kind="subset", suite=suite.fingerprint, split=split, method=method, hparams=jsonable(hp),
                      subset=[int(v) for v in row]) for row in ind]
         build = lazy_builder(suite, method, hp, ind, mesh)
-        if suite.correctness is not None:
-            accs, hits = evaluate_correctness(suite, store, keys, [suite.tasks] * len(ind), build, split, chunk=chunk,
-                                              progress=progress, desc=f"subsets {method}")
-        else:
-            accs = evaluate_models(suite, store, keys, [suite.tasks] * len(ind), build, split, chunk=chunk,
-                                   progress=progress, desc=f"subsets {method}")
+        accs, hits = evaluate_points(suite, store, keys, [suite.tasks] * len(ind), build, split, chunk=chunk,
+                                     progress=progress, desc=f"subsets {method}")
         scores = {i: normalized(a, ref) for i, a in enumerate(accs)}
         out[method] = {"observed": sweeps.subset_curve(ind, scores, suite.tasks, "observed"),
                        "all": sweeps.subset_curve(ind, scores, suite.tasks, "all"),
                        "per_subset": [{"subset": members(suite, row), "avg_normalized_acc_observed":
                                        float(np.mean([scores[i][t] for t in (members(suite, row) or suite.tasks)]))}
                                       for i, row in enumerate(ind)]}
-        if suite.correctness is not None:
+        if hits is not None:
             ft = reference_correctness(suite, store, split)["finetuned"]
-            stacked = {t: np.stack([h[t] for h in hits]) for t in suite.tasks}
-            out[method]["points"] = {proto: subset_curve_intervals(ind, stacked, ft, protocol=proto,
-                                                                   num_resamples=bootstrap_resamples,
-                                                                   seed=bootstrap_seed)
+            out[method]["points"] = {proto: curve_intervals(ind, hits, ft, suite.tasks, protocol=proto,
+                                                            num_resamples=bootstrap_resamples, seed=bootstrap_seed)
                                      for proto in ("observed", "all")}
     return {"split": split, "finetuned_acc": ref, "num_subsets": int(len(ind)), "methods": out}
 
@@ -100,6 +97,7 @@ def _figures(res: dict, suite) -> dict:
 @register_experiment("subsets", settings=SubsetsSettings, figures=_figures)
 def run(suite, store, s: SubsetsSettings, *, chunk=None, mesh=None, progress=True) -> dict:
     """Fig. 2: every subset merged, both protocols."""
-    return subsets_experiment(suite, store, methods=s.methods, sizes=s.sizes, split=s.split, chunk=chunk,
+    return subsets_experiment(suite, store, methods=s.methods, sizes=s.sizes, per_size=s.per_size, split=s.split,
+                              chunk=chunk,
                               progress=progress, mesh=mesh, bootstrap_resamples=s.bootstrap_resamples,
                               bootstrap_seed=s.bootstrap_seed)

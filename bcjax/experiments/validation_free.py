@@ -6,8 +6,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bcjax.experiments.engine import (evaluate_models, grid_builder, mean_normalized, members, normalized,
-                                      reference_accuracy)
+from bcjax.experiments.engine import (curve_intervals, evaluate_models, evaluate_points, grid_builder,
+                                      mean_normalized, members, normalized, reference_accuracy,
+                                      reference_correctness)
 from bcjax.experiments.registry import register_experiment
 from bcjax.experiments.suite import ModelSuite, guard_splits
 
@@ -24,6 +25,8 @@ class ValidationFreeSettings:
         "task_arithmetic": {"betas": [0.0], "gammas": [1.0]}})
     tune_size: int = 2
     protocol: str = "observed"
+    bootstrap_resamples: int = 1000
+    bootstrap_seed: int = 0
 
     def check(self):
         for name, v in self.variants.items():
@@ -66,10 +69,13 @@ def tune_validation_free(suite: ModelSuite, store, *, tune_size: int, alphas, be
 
 def validation_free_experiment(suite: ModelSuite, store, *, tune_size: int, variants: Mapping[str, Mapping],
                                alphas, protocol: str = "observed", chunk: int | None = None,
-                               progress: bool = True, mesh=None) -> dict:
+                               progress: bool = True, mesh=None, bootstrap_resamples: int = 1000,
+                               bootstrap_seed: int = 0) -> dict:
     """Fig. 3: per variant (e.g. Breadcrumbs, task arithmetic = β 0, γ 1) tune on val over
     subsets of size ``tune_size``, freeze, then report test for sizes ``tune_size`` … T.
-    All tuning finishes before the first test access."""
+    All tuning finishes before the first test access. With per-example correctness each
+    variant carries ``test_points`` ``{k: {"mean", "ci95", ...}}`` (two-level bootstrap,
+    :func:`bcjax.stats.subset_curve_intervals`)."""
     from bcjax import grids, sweeps
 
     T = len(suite.tasks)
@@ -88,8 +94,8 @@ def validation_free_experiment(suite: ModelSuite, store, *, tune_size: int, vari
                      gamma=point[2], subset=[int(v) for v in r]) for r in ind]
         tasks_of = [(members(suite, r) if protocol == "observed" else list(suite.tasks)) for r in ind]
         build = grid_builder(suite, [point[1:]], [point], ind, np.zeros(len(ind), int), mesh)
-        accs = evaluate_models(suite, store, keys, tasks_of, build, "test", chunk=chunk or suite.models_per_call,
-                               progress=progress, desc=f"test {name}")
+        accs, hits = evaluate_points(suite, store, keys, tasks_of, build, "test",
+                                     chunk=chunk or suite.models_per_call, progress=progress, desc=f"test {name}")
         scores = {i: normalized(a, ref) for i, a in enumerate(accs)}
         curve = {}
         for i, r in enumerate(ind):
@@ -97,6 +103,10 @@ def validation_free_experiment(suite: ModelSuite, store, *, tune_size: int, vari
         out[name] = {"hparams": {k: hp[k] for k in ("alpha", "beta", "gamma")}, "val_score": hp["val_score"],
                      "variant": grids.masking_variant(hp["beta"], hp["gamma"]),
                      "test_curve": {k: float(np.mean(v)) for k, v in sorted(curve.items())}, "val_grid": hp["grid"]}
+        if hits is not None:  # SPEC §4 "Uncertainty": two-level bootstrap intervals of the test curve
+            ft = reference_correctness(suite, store, "test")["finetuned"]
+            out[name]["test_points"] = curve_intervals(ind, hits, ft, suite.tasks, protocol=protocol,
+                                                       num_resamples=bootstrap_resamples, seed=bootstrap_seed)
     return {"tune_size": tune_size, "protocol": protocol, "finetuned_test_acc": ref, "variants": out}
 
 
@@ -112,4 +122,5 @@ def _figures(res: dict, suite) -> dict:
 def run(suite, store, s: ValidationFreeSettings, *, chunk=None, mesh=None, progress=True) -> dict:
     """Fig. 3: tuned on val at one subset size, tested at larger sizes."""
     return validation_free_experiment(suite, store, tune_size=s.tune_size, variants=s.variants, alphas=s.alphas,
-                                      protocol=s.protocol, chunk=chunk, progress=progress, mesh=mesh)
+                                      protocol=s.protocol, chunk=chunk, progress=progress, mesh=mesh,
+                                      bootstrap_resamples=s.bootstrap_resamples, bootstrap_seed=s.bootstrap_seed)

