@@ -34,6 +34,7 @@ __all__ = [
     "is_concrete",
     "check_beta_gamma",
     "check_fraction",
+    "concrete_count",
     "fraction_count",
     "linear_count",
     "breadcrumbs_counts",
@@ -89,6 +90,16 @@ def _snapped_floor(p: np.ndarray, tol: np.ndarray) -> np.ndarray:
     return np.floor(p + _EPS)
 
 
+def concrete_count(n: int, const: float, terms) -> int | None:
+    """⌊x·n + 1e-6⌋ clipped to [0, n] as a Python int (exact for any n) when every fᵢ of
+    ``terms`` is concrete (see :func:`linear_count`); None when one is traced."""
+    values = [_as_float(v) for _, v in terms]
+    if any(v is None for v in values):
+        return None
+    x = const + sum(c * v for (c, _), v in zip(terms, values))
+    return min(max(int(np.floor(x * n + _EPS)), 0), n)
+
+
 def linear_count(n: int, const: float, terms) -> jax.Array:
     """⌊x·n + 1e-6⌋ as int32 with x = const + Σ coefᵢ·fᵢ, ``terms = [(coefᵢ, fᵢ)]``.
 
@@ -97,10 +108,9 @@ def linear_count(n: int, const: float, terms) -> jax.Array:
     integer when it lies within the float32 rounding of the fᵢ (n·Σ|coefᵢ|·ulp(fᵢ)/2) of
     it, so a traced 0.9 counts like the decimal 0.9 (module docstring).
     """
-    values = [_as_float(v) for _, v in terms]
-    if all(v is not None for v in values):
-        x = const + sum(c * v for (c, _), v in zip(terms, values))
-        return jnp.int32(min(max(int(np.floor(x * n + _EPS)), 0), n))
+    count = concrete_count(n, const, terms)
+    if count is not None:
+        return jnp.int32(count)
     coefs = [float(c) for c, _ in terms]
     args = jnp.broadcast_arrays(*[jnp.asarray(v, jnp.float32) for _, v in terms])
 

@@ -33,7 +33,7 @@ import numpy as np
 from bcjax import order_stats
 from bcjax.errors import HyperparameterError, TreeMismatchError, UnknownMethodError
 from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask, check_beta_gamma,
-                         check_fraction, diff_masks_from_counts, fraction_count)
+                         check_fraction, concrete_count, diff_masks_from_counts, fraction_count)
 from bcjax.tree import (PyTree, all_finite, check_finite, compute_dtype, is_tracing, keystr, merged_leaf_flags,
                         validate_models)
 
@@ -466,8 +466,16 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
         return jnp.zeros(len(finetuned), jnp.int32)
     # keep n_keep = max(1, ⌊density·N + 1e-6⌋) largest: threshold = (N − n_keep)-th smallest,
     # N over all merged leaves of the model, all tasks in one pass over the models
-    rank = jnp.asarray(ties_trim_rank(density, total), jnp.int32)
     per_model = [jax.tree.leaves(model) for model in finetuned]
+    if total > order_stats.MAX_COUNT and not _is_traced((pretrained, finetuned)):
+        # more entries than one int32-counted selection: host-summed int64 histograms
+        def histogram_pass(bins):
+            for i in merged:
+                yield [tau_magnitude_histogram(leaves0[i], m[i], None if bins is None else bins[t])
+                       for t, m in enumerate(per_model)]
+
+        return jnp.asarray(ties_thresholds_from_histograms(histogram_pass, total, len(finetuned), density))
+    rank = jnp.asarray(ties_trim_rank(density, total), jnp.int32)
     return _model_threshold_bits([leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model],
                                  jnp.broadcast_to(rank, (len(finetuned), 1)))[:, 0]
 
@@ -575,8 +583,17 @@ def gradient_matching(pretrained, finetuned, flags, *, fishers=None, alpha=1.0, 
 # (two passes), then each leaf is merged with the same kernel as :func:`ties`.
 def ties_trim_rank(density, total: int):
     """Ascending 0-based rank of TIES's trim threshold among a model's N = ``total`` merged
-    magnitudes |τ|: N − max(1, ⌊density·N + 1e-6⌋) (SPEC §3; ties at the threshold kept)."""
+    magnitudes |τ|: N − max(1, ⌊density·N + 1e-6⌋) (SPEC §3; ties at the threshold kept).
+    A Python int for a concrete ``density`` (exact for any N, also N > 2^31 − 1)."""
+    keep = concrete_count(total, 0.0, [(1.0, density)])
+    if keep is not None:
+        return total - max(keep, 1)
     return total - jnp.maximum(fraction_count(density, total), 1)
+
+
+#: Elements per device histogram of :func:`tau_magnitude_histogram`: larger leaves are
+#: counted in flat chunks (bounded temporaries, int32 counts per chunk, int64 on the host).
+HISTOGRAM_CHUNK = 1 << 24
 
 
 @jax.jit
@@ -589,13 +606,38 @@ def _tau_fine_histogram(p0, ft, bins):
     return order_stats.fine_histogram(order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)), bins)
 
 
-def tau_magnitude_histogram(p0, ft, bins=None):
-    """One leaf's additive histogram of the float32 bits of |θt − θ0| (order_stats): the
-    coarse one, or with ``bins`` the fine rows. Summed over leaves and resolved with
-    ``order_stats.locate_coarse`` / ``resolve_fine`` it gives a model-wide order statistic
-    (the same thresholds as :func:`ties_thresholds`, which selects them in one pass when all
-    leaves are in memory)."""
-    return _tau_coarse_histogram(p0, ft) if bins is None else _tau_fine_histogram(p0, ft, bins)
+def tau_magnitude_histogram(p0, ft, bins=None) -> np.ndarray:
+    """One leaf's additive histogram of the float32 bits of |θt − θ0| (order_stats), NumPy
+    int64 on the host: the coarse one, or with ``bins`` the fine rows. Leaves of more than
+    :data:`HISTOGRAM_CHUNK` entries are counted in flat chunks. Summed over leaves and
+    resolved with ``order_stats.locate_coarse`` / ``resolve_fine`` it gives a model-wide
+    order statistic (:func:`ties_thresholds_from_histograms`)."""
+    flat0, flat1 = p0.reshape(-1), ft.reshape(-1)
+    n = flat0.size
+    step = n if n <= HISTOGRAM_CHUNK else HISTOGRAM_CHUNK
+    return order_stats.accumulate_histograms(None, (
+        _tau_coarse_histogram(flat0[s:s + step], flat1[s:s + step]) if bins is None else
+        _tau_fine_histogram(flat0[s:s + step], flat1[s:s + step], bins) for s in range(0, n, step)))
+
+
+def ties_thresholds_from_histograms(histogram_pass, total: int, num_tasks: int, density) -> np.ndarray:
+    """TIES's model-wide trim threshold bits (SPEC §3), int32 shape (T,), from two passes of
+    additive histograms summed on the host in int64 (no limit of 2^31 − 1 entries).
+
+    ``histogram_pass(bins)`` yields, leaf after leaf, the T histograms of
+    :func:`tau_magnitude_histogram` (``bins`` None: coarse; else ``bins[t]`` for task t).
+    Equals :func:`ties_thresholds` (which selects in one pass when the model is in memory)."""
+    ranks = np.full((num_tasks, 1), ties_trim_rank(density, total), np.int64)
+    hist1 = [None] * num_tasks
+    for per_task in histogram_pass(None):
+        hist1 = [order_stats.accumulate_histograms(h, [x]) for h, x in zip(hist1, per_task)]
+    located = [order_stats.locate_coarse(hist1[t], ranks[t]) for t in range(num_tasks)]
+    bins = [loc[0] for loc in located]
+    hist2 = [None] * num_tasks
+    for per_task in histogram_pass(bins):
+        hist2 = [order_stats.accumulate_histograms(h, [x]) for h, x in zip(hist2, per_task)]
+    return np.array([order_stats.resolve_fine(hist2[t], *located[t], ranks[t])[0] for t in range(num_tasks)],
+                    np.int32)
 
 
 def ties_merge_with_thresholds(pretrained, finetuned, flags, *, thresholds, alpha=1.0):

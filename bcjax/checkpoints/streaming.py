@@ -223,29 +223,22 @@ def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=No
 
 
 def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
-    """Each task's model-wide trim threshold bits (SPEC §3) from two histogram passes."""
+    """Each task's model-wide trim threshold bits (SPEC §3) from two histogram passes,
+    counted per tensor (chunk) in int32 and summed on the host in int64: models of more
+    than 2^31 − 1 merged entries are fine."""
     todo = [i for i, f in enumerate(m.flags) if f and int(np.prod(m.base.info(m.names[i])[0])) > 0]
     T = len(m.fts)
     total = sum(int(np.prod(m.base.info(m.names[i])[0])) for i in todo)
     if total == 0:
         return jnp.zeros((T,), jnp.int32)
-    if total > np.iinfo(np.int32).max:
-        raise CheckpointError(f"ties: one model has {total} merged entries; the model-wide threshold's histogram "
-                              f"counts are int32 (at most {np.iinfo(np.int32).max}): exclude tensors or use breadcrumbs")
     density = m.hparams.get("density", merging.get_method("ties").hparams["density"])
-    ranks = [jnp.atleast_1d(jnp.asarray(merging.ties_trim_rank(density, total), jnp.int32))] * T
-    hist1 = [0] * T
-    for h in _ordered(pool, m.histogram, todo, window, m.input_bytes, m.budget):
-        hist1 = [a + b for a, b in zip(hist1, h)]
-        progress(1)
-    located = [order_stats.locate_coarse(hist1[t], ranks[t]) for t in range(T)]
-    bins = [loc[0] for loc in located]
-    hist2 = [0] * T
-    for h in _ordered(pool, lambda i: m.histogram(i, bins), todo, window, m.input_bytes, m.budget):
-        hist2 = [a + b for a, b in zip(hist2, h)]
-        progress(1)
-    thr = [order_stats.resolve_fine(hist2[t], bins[t], located[t][1], located[t][2], ranks[t])[0] for t in range(T)]
-    return jnp.stack(thr).astype(jnp.int32)
+
+    def histogram_pass(bins):
+        for h in _ordered(pool, lambda i: m.histogram(i, bins), todo, window, m.input_bytes, m.budget):
+            progress(1)
+            yield h
+
+    return jnp.asarray(merging.ties_thresholds_from_histograms(histogram_pass, total, T, density), jnp.int32)
 
 
 def _copy_side_files(base_location: str, folder: str) -> list[str]:
