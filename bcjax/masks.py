@@ -28,7 +28,7 @@ import numpy as np
 
 from bcjax import order_stats
 from bcjax.errors import HyperparameterError
-from bcjax.tree import keystr, make_leaf_filter
+from bcjax.tree import compute_dtype, keystr, make_leaf_filter
 
 __all__ = [
     "is_concrete",
@@ -168,13 +168,20 @@ def mask_from_counts(tau: jax.Array, n_bot, n_top) -> jax.Array:
 def diff_masks_from_counts(finetuned, pretrained: jax.Array, n_bot, n_top) -> list[jax.Array]:
     """:func:`mask_from_counts` of τt = finetuned[t] − pretrained for every task of one leaf,
     without writing τ to memory for the selection: the order statistics of all tasks come
-    from one pass over the leaf where the native CPU kernel applies (same result everywhere)."""
+    from one pass over the leaf where the native CPU kernel applies (same result everywhere).
+
+    Leaves may come in their storage dtype: τt is taken in the compute dtype
+    (:func:`bcjax.tree.compute_dtype`, float32 for 16-bit floats, SPEC §1), and bfloat16
+    leaves reach the native kernel as they are (no float32 copy of the T + 1 leaves)."""
     n = pretrained.size
     ranks = jnp.broadcast_to(_threshold_ranks(n, n_bot, n_top), (len(finetuned), 2))
-    lo, hi = _thresholds_from(order_stats.select_diff_bits_multi(pretrained, finetuned, ranks), n, n_bot, n_top)
+    selected = order_stats.select_diff_bits_leaves([pretrained], [[f] for f in finetuned], ranks)
+    lo, hi = _thresholds_from(selected, n, n_bot, n_top)
+    dt = compute_dtype(pretrained.dtype)
+    p = pretrained.astype(dt)
     masks = []
     for t, ft in enumerate(finetuned):
-        bits = order_stats.magnitude_bits(ft - pretrained)
+        bits = order_stats.magnitude_bits(ft.astype(dt) - p)
         masks.append((bits >= lo[t]) & (bits < hi[t]))
     return masks
 

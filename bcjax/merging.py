@@ -352,8 +352,8 @@ def weighted_average(pretrained, finetuned, flags, *, weights=None):
 def _breadcrumbs_tensor_leaf(p0, fts, alphas, n_bot, n_top):
     p = _upcast(p0, p0)
     acc = jnp.zeros_like(p)
+    masks = diff_masks_from_counts(fts, p0, n_bot, n_top)  # all tasks' thresholds in one pass, storage dtype in
     fts = [_upcast(ft, p0) for ft in fts]
-    masks = diff_masks_from_counts(fts, p, n_bot, n_top)  # all tasks' thresholds in one pass
     for t, ft in enumerate(fts):
         acc = acc + jnp.where(masks[t], alphas[t].astype(p.dtype) * (ft - p), 0)
     return _nan_where_nonfinite(p + acc, [p, *fts]).astype(p0.dtype)

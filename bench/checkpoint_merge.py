@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 CASES = {  # hidden, layers, intermediate, vocab, tasks, dtype
     "smoke": dict(hidden=64, layers=2, inter=128, vocab=100, tasks=3, dtype="float32"),
     "vit": dict(hidden=768, layers=12, inter=2048, vocab=1000, tasks=8, dtype="float32"),
+    "mid": dict(hidden=2048, layers=6, inter=5632, vocab=32000, tasks=3, dtype="bfloat16"),
     "big": dict(hidden=3072, layers=30, inter=8192, vocab=32000, tasks=3, dtype="bfloat16"),
 }
 METHODS = {  # the same YAML drives both tools; β = 0.85, γ = 0.99 for Breadcrumbs

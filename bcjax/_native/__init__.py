@@ -149,16 +149,17 @@ def select_diff_bits_multi(pretrained: jax.Array, finetuned, ranks: jax.Array, *
 
 
 def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
-    """int32[T, K]: row t holds the ``ranks[t]``-th smallest of |θt − θ0| (float32 bits) over the
-    union of L leaves: ``pretrained`` is θ0's L leaves, ``finetuned[t]`` task t's L leaves
+    """int32[T, K]: row t holds the ``ranks[t]``-th smallest of |θt − θ0| (float32 bits of the
+    float32 difference; bfloat16 leaves are upcast inside the kernel) over the union of L leaves: ``pretrained`` is θ0's L leaves, ``finetuned[t]`` task t's L leaves
     (same sizes). One cache-blocked pass over all leaves and tasks, reading θ0 once and
     never writing τ (TIES's model-wide threshold, SPEC §3). CPU only; see
     :func:`bcjax.order_stats.select_diff_bits_leaves`."""
-    def f32(x):  # the kernel reads element_count() floats: any shape, no reshape to trace
-        return x if x.dtype == jnp.float32 else lax.convert_element_type(x, jnp.float32)
-
-    p0 = [f32(p) for p in pretrained]
-    fts = [f32(f) for task in finetuned for f in task]
+    leaves = [*pretrained, *(f for task in finetuned for f in task)]
+    # the kernel reads all-float32 or all-bfloat16 leaves (upcasting bf16 itself, so no float32
+    # copy is written); any other mix is converted to float32 first. Any shape: no reshape.
+    dtype = jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in leaves) else jnp.float32
+    leaves = [x if x.dtype == dtype else lax.convert_element_type(x, dtype) for x in leaves]
+    p0, fts = leaves[:len(pretrained)], leaves[len(pretrained):]
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(MULTI_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(ranks, *p0, *fts, num_leaves=np.int64(len(p0)), threads=_threads(), sigmas=np.float32(sigmas))

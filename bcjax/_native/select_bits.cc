@@ -5,7 +5,8 @@
 // Keys are the int32 bit patterns of |x| (monotone in |x|). Two handlers:
 //   bcjax_select_bits(bits, ranks)          keys given (non-negative int32)
 //   bcjax_select_diff_bits_multi(ranks[T, K], θ0's L leaves, θ1's L leaves, … θT's)   keys of
-//       |θt − θ0| computed on the fly (float32) with XLA:CPU's denormal semantics (inputs
+//       |θt − θ0| computed on the fly (float32; bfloat16 leaves are upcast exactly in the
+//       kernel, so no float32 copy is ever written) with XLA:CPU's denormal semantics (inputs
 //       and results flushed to zero), over the union of the L leaves, for all T tasks in
 //       one cache-blocked pass: the task vectors τ = θt − θ0 are never written to memory
 //       and θ0 is read once. L = 1 is one leaf (Breadcrumbs); L = all merged leaves of a
@@ -63,11 +64,28 @@ inline uint32_t FlushedBits(float f) {
   return (u & 0x7f800000u) == 0 ? (u & 0x80000000u) : u;  // denormal → ±0
 }
 
-struct DiffKeys {
-  const float* a;
-  const float* b;
+// float32 bits of an element: float32 itself, or bfloat16 (its 16 bits are the top half of
+// the float32 with the same value, exactly XLA's bf16 → f32 convert).
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float AsFloat(float x) { return x; }
+inline float AsFloat(BFloat16 x) {
+  const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Keys |a − b| of float32 (T = float) or bfloat16 (T = BFloat16) inputs, the difference in
+// float32 after an exact upcast (SPEC §1), denormals flushed as XLA:CPU does.
+template <class T>
+struct DiffKeysT {
+  const T* a;
+  const T* b;
   inline uint32_t operator()(int64_t i) const {
-    uint32_t ua = FlushedBits(a[i]), ub = FlushedBits(b[i]);
+    uint32_t ua = FlushedBits(AsFloat(a[i])), ub = FlushedBits(AsFloat(b[i]));
     float fa, fb;
     std::memcpy(&fa, &ua, 4);
     std::memcpy(&fb, &ub, 4);
@@ -151,8 +169,18 @@ BCJAX_AVX2 inline __m256i Load8(const BitsKeys& keys, int64_t i) {
 }
 
 // Requires DAZ/FTZ set (see ScopedFlushDenormals): then this is XLA:CPU's |a − b|.
-BCJAX_AVX2 inline __m256i Load8(const DiffKeys& keys, int64_t i) {
+BCJAX_AVX2 inline __m256i Load8(const DiffKeysT<float>& keys, int64_t i) {
   const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(keys.a + i), _mm256_loadu_ps(keys.b + i));
+  return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7fffffff));
+}
+
+BCJAX_AVX2 inline __m256 LoadBf16x8(const BFloat16* p) {  // 8 bf16 → 8 f32 (exact)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+BCJAX_AVX2 inline __m256i Load8(const DiffKeysT<BFloat16>& keys, int64_t i) {
+  const __m256 d = _mm256_sub_ps(LoadBf16x8(keys.a + i), LoadBf16x8(keys.b + i));
   return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7fffffff));
 }
 
@@ -374,14 +402,15 @@ void Select(const Keys& keys, int64_t n, const int32_t* ranks, int64_t kk, int32
 // Keys |ft[seg][t] − p0[seg]| of a leaf list concatenated in order: segment ``s`` holds
 // global indices [start[s], start[s + 1]). Random access (sampling, the exact fallback)
 // finds the segment by binary search; the streaming pass walks segments directly.
+template <class T>
 struct SegDiffKeys {
-  const std::vector<const float*>* a;  // θt's leaves
-  const std::vector<const float*>* b;  // θ0's leaves
+  const std::vector<const T*>* a;  // θt's leaves
+  const std::vector<const T*>* b;  // θ0's leaves
   const std::vector<int64_t>* start;   // L + 1 prefix offsets
   inline uint32_t operator()(int64_t i) const {
     const auto it = std::upper_bound(start->begin(), start->end(), i);
     const size_t s = static_cast<size_t>(it - start->begin()) - 1;
-    return DiffKeys{(*a)[s], (*b)[s]}(i - (*start)[s]);
+    return DiffKeysT<T>{(*a)[s], (*b)[s]}(i - (*start)[s]);
   }
 };
 
@@ -390,7 +419,8 @@ struct SegDiffKeys {
 // the leaves in chunks and scans every task's chunk while θ0's chunk is in cache, so θ0 is
 // read from memory once instead of T times (memory traffic (T + 1)·N floats instead of
 // 2T·N), and the task vectors are never written. ``fts[t]`` holds task t's L leaves.
-void SelectDiffSegments(const std::vector<const float*>& p0, const std::vector<std::vector<const float*>>& fts,
+template <class T>
+void SelectDiffSegments(const std::vector<const T*>& p0, const std::vector<std::vector<const T*>>& fts,
                         const std::vector<int64_t>& start, const int32_t* ranks, int64_t kk, int32_t* out,
                         int threads, double sigmas) {
   const int64_t num_tasks = static_cast<int64_t>(fts.size());
@@ -407,8 +437,8 @@ void SelectDiffSegments(const std::vector<const float*>& p0, const std::vector<s
     }
     return;
   }
-  std::vector<SegDiffKeys> keys;
-  for (int64_t t = 0; t < num_tasks; ++t) keys.push_back(SegDiffKeys{&fts[t], &p0, &start});
+  std::vector<SegDiffKeys<T>> keys;
+  for (int64_t t = 0; t < num_tasks; ++t) keys.push_back(SegDiffKeys<T>{&fts[t], &p0, &start});
   if (n <= kSortBelow) {
     ScopedFlushDenormals flush;
     for (int64_t t = 0; t < num_tasks; ++t) {
@@ -427,7 +457,7 @@ void SelectDiffSegments(const std::vector<const float*>& p0, const std::vector<s
   std::vector<std::vector<Partial>> parts(num_tasks);  // [task][thread]
   for (int64_t t = 0; t < num_tasks; ++t)
     for (int w = 0; w < nt; ++w) parts[t].push_back(EmptyPartial(br[t], kk, nt));
-  constexpr int64_t kChunk = 8192;  // 32 KiB of θ0 stays in L1/L2 while the tasks stream
+  constexpr int64_t kChunk = 8192;  // θ0's chunk (≤ 32 KiB) stays in L1/L2 while the tasks stream
   ParallelFor(nt, [&](int w) {
     const int64_t begin = n * w / nt, end = n * (w + 1) / nt;
     size_t s = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) - 1;
@@ -436,7 +466,7 @@ void SelectDiffSegments(const std::vector<const float*>& p0, const std::vector<s
       for (int64_t c = g; c < seg_end; c += kChunk) {
         const int64_t c_end = std::min(c + kChunk, seg_end);
         for (int64_t t = 0; t < num_tasks; ++t) {
-          Scan(DiffKeys{fts[t][s], p0[s]}, c - start[s], c_end - start[s], kk, br[t].lo.data(), br[t].span.data(),
+          Scan(DiffKeysT<T>{fts[t][s], p0[s]}, c - start[s], c_end - start[s], kk, br[t].lo.data(), br[t].span.data(),
                parts[t][w]);
         }
       }
@@ -489,22 +519,24 @@ ffi::Error SelectDiffBitsSegmentsImpl(ffi::Buffer<ffi::S32> ranks, ffi::Remainin
     return ffi::Error::InvalidArgument("bcjax_select_diff_bits: ranks must have shape (tasks, K)");
   }
   const int64_t kk = rdims[1];
-  std::vector<const float*> p0(nl);
-  std::vector<std::vector<const float*>> fts(num_tasks, std::vector<const float*>(nl));
+  // every leaf float32, or every leaf bfloat16 (keys: the float32 difference after an upcast)
+  ffi::DataType dtype = ffi::DataType::F32;
+  std::vector<const void*> data(nargs);
   std::vector<int64_t> start(nl + 1, 0);
   for (int64_t j = 0; j < nargs; ++j) {
-    auto buf = leaves.get<ffi::Buffer<ffi::F32>>(j);
+    auto buf = leaves.get<ffi::AnyBuffer>(j);
     if (buf.has_error()) return buf.error();
+    if (j == 0) dtype = buf->element_type();
+    if (buf->element_type() != dtype || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
+      return ffi::Error::InvalidArgument("bcjax_select_diff_bits: leaves must all be float32 or all bfloat16");
+    }
+    data[j] = buf->untyped_data();
     const int64_t l = j % nl, m = j / nl;
     const int64_t size = static_cast<int64_t>(buf->element_count());
     if (m == 0) {
-      p0[l] = buf->typed_data();
       start[l + 1] = start[l] + size;
-    } else {
-      if (size != start[l + 1] - start[l]) {
-        return ffi::Error::InvalidArgument("bcjax_select_diff_bits: fine-tuned and pretrained sizes differ");
-      }
-      fts[m - 1][l] = buf->typed_data();
+    } else if (size != start[l + 1] - start[l]) {
+      return ffi::Error::InvalidArgument("bcjax_select_diff_bits: fine-tuned and pretrained sizes differ");
     }
   }
   if (static_cast<int64_t>(out->element_count()) != num_tasks * kk) {
@@ -514,8 +546,18 @@ ffi::Error SelectDiffBitsSegmentsImpl(ffi::Buffer<ffi::S32> ranks, ffi::Remainin
     ffi::Error err = CheckRanks(ranks.typed_data() + t * kk, kk, start.back(), kk);
     if (err.failure()) return err;
   }
-  SelectDiffSegments(p0, fts, start, ranks.typed_data(), kk, out->typed_data(),
-                     static_cast<int>(std::max<int64_t>(1, threads)), sigmas);
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, threads));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<const T*> p0(nl);
+    std::vector<std::vector<const T*>> fts(num_tasks, std::vector<const T*>(nl));
+    for (int64_t j = 0; j < nargs; ++j) {
+      const T* x = static_cast<const T*>(data[j]);
+      if (j < nl) p0[j] = x; else fts[j / nl - 1][j % nl] = x;
+    }
+    SelectDiffSegments<T>(p0, fts, start, ranks.typed_data(), kk, out->typed_data(), nthreads, sigmas);
+  };
+  if (dtype == ffi::DataType::BF16) run(BFloat16{}); else run(float{});
   return ffi::Error::Success();
 }
 

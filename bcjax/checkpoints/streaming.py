@@ -42,7 +42,7 @@ from bcjax.checkpoints.io import (WEIGHT_FILE_PATTERNS, Checkpoint, ShardedSafet
                                   parse_size)
 from bcjax.checkpoints.merge_config import MergePlan, load_merge_config, parse_merge_config
 from bcjax.errors import BcjaxError, CheckpointError, NonFiniteError
-from bcjax.tree import make_leaf_filter
+from bcjax.tree import all_finite, make_leaf_filter
 
 __all__ = ["merge_checkpoints", "validate_checkpoints", "partial_folder"]
 
@@ -138,21 +138,19 @@ class _Merger:
         self.keyed = "key" in merging.get_method(plan.method).hparams
         self.labels = ["pretrained model", *(f"fine-tuned model {t}" for t in range(len(fts)))]
         self.bytes_read = 0
-        self.checked: set[int] = set()  # tensors whose values were checked (TIES reads them three times)
+        # kernels that make merged entries NaN where an input is NaN/Inf: check the output, and
+        # scan the inputs (to name file and tensor) only when it is not finite (SPEC §1)
+        self.fused_check = bool(getattr(merging.get_method(plan.method).fn, "propagates_nonfinite", False))
 
     def out_dtype(self, i: int) -> np.dtype:
         d = self.base.info(self.names[i])[1]
         return np.dtype(jnp.dtype(self.plan.dtype)) if self.plan.dtype and _is_float(d) else d
 
-    def read(self, i: int, with_fts: bool = True) -> list[np.ndarray]:
-        name = self.names[i]
-        cks = [self.base, *(self.fts if with_fts else [])]
-        arrays = [ck.read(name) for ck in cks]
+    def read(self, i: int) -> list[np.ndarray]:
+        """θ0's and every θt's tensor ``i`` (aligned host buffers: the CPU device uses them
+        without a copy)."""
+        arrays = [ck.read(self.names[i]) for ck in (self.base, *self.fts)]
         self.bytes_read += sum(a.nbytes for a in arrays)
-        if i not in self.checked:
-            _check_values(name, arrays, cks, self.labels)
-            if with_fts:
-                self.checked.add(i)
         return arrays
 
     def input_bytes(self, i: int) -> int:
@@ -165,31 +163,33 @@ class _Merger:
         return [np.zeros((0,), np.float32)] * i + [leaf]
 
     def merge(self, i: int) -> np.ndarray:
-        arrays = self.read(i, with_fts=True)
-        if not self.flags[i] or arrays[0].size == 0:
+        name = self.names[i]
+        arrays = self.read(i)
+        merged = self.flags[i] and arrays[0].size > 0
+        if not (merged and self.fused_check):
+            _check_values(name, arrays, [self.base, *self.fts], self.labels)
+        if not merged:
             out = arrays[0]
         else:
-            for k, a in enumerate(arrays):  # host copies go as the device copies arrive
-                arrays[k] = jnp.asarray(a)
-            del a
-            out = self._merge_leaf(i, arrays)
+            out = self._merge_leaf(i, [merging._host_to_device(a) for a in arrays])  # zero-copy on CPU
+            if self.fused_check and not all_finite([out]):
+                _check_values(name, arrays, [self.base, *self.fts], self.labels)
         del arrays
         dt = self.out_dtype(i)
-        return out if out.dtype == dt else np.asarray(jnp.asarray(out).astype(dt))
+        return np.asarray(out) if out.dtype == dt else np.asarray(jnp.asarray(out).astype(dt))
 
-    def _merge_leaf(self, i: int, arrays: list) -> np.ndarray:
+    def _merge_leaf(self, i: int, arrays: list) -> jax.Array:
         p0, *fts = arrays
-        arrays.clear()  # the caller's host copies can go; only device arrays stay alive
         if self.plan.method == "ties":
             res = merging.ties_merge_with_thresholds([p0], [[f] for f in fts], (True,), thresholds=self.thresholds,
                                                      alpha=self.hparams.get("alpha", 1.0))
-            return np.asarray(res[0])
+            return res[0]
         res = merging.merge(self.plan.method, self._tree(i, p0), [self._tree(i, f) for f in fts],
                             validate=False, **self.hparams)
-        return np.asarray(res[-1])
+        return res[-1]
 
     def histogram(self, i: int, bins=None) -> list:
-        p0, *fts = self.read(i)
+        p0, *fts = [merging._host_to_device(a) for a in self.read(i)]
         if bins is None:
             return [merging.tau_magnitude_histogram(p0, f) for f in fts]
         return [merging.tau_magnitude_histogram(p0, f, bins[t]) for t, f in enumerate(fts)]
