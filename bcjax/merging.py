@@ -28,9 +28,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
-from bcjax import order_stats
+from bcjax import _native, order_stats
 from bcjax.errors import HyperparameterError, TreeMismatchError, UnknownMethodError
 from bcjax.masks import (bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask, check_beta_gamma,
                          check_fraction, concrete_count, diff_masks_from_counts, fraction_count)
@@ -471,8 +472,7 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
         # more entries than one int32-counted selection: host-summed int64 histograms
         def histogram_pass(bins):
             for i in merged:
-                yield [tau_magnitude_histogram(leaves0[i], m[i], None if bins is None else bins[t])
-                       for t, m in enumerate(per_model)]
+                yield tau_magnitude_histograms(leaves0[i], [m[i] for m in per_model], bins)
 
         return jnp.asarray(ties_thresholds_from_histograms(histogram_pass, total, len(finetuned), density))
     rank = jnp.asarray(ties_trim_rank(density, total), jnp.int32)
@@ -597,27 +597,38 @@ HISTOGRAM_CHUNK = 1 << 24
 
 
 @jax.jit
-def _tau_coarse_histogram(p0, ft):
-    return order_stats.coarse_histogram(order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)))
+def _tau_histograms(p0, fts, bins):
+    """int32 histograms of |θt − θ0|'s float32 bits for every task of one leaf (chunk):
+    ``[T, 2^16]`` coarse (``bins`` None) or ``[T, K, 2^15]`` fine. The native kernel on CPU
+    (one pass, θ0 read once, bfloat16 read as it is); XLA's scatter-add elsewhere."""
+    def portable(p0, *fts):
+        p = _upcast(p0, p0)
+        keys = [order_stats.magnitude_bits(_upcast(f, p0) - p) for f in fts]
+        if bins is None:
+            return jnp.stack([order_stats.coarse_histogram(k) for k in keys])
+        return jnp.stack([order_stats.fine_histogram(k, bins[t]) for t, k in enumerate(keys)])
+
+    dtypes = {jnp.dtype(x.dtype) for x in (p0, *fts)}
+    if len(dtypes) == 1 and dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)} and _native.available():
+        return lax.platform_dependent(p0, *fts, cpu=lambda p0, *fts: _native.diff_histograms(p0, fts, bins),
+                                      default=portable)
+    return portable(p0, *fts)
 
 
-@jax.jit
-def _tau_fine_histogram(p0, ft, bins):
-    return order_stats.fine_histogram(order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)), bins)
-
-
-def tau_magnitude_histogram(p0, ft, bins=None) -> np.ndarray:
-    """One leaf's additive histogram of the float32 bits of |θt − θ0| (order_stats), NumPy
-    int64 on the host: the coarse one, or with ``bins`` the fine rows. Leaves of more than
-    :data:`HISTOGRAM_CHUNK` entries are counted in flat chunks. Summed over leaves and
-    resolved with ``order_stats.locate_coarse`` / ``resolve_fine`` it gives a model-wide
-    order statistic (:func:`ties_thresholds_from_histograms`)."""
-    flat0, flat1 = p0.reshape(-1), ft.reshape(-1)
+def tau_magnitude_histograms(p0, fts, bins=None) -> np.ndarray:
+    """One leaf's additive histograms of the float32 bits of |θt − θ0| for every task, NumPy
+    int64 on the host: coarse ``[T, 2^16]``, or with ``bins`` (``[T, K]`` coarse bins) the
+    fine rows ``[T, K, 2^15]``. Leaves of more than :data:`HISTOGRAM_CHUNK` entries are
+    counted in flat chunks. Summed over leaves and resolved with
+    ``order_stats.locate_coarse`` / ``resolve_fine`` they give a model-wide order statistic
+    (:func:`ties_thresholds_from_histograms`)."""
+    flat0, flats = p0.reshape(-1), [f.reshape(-1) for f in fts]  # NumPy: views, chunks used in place
     n = flat0.size
     step = n if n <= HISTOGRAM_CHUNK else HISTOGRAM_CHUNK
+    bins = None if bins is None else jnp.asarray(np.asarray(bins, np.int32).reshape(len(fts), -1))
     return order_stats.accumulate_histograms(None, (
-        _tau_coarse_histogram(flat0[s:s + step], flat1[s:s + step]) if bins is None else
-        _tau_fine_histogram(flat0[s:s + step], flat1[s:s + step], bins) for s in range(0, n, step)))
+        _tau_histograms(_host_to_device(flat0[s:s + step]), tuple(_host_to_device(f[s:s + step]) for f in flats), bins)
+        for s in range(0, n, step)))
 
 
 def ties_thresholds_from_histograms(histogram_pass, total: int, num_tasks: int, density) -> np.ndarray:
@@ -625,7 +636,7 @@ def ties_thresholds_from_histograms(histogram_pass, total: int, num_tasks: int, 
     additive histograms summed on the host in int64 (no limit of 2^31 − 1 entries).
 
     ``histogram_pass(bins)`` yields, leaf after leaf, the T histograms of
-    :func:`tau_magnitude_histogram` (``bins`` None: coarse; else ``bins[t]`` for task t).
+    :func:`tau_magnitude_histograms` (``bins`` None: coarse; else ``bins[t]`` for task t).
     Equals :func:`ties_thresholds` (which selects in one pass when the model is in memory)."""
     ranks = np.full((num_tasks, 1), ties_trim_rank(density, total), np.int64)
     hist1 = [None] * num_tasks

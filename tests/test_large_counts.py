@@ -2,6 +2,7 @@
 count in int32 per chunk, the host sums them in int64 and resolves the order statistic there.
 Nothing here allocates 2^31 values: large counts are synthesised (histograms of small arrays
 scaled by a factor k, i.e. the multiset of k copies, whose rank-r element is sorted[r // k])."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -73,8 +74,7 @@ def test_ties_thresholds_from_scaled_histograms(k):
 
     def histogram_pass(bins):
         for i in range(len(p0)):
-            yield [k * merging.tau_magnitude_histogram(p0[i], f[i], None if bins is None else bins[t])
-                   for t, f in enumerate(fts)]
+            yield k * merging.tau_magnitude_histograms(p0[i], [f[i] for f in fts], bins)
 
     got = merging.ties_thresholds_from_histograms(histogram_pass, total, len(fts), 0.2)
     rank = total - max(1, int(np.floor(0.2 * total + 1e-6)))
@@ -84,6 +84,29 @@ def test_ties_thresholds_from_scaled_histograms(k):
     if k == 1:  # and equal to the in-memory one-pass selection
         ref = merging.ties_thresholds(p0, fts, [True] * len(p0), 0.2)
         np.testing.assert_array_equal(got, np.asarray(ref))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("native", [True, False])
+def test_tau_histograms_equal_the_portable_ones(dtype, native, monkeypatch):
+    """The native one-pass histograms of all tasks equal order_stats' scatter-add ones."""
+    rng = np.random.default_rng(5)
+    p0 = jnp.asarray(rng.standard_normal((300, 77)), dtype)
+    fts = [p0 + jnp.asarray(1e-2 * rng.standard_normal(p0.shape) * (rng.random(p0.shape) < 0.5), dtype)
+           for _ in range(3)]
+    fts[2] = fts[2].at[:5].set(p0[:5])  # zero differences
+    keys = [order_stats.magnitude_bits(f.astype(jnp.float32) - p0.astype(jnp.float32)) for f in fts]
+    if not native:
+        monkeypatch.setattr(merging._native, "available", lambda: False)
+        merging._tau_histograms.clear_cache()
+    coarse = merging.tau_magnitude_histograms(p0, fts)
+    np.testing.assert_array_equal(coarse, np.stack([np.asarray(order_stats.coarse_histogram(k)) for k in keys]))
+    bins = np.array([[int(np.asarray(k).ravel()[j]) >> 15 for j in (0, 7, 7000)] for k in keys], np.int32)
+    fine = merging.tau_magnitude_histograms(p0, fts, bins)
+    want = np.stack([np.asarray(order_stats.fine_histogram(k, jnp.asarray(b))) for k, b in zip(keys, bins)])
+    np.testing.assert_array_equal(fine, want)
+    assert fine.sum() > 0 and coarse.dtype == np.int64
+    merging._tau_histograms.clear_cache()
 
 
 def test_in_memory_ties_beyond_the_device_count_limit(monkeypatch):

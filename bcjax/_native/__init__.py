@@ -29,11 +29,12 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-__all__ = ["MULTI_TARGET", "TARGET", "select_diff_bits_multi", "select_diff_bits_leaves", "available",
+__all__ = ["HISTOGRAM_TARGET", "MULTI_TARGET", "TARGET", "diff_histograms", "select_diff_bits_multi", "select_diff_bits_leaves", "available",
            "library_path", "select_bits", "unavailable_reason"]
 
 TARGET = "bcjax_select_bits"
 MULTI_TARGET = "bcjax_select_diff_bits_multi"
+HISTOGRAM_TARGET = "bcjax_diff_histograms"
 _SOURCE = Path(__file__).with_name("select_bits.cc")
 _lock = threading.Lock()
 _state: dict = {}
@@ -91,6 +92,8 @@ def _load() -> None:
                 lib = ctypes.cdll.LoadLibrary(str(path))
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.BcjaxSelectBits), platform="cpu")
                 jax.ffi.register_ffi_target(MULTI_TARGET, jax.ffi.pycapsule(lib.BcjaxSelectDiffBitsMulti),
+                                            platform="cpu")
+                jax.ffi.register_ffi_target(HISTOGRAM_TARGET, jax.ffi.pycapsule(lib.BcjaxDiffHistograms),
                                             platform="cpu")
                 _state.update(ok=True, reason=None, path=path, lib=lib)
             except (OSError, RuntimeError, AttributeError) as e:
@@ -163,3 +166,21 @@ def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: 
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(MULTI_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(ranks, *p0, *fts, num_leaves=np.int64(len(p0)), threads=_threads(), sigmas=np.float32(sigmas))
+
+
+def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None) -> jax.Array:
+    """int32 additive histograms of the float32 bits of |θt − θ0| for all T tasks of one leaf
+    in one pass reading θ0 once: coarse ``[T, 2^16]`` (``bins`` None) or fine ``[T, K, 2^15]``
+    for ``bins[t]``'s K coarse bins (:func:`bcjax.order_stats.coarse_histogram` /
+    :func:`~bcjax.order_stats.fine_histogram` of each task, identical counts). Leaves all
+    float32 or all bfloat16 (upcast inside the kernel), fewer than 2^31 elements. CPU only;
+    see :func:`bcjax.merging.tau_magnitude_histograms`."""
+    from bcjax import order_stats
+
+    leaves = [pretrained, *finetuned]
+    num_tasks = len(finetuned)
+    fine = bins is not None
+    bins = jnp.zeros((num_tasks, 1), jnp.int32) if bins is None else jnp.asarray(bins, jnp.int32)
+    shape = (num_tasks, bins.shape[1], order_stats.N_FINE) if fine else (num_tasks, order_stats.N_COARSE)
+    call = jax.ffi.ffi_call(HISTOGRAM_TARGET, jax.ShapeDtypeStruct(shape, jnp.int32), vmap_method="sequential")
+    return call(bins, *leaves, fine=np.int64(fine), threads=_threads())

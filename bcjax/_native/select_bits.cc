@@ -479,6 +479,96 @@ void SelectDiffSegments(const std::vector<const T*>& p0, const std::vector<std::
   }
 }
 
+// --- additive histograms of |θt − θ0| (TIES's model-wide threshold when streaming) ------
+// order_stats' two passes: coarse counts of key >> 15 (2^16 bins), or for K coarse bins per
+// task the fine counts of key & 0x7fff of the keys in that bin (an element lands in the first
+// row whose bin matches). The same counts XLA's scatter-add histograms give, from one pass
+// that reads θ0 once for all T tasks; per-thread counts summed at the end.
+constexpr int kFineBits = 15;
+constexpr int64_t kCoarseBins = int64_t{1} << 16, kFineBins = int64_t{1} << kFineBits;
+
+template <class T>
+void DiffHistograms(const T* p0, const std::vector<const T*>& fts, int64_t n, const int32_t* bins, int64_t kk,
+                    bool fine, int32_t* out, int threads) {
+  const int64_t num_tasks = static_cast<int64_t>(fts.size());
+  const int64_t row = fine ? kk * kFineBins : kCoarseBins;  // counts per task
+  const int nt = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, n / kThreadChunk)));
+  std::vector<std::vector<int64_t>> part(nt, std::vector<int64_t>(num_tasks * row, 0));
+  ParallelFor(nt, [&](int w) {
+    int64_t* h = part[w].data();
+    const int64_t begin = n * w / nt, end = n * (w + 1) / nt;
+    for (int64_t t = 0; t < num_tasks; ++t) {
+      const DiffKeysT<T> keys{fts[t], p0};
+      int64_t* ht = h + t * row;
+      if (!fine) {
+        for (int64_t i = begin; i < end; ++i) ++ht[keys(i) >> kFineBits];
+        continue;
+      }
+      const int32_t* b = bins + t * kk;
+      for (int64_t i = begin; i < end; ++i) {
+        const uint32_t key = keys(i);
+        const int32_t coarse = static_cast<int32_t>(key >> kFineBits);
+        for (int64_t k = 0; k < kk; ++k) {
+          if (coarse == b[k]) {
+            ++ht[k * kFineBins + (key & (kFineBins - 1))];
+            break;
+          }
+        }
+      }
+    }
+  });
+  for (int64_t j = 0; j < num_tasks * row; ++j) {
+    int64_t c = 0;
+    for (int w = 0; w < nt; ++w) c += part[w][j];
+    out[j] = static_cast<int32_t>(c);  // n < 2^31: checked by the handler
+  }
+}
+
+// Arguments: bins[T, K] (read only when ``fine``), θ0's leaf, then the T tasks' leaves (all
+// float32 or all bfloat16, same size < 2^31). Result int32[T, 2^16] (coarse) or [T, K, 2^15].
+ffi::Error DiffHistogramsImpl(ffi::Buffer<ffi::S32> bins, ffi::RemainingArgs leaves, ffi::ResultBuffer<ffi::S32> out,
+                              int64_t fine, int64_t threads) {
+  const int64_t nargs = static_cast<int64_t>(leaves.size());
+  const auto bdims = bins.dimensions();
+  if (nargs < 2 || bdims.size() != 2 || bdims[0] != nargs - 1) {
+    return ffi::Error::InvalidArgument("bcjax_diff_histograms: expected bins[T, K], θ0 and T fine-tuned leaves");
+  }
+  const int64_t num_tasks = nargs - 1, kk = bdims[1];
+  std::vector<const void*> data(nargs);
+  ffi::DataType dtype = ffi::DataType::F32;
+  int64_t n = 0;
+  for (int64_t j = 0; j < nargs; ++j) {
+    auto buf = leaves.get<ffi::AnyBuffer>(j);
+    if (buf.has_error()) return buf.error();
+    if (j == 0) {
+      dtype = buf->element_type();
+      n = static_cast<int64_t>(buf->element_count());
+    }
+    if (buf->element_type() != dtype || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
+      return ffi::Error::InvalidArgument("bcjax_diff_histograms: leaves must all be float32 or all bfloat16");
+    }
+    if (static_cast<int64_t>(buf->element_count()) != n) {
+      return ffi::Error::InvalidArgument("bcjax_diff_histograms: fine-tuned and pretrained sizes differ");
+    }
+    data[j] = buf->untyped_data();
+  }
+  if (n > 0x7fffffffLL) return ffi::Error::InvalidArgument("bcjax_diff_histograms: more than 2^31 - 1 elements");
+  const int64_t want = num_tasks * (fine ? kk * kFineBins : kCoarseBins);
+  if (static_cast<int64_t>(out->element_count()) != want) {
+    return ffi::Error::InvalidArgument("bcjax_diff_histograms: wrong output size");
+  }
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, threads));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<const T*> fts(num_tasks);
+    for (int64_t t = 0; t < num_tasks; ++t) fts[t] = static_cast<const T*>(data[t + 1]);
+    DiffHistograms<T>(static_cast<const T*>(data[0]), fts, n, bins.typed_data(), kk, fine != 0, out->typed_data(),
+                      nthreads);
+  };
+  if (dtype == ffi::DataType::BF16) run(BFloat16{}); else run(float{});
+  return ffi::Error::Success();
+}
+
 ffi::Error CheckRanks(const int32_t* r, int64_t kk, int64_t n, int64_t out_count) {
   if (out_count != kk) return ffi::Error::InvalidArgument("bcjax select: output size must equal the number of ranks");
   if (n == 0) return ffi::Error::InvalidArgument("bcjax select: no elements to select from");
@@ -580,3 +670,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectBits, SelectBitsImpl,
                                   .Attr<int64_t>("threads")
                                   .Attr<float>("sigmas"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxDiffHistograms, DiffHistogramsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("fine")
+                                  .Attr<int64_t>("threads"));

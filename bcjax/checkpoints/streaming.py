@@ -189,10 +189,8 @@ class _Merger:
         return res[-1]
 
     def histogram(self, i: int, bins=None) -> list:
-        p0, *fts = [merging._host_to_device(a) for a in self.read(i)]
-        if bins is None:
-            return [merging.tau_magnitude_histogram(p0, f) for f in fts]
-        return [merging.tau_magnitude_histogram(p0, f, bins[t]) for t, f in enumerate(fts)]
+        p0, *fts = self.read(i)  # aligned host buffers: chunks go to the kernel in place
+        return merging.tau_magnitude_histograms(p0, fts, bins)
 
 
 def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=None, budget: int | None = None):
