@@ -200,6 +200,13 @@ def main(argv=None) -> int:
             cps.append(run(["cp", "-r", locs[0], dst]))
             shutil.rmtree(dst, ignore_errors=True)
         results["runs"]["cp_base"] = _median(cps)
+        cps = []  # the bytes a merge reads: every input folder
+        for r in range(args.repeats):
+            dst = os.path.join(args.workdir, "cp_all")
+            os.makedirs(dst, exist_ok=True)
+            cps.append(run(["cp", "-r", *locs, dst]))
+            shutil.rmtree(dst, ignore_errors=True)
+        results["runs"]["cp_all_inputs"] = _median(cps)
         results["runs"]["read_all_inputs"] = run(["sh", "-c", "cat " + " ".join(
             os.path.join(d, f) for d in locs for f in os.listdir(d) if f.endswith(".safetensors")) + " > /dev/null"])
         for method in args.methods.split(","):
@@ -242,6 +249,8 @@ def _ratios(results: dict) -> None:
             m = key[len("bcjax_"):]
             r[key]["rss_above_interpreter_bytes"] = r[key]["peak_rss_bytes"] - base_rss
             r[key]["vs_cp_base"] = round(r[key]["seconds"] / r["cp_base"]["seconds"], 2)
+            if "cp_all_inputs" in r:
+                r[key]["vs_cp_all_inputs"] = round(r[key]["seconds"] / r["cp_all_inputs"]["seconds"], 2)
             mk = r.get(f"mergekit_{m}")
             if mk:
                 r[key]["speedup_vs_mergekit"] = round(mk["seconds"] / r[key]["seconds"], 1)
