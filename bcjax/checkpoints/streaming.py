@@ -10,15 +10,23 @@ registered method itself, called on a one-tensor tree, so every result is bit-id
   method skips;
 - TIES's model-wide trim threshold (SPEC §3) is an order statistic of |τt| over all merged
   tensors of model t: two extra read passes build the additive coarse and fine histograms
-  (``merging.tau_magnitude_histogram``), then each tensor is merged with
-  ``merging.ties_merge_with_thresholds``.
+  (``merging.tau_magnitude_histograms``: one native pass per tensor for all T tasks on CPU,
+  int32 counts per chunk summed on the host in int64, so models of more than 2^31 − 1
+  merged entries work), then each tensor is merged with ``merging.ties_merge_with_thresholds``.
 
-Memory holds, per tensor in flight, the T + 1 inputs, the method's temporaries and the
-output (≈ (T + 3) × the largest tensor, times the small number of tensors in flight), never
-a model. Reads, merges and writes overlap on a bounded thread pool (``workers`` tensors in
-flight, default 2). The output is written into a temporary sibling folder and renamed at the
-end; a killed merge leaves only that folder, from which ``resume=True`` continues after the
-last finished shard. Any error (including NaN/Inf found while streaming) removes it.
+Memory: tensors are read into 64-byte-aligned host buffers that XLA's CPU client uses in
+place (no device copy); bfloat16 inputs reach the selection kernel as they are (no float32
+copies), and the elementwise merge is fused, so a tensor costs about its T + 1 inputs and
+its output in their own dtype (≈ (T + 2) × its size) plus small temporaries. Tensors in
+flight are bounded by a byte budget (:data:`INFLIGHT_BYTES` of inputs; a larger tensor runs
+alone), so the peak follows the largest tensor, never the model. NaN/Inf: the built-in
+kernels make merged entries NaN where an input is not finite, so the *output* is checked
+and the inputs are scanned (to name file and tensor) only when it is not finite; copied
+tensors are checked directly. Reads, merges and writes overlap on a bounded thread pool
+(``workers`` tensors in flight, default 2). The output is written into a temporary sibling
+folder and renamed at the end; a killed merge leaves only that folder, from which
+``resume=True`` continues after the last finished shard. Any error (including NaN/Inf
+found while streaming) removes it.
 """
 from __future__ import annotations
 
