@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax import hparams
 from bcjax.errors import DataAccessError, HyperparameterError
 from bcjax.merging import map_merged_leaves, register_method, ties_elected_vectors, ties_thresholds
 from bcjax.sweeps import task_deltas
@@ -471,10 +472,14 @@ def _adamerging(logits_fn, pretrained, finetuned, flags, batches, *, granularity
     return merged_tree, coefficients
 
 
-@register_method("adamerging", requires=("model_fn", "unlabeled_batches"))
-def adamerging_method(pretrained, finetuned, flags, *, model_fn=None, unlabeled_batches=None, coefficients=None,
-                      granularity="layer", steps=500, learning_rate=1e-3, init=0.3, clamp=None, vectors="raw",
-                      vector_hparams=None, seed=0, batch_size=16, out_dir=None, checkpoint_every=50, progress=False):
+@register_method("adamerging", requires=("model_fn", "unlabeled_batches", "work_dir"),
+                 hparams={"steps": hparams.Integer(0), "learning_rate": hparams.Real(0.0, low_open=True),
+                          "init": hparams.Real(), "seed": hparams.Integer(), "batch_size": hparams.Integer(1),
+                          "checkpoint_every": hparams.Integer(1)})
+def adamerging_method(pretrained, finetuned, flags, *, model_fn=None, unlabeled_batches=None, work_dir=None,
+                      coefficients=None, granularity="layer", steps=500, learning_rate=1e-3, init=0.3, clamp=None,
+                      vectors="raw", vector_hparams=None, seed=0, batch_size=16, out_dir=None, checkpoint_every=50,
+                      progress=False):
     """AdaMerging (Yang et al., SPEC §3): θ0 + Σt λt ⊙ vt, λ (per task or per task and leaf) minimising the entropy on unlabeled inputs.
 
     Requirements (:data:`bcjax.merging.REQUIREMENTS`, supplied per task by the runner):
@@ -483,6 +488,10 @@ def adamerging_method(pretrained, finetuned, flags, *, model_fn=None, unlabeled_
       unlabeled_batches: one pool of task t's **unlabeled** inputs per fine-tuned model (its
         test inputs without labels: test-time adaptation), an array or pytree of arrays with
         a leading example axis; ``batch_size`` are drawn per task and step.
+      work_dir: where the runner keeps this merge's state (``out_dir`` when that is not
+        given): the learned coefficients and the final checkpoint, so the same merge asked
+        for again (e.g. the select experiment scoring its chosen point on test) reloads λ
+        instead of re-running the optimisation.
 
     Internally ``logits_fn(params, t, x) = model_fn[t](params, x)`` with t a Python int
     (one traced forward pass per task) for :func:`adamerging`. Saved ``coefficients`` (an
@@ -506,6 +515,7 @@ def adamerging_method(pretrained, finetuned, flags, *, model_fn=None, unlabeled_
     def logits_fn(params, task, x):  # task: a Python int (unrolled, one pass per task)
         return model_fn[task](params, x)
 
+    out_dir = work_dir if out_dir is None else out_dir
     merged, _ = _adamerging(logits_fn, pretrained, finetuned, list(flags), unlabeled_batches,
                             granularity=granularity, steps=int(steps), learning_rate=float(learning_rate),
                             init=float(init), clamp=_clamp(clamp), vectors=vectors, vector_hparams=vector_hparams,

@@ -112,11 +112,17 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     _common_args(p)
 
 
+#: The ``--set`` example of each config command's help: a key that command really reads
+#: (a sweep fine-tunes through its suite, so its training keys live under ``suite.train``).
+SET_EXAMPLES = {"finetune": "train.steps=100", "eval": "eval.batch_size=64", "sweep": "suite.train.steps=100"}
+
+
 def _config_args(name: str):
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", required=True, help="YAML file (see configs/)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config entry, e.g. --set train.steps=100 (repeatable)")
+                       help=f"override a config entry, e.g. --set {SET_EXAMPLES[name]} (repeatable; an unknown "
+                            "key is an error)")
         p.add_argument("--out", default=f"{name}_out", help="output folder")
         _common_args(p)
 
@@ -151,14 +157,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_output_path(out: str, *, must_not_exist: bool = False) -> None:
+    """Fail fast (:class:`~bcjax.errors.BcjaxError`, one line) when ``--out`` cannot be written:
+    a file where a folder is needed, a path under a file, or a folder where no file can be
+    created (read-only file system, no permission). Probed by creating and removing a temporary
+    file in ``out`` or in its nearest existing ancestor; nothing else is created."""
+    import tempfile
+
+    from bcjax.errors import BcjaxError
+
+    path = os.path.abspath(out)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise BcjaxError(f"--out {out}: exists and is not a folder")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise BcjaxError(f"--out {out}: {probe} is not a folder")
+    if must_not_exist and probe == path and os.listdir(path):
+        return  # the command itself says what to do with an existing output (e.g. --resume)
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".bcjax-write-probe-"):
+            pass
+    except OSError as e:
+        raise BcjaxError(f"--out {out}: cannot write in {probe} ({e.strerror or e})") from None
+
+
 def main(argv=None) -> int:
     from bcjax.errors import BcjaxError
 
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "out", None) is not None:
+            check_output_path(args.out, must_not_exist=args.command == "merge")
         return args.fn(args)
     except BcjaxError as e:  # bad input: one clear line, no traceback
         print(f"bcjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be written (read-only, no permission, a file in the way)
+        if e.filename is None or isinstance(e, FileNotFoundError):
+            raise
+        print(f"bcjax {args.command}: error: cannot write {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
 
 

@@ -13,7 +13,7 @@ import yaml
 
 from bcjax.errors import BcjaxError
 
-__all__ = ["ConfigError", "apply_overrides", "get", "load_config", "require"]
+__all__ = ["ANY", "ConfigError", "apply_overrides", "check_keys", "get", "load_config", "require"]
 
 
 class ConfigError(BcjaxError):
@@ -80,6 +80,33 @@ def get(cfg: Mapping, key: str, default: Any = _MISSING, *, types: type | tuple 
         names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
         raise ConfigError(f"{_where(cfg)}{key} must be {names}, got {node!r}")
     return node
+
+
+#: In a :func:`check_keys` schema: any value (a leaf, or a section whose keys are free).
+ANY = None
+
+
+def check_keys(cfg: Mapping, schema: Mapping, *, source: str | None = None, prefix: str = "") -> None:
+    """Reject, before any work starts, a key of ``cfg`` that ``schema`` does not know:
+    :class:`ConfigError` naming the config file and the dotted key (and the accepted ones).
+
+    ``schema`` maps each accepted key to :data:`ANY` (any value) or to a nested schema, which
+    the value must match when it is a mapping (``null`` stands for an empty section). Keys set
+    by ``--set`` are checked like those of the file (both end up in ``cfg``)."""
+    source = source if source is not None else (cfg.get("_source") if not prefix else None)
+    where = f"{source}: " if source else ""
+    for key, value in cfg.items():
+        if not prefix and key == "_source":
+            continue
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            within = f" in {prefix[:-1]}" if prefix else ""
+            raise ConfigError(f"{where}unknown key {dotted!r}; accepted{within}: {sorted(schema)}")
+        sub = schema[key]
+        if sub is not ANY and value is not None:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}{dotted} must be a mapping, got {value!r}")
+            check_keys(value, sub, source=source or "", prefix=f"{dotted}.")
 
 
 def require(condition: bool, cfg: Mapping, message: str) -> None:

@@ -37,7 +37,8 @@ from bcjax.models import heads as heads_lib
 from bcjax.results_store import ResultsStore
 from bcjax.train import TrainConfig, finetune
 
-__all__ = ["DemoConfig", "DemoContext", "setup", "finetune_tasks", "task_fishers", "merge_for_demo",
+__all__ = ["DemoConfig", "DemoContext", "setup", "finetune_tasks", "finetune_multitask", "task_fishers",
+           "merge_for_demo",
            "demo_suite", "requirement_suite", "select_and_test", "subset_sweep", "cosine_matrices", "run_demo", "validate_results", "render_report"]
 
 SUITE_NAME = "bcjax-offline-8 (DINOv2 ViT-S/14)"
@@ -234,6 +235,26 @@ def finetune_tasks(ctx: DemoContext, *, progress: bool = True) -> list:
     return out
 
 
+def finetune_multitask(ctx: DemoContext, *, progress: bool = True):
+    """The multi-task reference (SPEC §3): one fine-tune of θ0 on the union of the tasks'
+    training images, each scored with its task's frozen head, the per-task recipe with
+    ``steps × T`` (:func:`bcjax.train.multitask_finetune`); cached and resumable next to the
+    per-task fine-tunes (one folder per task list)."""
+    import hashlib
+
+    from bcjax.train import multitask_finetune
+
+    tag = hashlib.sha256(json.dumps(ctx.names).encode()).hexdigest()[:12]
+    root = os.path.join(ctx.cache_root, "demo", ctx.cfg.finetune_fingerprint(), f"multitask-{tag}")
+    res = multitask_finetune(ctx.loss, ctx.params0,
+                             [dict(zip(("x", "y"), ctx.task(t).splits["train"], strict=True)) for t in ctx.names],
+                             [ctx.heads[t] for t in ctx.names], ctx.cfg.train, checkpoint_dir=root, progress=progress,
+                             description="multi-task fine-tune")
+    params = jax.device_put(res.params, jax.devices()[0])
+    ctx.log("multitask", f"{ctx.cfg.train.steps} x {len(ctx.names)} steps on the union of the tasks (cached in {root})")
+    return params
+
+
 def task_fishers(ctx: DemoContext, finetuned: Sequence) -> list:
     """Diagonal Fisher of each fine-tune on its own training images."""
     n = ctx.cfg.fisher_examples
@@ -342,12 +363,12 @@ def subset_sweep(ctx: DemoContext, method: str, hparams: Mapping, finetuned: Seq
 
 
 def cosine_matrices(ctx: DemoContext, finetuned: Sequence, beta: float, gamma: float) -> dict[str, np.ndarray]:
-    """cos(τi, τj) of raw and of Breadcrumbs-masked task vectors (Fig. 8)."""
-    raw = [jax.tree.map(lambda a, b: a - b, p, ctx.params0) for p in finetuned]
-    masked = [jax.tree.map(lambda d: d[0], sweeps.task_deltas("breadcrumbs", ctx.params0, [p], beta=beta, gamma=gamma))
-              for p in finetuned]
-    return {"raw task vectors": sweeps.cosine_similarity_matrix(raw),
-            "Breadcrumbs-masked": sweeps.cosine_similarity_matrix(masked)}
+    """cos(τi, τj) of raw and of Breadcrumbs-masked task vectors (Fig. 8): the engine's cosine
+    experiment (:func:`bcjax.experiments.cosine_experiment`) at the chosen (β, γ)."""
+    from bcjax.experiments import cosine_experiment
+
+    raw, masked = cosine_experiment(requirement_suite(ctx, finetuned), settings=[(beta, gamma)])["matrices"].values()
+    return {"raw task vectors": np.array(raw, np.float32), "Breadcrumbs-masked": np.array(masked, np.float32)}
 
 
 # ----------------------------------------------------------------------------- pipeline

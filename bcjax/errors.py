@@ -19,7 +19,15 @@ class NonFiniteError(BcjaxError):
 
 
 class HyperparameterError(BcjaxError):
-    """A hyper-parameter is outside its domain (e.g. β > γ, density ≤ 0)."""
+    """A hyper-parameter is outside its domain (e.g. β > γ, density ≤ 0, NaN, an array
+    where a scalar is expected); the message names the method and the argument
+    (:mod:`bcjax.hparams`)."""
+
+
+class HyperparameterTypeError(HyperparameterError, TypeError):
+    """A hyper-parameter is not of an accepted type: a string (YAML 1.1 reads ``9e-1`` as
+    one), ``None``, a bool, a complex number, an integer where a PRNG key is needed
+    (:mod:`bcjax.hparams`). Also a ``TypeError``."""
 
 
 class UnknownMethodError(BcjaxError, KeyError):
@@ -57,3 +65,24 @@ class MissingDependencyError(BcjaxError, ImportError):
 class CheckpointError(BcjaxError):
     """A checkpoint on disk is missing, unreadable, or does not match the base model
     (names, shapes, dtypes, values); the message names the file and the tensor (SPEC §7)."""
+
+
+class OverflowMergeError(NonFiniteError):
+    """Every input is finite but the merged value of some entry lies outside the θ0 leaf's
+    dtype (e.g. |θ*| > 65504 for float16): SPEC §1 never returns a silent Inf. The message
+    names the method and the key path."""
+
+
+class DeviceMismatchError(BcjaxError):
+    """Models (or leaves) are committed to different devices, so no single computation can
+    read them; the message names the model index, the key path and both device sets."""
+
+
+class ComplexLeafWarning(UserWarning):
+    """A complex leaf takes no part in a merge (SPEC §1: only real floating leaves are merged)
+    and is copied from θ0; the warning names the key paths."""
+
+
+class CacheWarning(RuntimeWarning):
+    """A cached artefact (native kernel, fine-tune checkpoint, results line) failed its
+    integrity check and is rebuilt or skipped; the warning names the file or folder."""

@@ -34,25 +34,35 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bcjax import order_stats
+from bcjax import hparams, order_stats
 from bcjax.batching import pad_rows
-from bcjax.masks import breadcrumbs_counts, check_beta_gamma
+from bcjax.masks import breadcrumbs_counts
 from bcjax.tree import compute_dtype, merged_leaf_flags, validate_models
 
-__all__ = ["GridPoint", "beta_gamma_pairs", "masking_variant", "stack_task_vectors", "grid_threshold_bits",
+__all__ = ["GridPoint", "grid_axis", "grid_points", "beta_gamma_pairs", "masking_variant", "stack_task_vectors",
+           "grid_threshold_bits",
            "grid_masks", "grid_deltas", "weighted_masked_merges", "breadcrumbs_grid_merge", "iter_grid_merges",
            "sharded", "leaf_shardings", "subset_merge_kernel"]
 
 GridPoint = tuple  # (alpha, beta, gamma)
 
 
+def grid_axis(values: Sequence, name: str) -> list[float]:
+    """One grid axis read by :mod:`bcjax.hparams` (each a real in [0, 1] meaning the shortest
+    decimal of its float32 — SPEC §2), as Python floats of those decimals."""
+    if isinstance(values, (str, bytes)) or np.ndim(values) != 1:
+        raise hparams.HyperparameterTypeError(f"grid: {name} must be a 1-D sequence of numbers, got {values!r}")
+    return [hparams.real(v, f"{name}[{i}]", method="grid", low=0.0, high=1.0) for i, v in enumerate(values)]
+
+
 def beta_gamma_pairs(betas: Sequence[float], gammas: Sequence[float]) -> list[tuple[float, float]]:
-    """All (β, γ) with β ≤ γ from two axes, β-major (the grid's g index)."""
-    pairs = [(float(b), float(g)) for b, g in itertools.product(betas, gammas) if b <= g]
+    """All (β, γ) with β ≤ γ from two axes, β-major (the grid's g index); each value is
+    read as SPEC §2 says (:mod:`bcjax.hparams`), so a grid point equals the point merge."""
+    bs, gs = grid_axis(betas, "betas"), grid_axis(gammas, "gammas")
+    pairs = [(b, g) for b, g in itertools.product(bs, gs) if b <= g]
     if not pairs:
-        raise ValueError(f"no (beta, gamma) pair with beta <= gamma in betas={list(betas)}, gammas={list(gammas)}")
-    for b, g in pairs:
-        check_beta_gamma(b, g)
+        raise hparams.HyperparameterError(f"grid: no (beta, gamma) pair with beta <= gamma in betas={list(betas)}, "
+                                          f"gammas={list(gammas)}")
     return pairs
 
 
@@ -120,9 +130,7 @@ def grid_threshold_bits(taus: Any, pairs: Sequence[tuple[float, float]]) -> Any:
     """Per merged leaf, ``(lo, hi)`` int32[T, G] magnitude bits of every task's Breadcrumbs
     thresholds at every (β, γ) in ``pairs`` (``NO_THRESHOLD`` = +∞); ``None`` elsewhere.
     ``taus`` is :func:`stack_task_vectors`' output."""
-    pairs = [(float(b), float(g)) for b, g in pairs]
-    for b, g in pairs:
-        check_beta_gamma(b, g)
+    pairs = [hparams.beta_gamma(b, g, method="grid") for b, g in pairs]
 
     def leaf(tau):
         if tau is None:
@@ -205,8 +213,10 @@ def weighted_masked_merges(pretrained: Any, taus: Any, thresholds: Any, weights,
     return (kernel or _merges_jit)(jax.tree.map(jnp.asarray, pretrained), taus, thresholds, weights, gidx)
 
 
-def _points(alphas, pairs):
-    return [(float(a), b, g) for (b, g) in pairs for a in alphas]
+def grid_points(alphas: Sequence, pairs: Sequence[tuple[float, float]]) -> list[GridPoint]:
+    """(α, β, γ) points, β-major then α, each α read by :mod:`bcjax.hparams` (finite real)."""
+    alphas = [hparams.real(a, f"alphas[{i}]", method="grid") for i, a in enumerate(alphas)]
+    return [(a, b, g) for (b, g) in pairs for a in alphas]
 
 
 def breadcrumbs_grid_merge(pretrained: Any, finetuned: Sequence[Any], alphas: Sequence[float],
@@ -231,7 +241,7 @@ def iter_grid_merges(pretrained, finetuned, alphas, betas, gammas, *, exclude=No
     last chunk padded by repeating its last point; ``chunk=None``: all at once)."""
     finetuned = list(finetuned)
     pairs = beta_gamma_pairs(betas, gammas)
-    points = _points(alphas, pairs)
+    points = grid_points(alphas, pairs)
     taus = stack_task_vectors(pretrained, finetuned, exclude=exclude)
     thresholds = grid_threshold_bits(taus, pairs)
     on = np.ones(len(finetuned), bool) if subset is None else np.asarray(subset, bool)

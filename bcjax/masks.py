@@ -10,12 +10,11 @@ lo and hi are exact order statistics (:mod:`bcjax.order_stats`), computed on flo
 magnitudes whatever the leaf dtype. The mask depends on values only, so it is
 permutation-equivariant and independent of layout, sharding and device count.
 
-Hyper-parameters given as Python/NumPy numbers use the formula above in float64 exactly.
-Traced values (under ``jit``/``vmap``, e.g. a grid) are float32, which cannot represent
-0.9 or 0.99: their counts are computed on the host in float64 (``pure_callback``), and
-β·n is snapped to the nearest integer when it lies within β's own float32 rounding
-(n·ulp(β)/2) of it. The two agree except when the exact β·n lies within that distance of
-an integer without being one (|β·n − k| < n·2⁻²⁵ for β in [½, 1)).
+β and γ are read by :mod:`bcjax.hparams` (SPEC §2): however they arrive (Python float,
+NumPy/JAX scalar, array element, traced under ``jit``/``vmap``) they mean the shortest
+decimal that rounds to the same float32, and the counts are computed from that decimal in
+exact rational arithmetic (on the host via ``pure_callback`` for traced values), so every
+form gives the same mask for every leaf size.
 """
 from __future__ import annotations
 
@@ -26,15 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bcjax import order_stats
+from bcjax import hparams, order_stats
 from bcjax.errors import HyperparameterError
-from bcjax.tree import compute_dtype, keystr, make_leaf_filter
+from bcjax.tree import check_finite, compute_dtype, keystr, make_leaf_filter
 
 __all__ = [
     "is_concrete",
     "check_beta_gamma",
     "check_fraction",
-    "concrete_count",
     "fraction_count",
     "linear_count",
     "breadcrumbs_counts",
@@ -48,9 +46,6 @@ __all__ = [
     "breadcrumbs_from_official",
 ]
 
-_EPS = 1e-6
-
-
 def is_concrete(x) -> bool:
     """True for Python/NumPy numbers and concrete (non-traced) arrays."""
     if isinstance(x, jax.core.Tracer):
@@ -58,80 +53,33 @@ def is_concrete(x) -> bool:
     return isinstance(x, (numbers.Number, np.ndarray, np.generic, jax.Array))
 
 
-def _as_float(x) -> float | None:
-    if not is_concrete(x) or np.ndim(x) != 0:
-        return None
-    return float(np.asarray(x))
+def check_beta_gamma(beta, gamma, *, method: str | None = "breadcrumbs") -> None:
+    """Raise :class:`HyperparameterError` unless β, γ are real scalars with 0 ≤ β ≤ γ ≤ 1
+    (:func:`bcjax.hparams.beta_gamma`; traced values: type and shape only)."""
+    hparams.beta_gamma(beta, gamma, method=method)
 
 
-def check_beta_gamma(beta, gamma) -> None:
-    """Raise :class:`HyperparameterError` unless 0 ≤ β ≤ γ ≤ 1 (concrete values only;
-    traced values are checked by the caller's eager entry point)."""
-    b = np.asarray(beta, np.float64) if is_concrete(beta) else None
-    g = np.asarray(gamma, np.float64) if is_concrete(gamma) else None
-    for name, v in (("beta", b), ("gamma", g)):
-        if v is not None and (not np.all(np.isfinite(v)) or np.any(v < 0) or np.any(v > 1)):
-            raise HyperparameterError(f"{name} must lie in [0, 1], got {v.tolist()}")
-    if b is not None and g is not None and np.any(b > g):
-        raise HyperparameterError(f"need beta <= gamma (0 <= beta <= gamma <= 1), got beta={b.tolist()}, gamma={g.tolist()}")
+def check_fraction(name: str, value, *, method: str | None = None) -> None:
+    """Raise unless ``value`` is a real scalar in (0, 1] (density, keep)."""
+    hparams.real(value, name, method=method, low=0.0, high=1.0, low_open=True)
 
 
-def check_fraction(name: str, value) -> None:
-    """Raise unless a concrete ``value`` lies in (0, 1] (density, keep)."""
-    if is_concrete(value):
-        v = np.asarray(value, np.float64)
-        if not np.all(np.isfinite(v)) or np.any(v <= 0) or np.any(v > 1):
-            raise HyperparameterError(f"{name} must lie in (0, 1], got {v.tolist()}")
+def linear_count(n: int, const: float, terms):
+    """⌊x·n + 1e-6⌋ clipped to [0, n], x = const + Σ coefᵢ·fᵢ, ``terms = [(coefᵢ, fᵢ)]``, each
+    fᵢ read as the shortest decimal of its float32 (SPEC §2), in exact rational arithmetic:
+    a Python int for concrete fᵢ, an int32 array for traced ones
+    (:func:`bcjax.hparams.count`)."""
+    return hparams.count(n, const, terms)
 
 
-def _snapped_floor(p: np.ndarray, tol: np.ndarray) -> np.ndarray:
-    nearest = np.round(p)
-    p = np.where(np.abs(p - nearest) <= tol, nearest, p)
-    return np.floor(p + _EPS)
-
-
-def concrete_count(n: int, const: float, terms) -> int | None:
-    """⌊x·n + 1e-6⌋ clipped to [0, n] as a Python int (exact for any n) when every fᵢ of
-    ``terms`` is concrete (see :func:`linear_count`); None when one is traced."""
-    values = [_as_float(v) for _, v in terms]
-    if any(v is None for v in values):
-        return None
-    x = const + sum(c * v for (c, _), v in zip(terms, values))
-    return min(max(int(np.floor(x * n + _EPS)), 0), n)
-
-
-def linear_count(n: int, const: float, terms) -> jax.Array:
-    """⌊x·n + 1e-6⌋ as int32 with x = const + Σ coefᵢ·fᵢ, ``terms = [(coefᵢ, fᵢ)]``.
-
-    Concrete fᵢ: evaluated in float64 exactly as SPEC §2 writes it. Traced fᵢ (float32
-    under jit/vmap): evaluated on the host in float64, and x·n is snapped to the nearest
-    integer when it lies within the float32 rounding of the fᵢ (n·Σ|coefᵢ|·ulp(fᵢ)/2) of
-    it, so a traced 0.9 counts like the decimal 0.9 (module docstring).
-    """
-    count = concrete_count(n, const, terms)
-    if count is not None:
-        return jnp.int32(count)
-    coefs = [float(c) for c, _ in terms]
-    args = jnp.broadcast_arrays(*[jnp.asarray(v, jnp.float32) for _, v in terms])
-
-    def host(*fs):
-        fs = [np.asarray(f, np.float32) for f in fs]
-        x = const + sum(c * f.astype(np.float64) for c, f in zip(coefs, fs))
-        tol = n * sum(abs(c) * np.spacing(np.abs(f)).astype(np.float64) / 2 for c, f in zip(coefs, fs)) + _EPS
-        return np.clip(_snapped_floor(x * n, tol), 0, n).astype(np.int32)
-
-    return jax.pure_callback(host, jax.ShapeDtypeStruct(args[0].shape, jnp.int32), *args,
-                             vmap_method="expand_dims")
-
-
-def fraction_count(frac, n: int) -> jax.Array:
+def fraction_count(frac, n: int):
     """⌊frac·n + 1e-6⌋ (see :func:`linear_count`)."""
-    return linear_count(n, 0.0, [(1.0, frac)])
+    return linear_count(n, 0, [(1, frac)])
 
 
 def breadcrumbs_counts(n: int, beta, gamma):
     """(n_bot, n_top) = (⌊β·n + 1e-6⌋, ⌊(1 − γ)·n + 1e-6⌋) of SPEC §2 for a leaf of n entries."""
-    return linear_count(n, 0.0, [(1.0, beta)]), linear_count(n, 1.0, [(-1.0, gamma)])
+    return linear_count(n, 0, [(1, beta)]), linear_count(n, 1, [(-1, gamma)])
 
 
 def _threshold_ranks(n: int, n_bot, n_top) -> jax.Array:
@@ -204,26 +152,26 @@ def breadcrumbs_row_mask(tau: jax.Array, beta, gamma, axis: int) -> jax.Array:
     without ties; with ties all equal magnitudes are treated alike).
     """
     tau = jnp.asarray(tau)
-    if tau.ndim == 0:
-        tau_rows, axis = tau[None], 0
-    else:
-        tau_rows = tau
-    axis = axis % tau_rows.ndim
+    axis = hparams.leaf_axis(axis, tau.ndim, method="breadcrumbs_row_mask")
+    tau_rows = tau[None] if tau.ndim == 0 else tau
     m = tau_rows.shape[axis]
     if m == 0:
         return jnp.zeros(tau.shape, bool)
-    n_top = linear_count(m, 1.0, [(-1.0, gamma)])
-    n_keep = linear_count(m, 0.0, [(1.0, gamma), (-1.0, beta)])
+    n_top = linear_count(m, 1, [(-1, gamma)])
+    n_keep = linear_count(m, 0, [(1, gamma), (-1, beta)])
     n_bot = jnp.maximum(m - n_top - n_keep, 0)
     a = jnp.abs(jnp.moveaxis(tau_rows, axis, -1).astype(jnp.float32))
     s = jnp.sort(a, axis=-1)
     lo = jnp.where(n_bot < m, s[..., jnp.clip(n_bot, 0, m - 1)], jnp.inf)[..., None]
     hi = jnp.where(n_top >= 1, s[..., jnp.clip(m - n_top, 0, m - 1)], jnp.inf)[..., None]
-    keep_mask = (a >= lo) & (a < hi)  # hi = +inf keeps every finite entry
+    # n_top = 0 removes nothing from the top: also not a |τ| that overflowed float32 (finite inputs)
+    keep_mask = (a >= lo) & ((a < hi) | (n_top < 1))
     return jnp.moveaxis(keep_mask, -1, axis).reshape(tau.shape)
 
 
 AxisSpec = int | Callable[[str, tuple], int] | None
+#: Breadcrumbs' ``granularity`` (SPEC §2): per leaf, or per row along an explicit axis.
+GRANULARITY = hparams.Choice(("tensor", "row"))
 
 
 def breadcrumbs_mask(task_vector: Any, beta, gamma, *, granularity: str = "tensor",
@@ -232,21 +180,27 @@ def breadcrumbs_mask(task_vector: Any, beta, gamma, *, granularity: str = "tenso
 
     Args:
       task_vector: pytree of arrays τ = θt − θ0 (see :func:`bcjax.task_vector`).
-      beta, gamma: 0 ≤ β ≤ γ ≤ 1; β masks the smallest fraction, entries above the γ
-        quantile are masked. The paper's "90% sparsity" is β=0.90, γ=0.99.
+      beta, gamma: real scalars, 0 ≤ β ≤ γ ≤ 1; β masks the smallest fraction, entries above
+        the γ quantile are masked. The paper's "90% sparsity" is β=0.90, γ=0.99. Read as the
+        shortest decimal of their float32 (:mod:`bcjax.hparams`): strings, None, bools,
+        arrays and NaN are errors.
       granularity: ``"tensor"`` (per leaf, the SPEC rule) or ``"row"`` (per row along
         ``axis``, the official code's rule; Flax Dense kernels are [in, out], so the
         PyTorch last axis of a Linear weight is Flax ``axis=0``).
-      axis: for ``"row"``: an int, or ``callable(path, shape) -> int`` per leaf.
+      axis: for ``"row"``: an int, or ``callable(path, shape) -> int`` per leaf; it must lie
+        in [−ndim, ndim) of each leaf (an error naming the key path, never wrapped).
       exclude: regex(es) on the '/'-joined key path, or a predicate; excluded and
         non-floating leaves get an all-False mask (they are copied from θ0 in a merge).
+
+    NaN/Inf in a floating leaf of ``task_vector`` raises :class:`bcjax.errors.NonFiniteError`
+    naming the key path (SPEC §1; a NaN has no rank), checked when values are concrete.
     """
-    check_beta_gamma(beta, gamma)
-    if granularity not in ("tensor", "row"):
-        raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
+    beta, gamma = hparams.beta_gamma(beta, gamma, method="breadcrumbs_mask")
+    hparams.normalize("breadcrumbs_mask", {"granularity": GRANULARITY}, {"granularity": granularity})
+    check_finite([task_vector], ["task vector"])
     if granularity == "row" and axis is None:
-        raise ValueError("granularity='row' needs an explicit axis (the official code ranks along the "
-                         "PyTorch last axis; for Flax Dense kernels [in, out] that is axis=0)")
+        raise HyperparameterError("breadcrumbs_mask: granularity='row' needs an explicit axis (the official code "
+                                  "ranks along the PyTorch last axis; for Flax Dense kernels [in, out] that is axis=0)")
     keep = make_leaf_filter(exclude)
 
     def one(path, leaf):
@@ -256,7 +210,8 @@ def breadcrumbs_mask(task_vector: Any, beta, gamma, *, granularity: str = "tenso
         if granularity == "tensor":
             return breadcrumbs_leaf_mask(leaf, beta, gamma)
         ax = axis(p, tuple(np.shape(leaf))) if callable(axis) else axis
-        return breadcrumbs_row_mask(leaf, beta, gamma, ax)
+        return breadcrumbs_row_mask(leaf, beta, gamma, hparams.leaf_axis(ax, np.ndim(leaf), method="breadcrumbs_mask",
+                                                                         path=p))
 
     return jax.tree_util.tree_map_with_path(one, task_vector)
 

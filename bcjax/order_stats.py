@@ -171,8 +171,8 @@ def select_bits(arrays: Sequence[jax.Array], ranks: jax.Array) -> jax.Array:
         raise ValueError(f"select_bits: {total} elements exceed the int32 count limit {MAX_COUNT}")
     if total <= SORT_BELOW:
         return jnp.sort(jnp.concatenate(arrays))[ranks]
-    if len(arrays) == 1 and _native.available():
-        return lax.platform_dependent(arrays[0], ranks, cpu=_native.select_bits,
+    if len(arrays) == 1 and _native.available():  # integer bits: no derivative to define
+        return lax.platform_dependent(lax.stop_gradient(arrays[0]), ranks, cpu=_native.select_bits,
                                       default=lambda a, r: _histogram_select(a, ranks=r))
     return _histogram_select(*arrays, ranks=ranks)
 
@@ -230,7 +230,9 @@ def select_diff_bits_leaves(pretrained: Sequence[jax.Array], finetuned: Sequence
         return jnp.stack([_select_diff_flat(joined(flat[num_leaves * (t + 1): num_leaves * (t + 2)]), p, r[t])
                           for t in range(num_tasks)])
 
-    flat = [*p0, *(f for task in fts for f in task)]
+    # Selection is piecewise constant in the data: zero derivative (as the portable path's
+    # integer bits have), so grad through a merge never differentiates the native FFI call.
+    flat = [lax.stop_gradient(x) for x in (*p0, *(f for task in fts for f in task))]
     narrow = all(jnp.promote_types(x.dtype, jnp.float32) == jnp.float32 for x in flat)
     if total > SORT_BELOW and narrow and _native.available():
         def native(r, *xs):

@@ -10,7 +10,7 @@ import numpy as np
 
 from bcjax._optional import requires
 
-__all__ = ["subset_curves", "cosine_heatmaps", "per_task_bars", "grid_heatmap", "violins"]
+__all__ = ["subset_curves", "cosine_heatmaps", "per_task_bars", "grid_heatmap", "violins", "scaling_curves", "radar"]
 
 
 def _figure(figsize):
@@ -137,4 +137,49 @@ def violins(distributions: Mapping[str, Sequence[float]], path: str | None, *, t
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
+    return _finish(fig, path)
+
+
+def scaling_curves(curves: Mapping[str, Mapping[str, float]], path: str | None, *,
+                   intervals: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+                   references: Mapping[str, float] | None = None, ylabel: str = "average accuracy (%)") -> Any:
+    """Accuracy against the scaling factor α (Daheim et al. Fig. 2): one line per method
+    (``curves[method][str(α)]``, fractions), ``intervals`` as bands, ``references`` (e.g.
+    pretrained, fine-tuned) as horizontal lines."""
+    fig = _figure((7, 4))
+    ax = fig.subplots()
+    for name, curve in curves.items():
+        xs = [float(a) for a in curve]
+        line, = ax.plot(xs, [100 * v for v in curve.values()], marker="o", label=name)
+        if intervals and name in intervals:
+            lo_hi = 100 * np.array([intervals[name][a] for a in curve], float)
+            ax.fill_between(xs, lo_hi[:, 0], lo_hi[:, 1], color=line.get_color(), alpha=0.2)
+    for (name, level), style in zip((references or {}).items(), ("--", ":", "-.")):
+        ax.axhline(100 * level, color="k", ls=style, lw=1, label=name)
+    ax.set_xlabel("scaling factor α")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
+    return _finish(fig, path)
+
+
+def radar(values: Mapping[str, Mapping[str, float]], axes: Sequence[str], path: str | None, *,
+          title: str = "", dashed: Sequence[str] = ()) -> Any:
+    """A radar chart (FusionBench's per-task figure): one closed polygon per method over ``axes``
+    (e.g. tasks), ``values[method][axis]`` fractions drawn in %; the rows in ``dashed`` (e.g. the
+    references) drawn dashed. Up to 20 distinct colours."""
+    from matplotlib import colormaps
+
+    fig = _figure((10, 6))
+    ax = fig.add_subplot(projection="polar")
+    angles = np.linspace(0, 2 * np.pi, len(axes), endpoint=False)
+    closed = np.concatenate([angles, angles[:1]])
+    colors = colormaps["tab20"].colors
+    for i, (name, per_axis) in enumerate(values.items()):
+        r = np.array([100 * per_axis[a] for a in axes])
+        ax.plot(closed, np.concatenate([r, r[:1]]), lw=1.2, label=name, color=colors[i % len(colors)],
+                ls="--" if name in dashed else "-")
+    ax.set_xticks(angles, list(axes), fontsize=8)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.1, 1.05), borderaxespad=0)
     return _finish(fig, path)

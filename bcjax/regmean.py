@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bcjax import hparams
 from bcjax.errors import HyperparameterError, NonFiniteError, SingularGramError, TreeMismatchError
 from bcjax.merging import _simple_average_leaf, map_merged_leaves, register_method
 from bcjax.tree import is_tracing, leaf_paths
@@ -112,7 +113,8 @@ def _check_grams(pretrained, grams, flags, num_tasks: int) -> dict[int, list]:
     return out
 
 
-@register_method("regmean", requires=("grams",))
+@register_method("regmean", requires=("grams",),
+                 hparams={"nondiag": hparams.Real(0.0, 1.0), "jitter": hparams.Real(0.0)})
 def regmean(pretrained, finetuned, flags, *, grams=None, nondiag=0.95, jitter=0.0):
     """RegMean (Jin et al., SPEC §3): W* = (Σt G̃t)⁻¹ Σt G̃t Wt per 2-D kernel with Grams, G̃t = off-diagonals × nondiag; other leaves the simple average.
 
@@ -125,10 +127,6 @@ def regmean(pretrained, finetuned, flags, *, grams=None, nondiag=0.95, jitter=0.
       jitter: ≥ 0; adds jitter · mean(diag(Σ G̃t)) · I before solving. 0 (default) raises
         :class:`~bcjax.errors.SingularGramError` on a singular system instead.
     """
-    if not isinstance(nondiag, jax.core.Tracer) and not (0.0 <= float(nondiag) <= 1.0):
-        raise HyperparameterError(f"regmean: nondiag must lie in [0, 1], got {nondiag}")
-    if not isinstance(jitter, jax.core.Tracer) and not (float(jitter) >= 0.0 and np.isfinite(float(jitter))):
-        raise HyperparameterError(f"regmean: jitter must be a finite number >= 0, got {jitter}")
     per_leaf = _check_grams(pretrained, grams, flags, len(finetuned))
     paths = leaf_paths(pretrained)
     tol = float(np.finfo(np.float32).eps)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bcjax.errors import EmptyModelListError, NonFiniteError, TreeMismatchError
+from bcjax import hparams
+from bcjax.errors import DeviceMismatchError, EmptyModelListError, HyperparameterError, NonFiniteError, TreeMismatchError
 
 PyTree = Any
 LeafFilter = Callable[[str, Any], bool]
@@ -30,6 +31,8 @@ __all__ = [
     "merged_leaf_flags",
     "validate_models",
     "check_finite",
+    "check_devices",
+    "unmerged_complex_paths",
     "all_finite",
     "is_tracing",
     "task_vector",
@@ -70,18 +73,53 @@ def make_leaf_filter(exclude: str | Sequence[str] | LeafFilter | None = None) ->
     ``exclude`` regexes (``re.search`` semantics). ``exclude`` may also be a callable
     ``(path, leaf) -> bool`` returning True for leaves to *exclude*.
     """
-    if exclude is None:
-        excluded = lambda path, leaf: False  # noqa: E731
-    elif callable(exclude):
-        excluded = exclude
-    else:
-        patterns = [exclude] if isinstance(exclude, str) else list(exclude)
-        try:
-            compiled = [re.compile(p) for p in patterns]
-        except re.error as e:
-            raise ValueError(f"invalid leaf-filter regex {e.pattern!r}: {e}") from None
-        excluded = lambda path, leaf: any(c.search(path) for c in compiled)  # noqa: E731
+    excluded = _excluded_predicate(exclude)
     return lambda path, leaf: is_floating(leaf) and not excluded(path, leaf)
+
+
+def _excluded_predicate(exclude) -> LeafFilter:
+    """``(path, leaf) -> bool``: True for leaves the user's ``exclude`` names (see :func:`make_leaf_filter`)."""
+    if exclude is None:
+        return lambda path, leaf: False  # noqa: E731
+    if callable(exclude):
+        return exclude
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise ValueError(f"invalid leaf-filter regex {e.pattern!r}: {e}") from None
+    return lambda path, leaf: any(c.search(path) for c in compiled)  # noqa: E731
+
+
+def unmerged_complex_paths(tree: PyTree, exclude=None) -> list[str]:
+    """Key paths of complex leaves not named by ``exclude``: SPEC §1 merges real floating
+    leaves only, so these are copied from θ0 (:func:`bcjax.merging.merge` warns about them)."""
+    excluded = _excluded_predicate(exclude)
+    return [keystr(p) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if jnp.issubdtype(jnp.result_type(x), jnp.complexfloating) and not excluded(keystr(p), x)]
+
+
+def check_devices(trees: Sequence[PyTree], names: Sequence[str] | None = None) -> None:
+    """Raise :class:`DeviceMismatchError` when a leaf of ``trees[t]`` is a JAX array committed
+    to other devices than the same leaf of ``trees[0]`` (also committed): no computation can
+    read both. Names the model (``names[t]``, default "fine-tuned model t-1"), the key path and
+    both device sets. NumPy and uncommitted leaves follow the others, so they never clash."""
+    def committed_devices(x):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and getattr(x, "committed", False):
+            return frozenset(x.sharding.device_set)
+        return None
+
+    names = list(names) if names is not None else ["pretrained model", *(f"fine-tuned model {t}"
+                                                                        for t in range(len(trees) - 1))]
+    ref = [(keystr(p), committed_devices(x)) for p, x in jax.tree_util.tree_flatten_with_path(trees[0])[0]]
+    for name, tree in zip(names[1:], trees[1:]):
+        for (path, want), x in zip(ref, jax.tree.leaves(tree)):
+            got = committed_devices(x)
+            if want is not None and got is not None and got != want:
+                raise DeviceMismatchError(
+                    f"{name}, key path {path!r}: committed to devices {sorted(d.id for d in got)} but the "
+                    f"{names[0]} is on {sorted(d.id for d in want)}; jax.device_put every model on the same "
+                    "device(s) (or sharding) first")
 
 
 def merged_leaf_flags(tree: PyTree, exclude=None) -> list[bool]:
@@ -190,9 +228,15 @@ def task_vector(finetuned: PyTree, pretrained: PyTree) -> PyTree:
 
     Floating leaves are subtracted in :func:`compute_dtype` (float32 for bf16/fp16, so the
     difference keeps its precision); non-floating leaves give zeros (a merge copies them
-    from θ0, SPEC §1).
+    from θ0, SPEC §1). Validated like a merge input (SPEC §1): structures, shapes, dtypes,
+    devices and finiteness (NaN/Inf → :class:`NonFiniteError` naming the tree and key path);
+    a difference that overflows float32 (|θt − θ0| > 3.4e38 for finite inputs) raises
+    :class:`bcjax.errors.OverflowMergeError` naming the key path. Checks of values are skipped
+    under tracing.
     """
     validate_models(pretrained, [finetuned])
+    check_devices([pretrained, finetuned], ["pretrained", "finetuned"])
+    check_finite([pretrained, finetuned], ["pretrained", "finetuned"])
 
     def sub(ft, pt):
         if not is_floating(pt):
@@ -200,13 +244,24 @@ def task_vector(finetuned: PyTree, pretrained: PyTree) -> PyTree:
         dt = compute_dtype(jnp.result_type(pt))
         return jnp.asarray(ft, dt) - jnp.asarray(pt, dt)
 
-    return jax.tree.map(sub, finetuned, pretrained)
+    out = jax.tree.map(sub, finetuned, pretrained)
+    _check_no_overflow("task_vector", out)
+    return out
 
 
 def apply_task_vector(pretrained: PyTree, tv: PyTree, alpha=1.0) -> PyTree:
     """θ = θ0 + α τ on floating leaves (computed in float32 or wider, returned in θ0's
-    dtype); non-floating leaves are θ0's."""
+    dtype); non-floating leaves are θ0's.
+
+    ``alpha`` must be a finite real scalar (a Python/NumPy number or 0-d array; bool and
+    strings are refused) else :class:`HyperparameterError`; θ0 and τ are checked like merge
+    inputs (NaN/Inf → :class:`NonFiniteError` naming ``pretrained``/``task vector`` and the key
+    path); a result outside θ0's dtype raises :class:`bcjax.errors.OverflowMergeError`.
+    """
+    alpha = hparams.real(alpha, "alpha", method="apply_task_vector")
     validate_models(pretrained, [tv], what="task vector", check_dtype=False)
+    check_devices([pretrained, tv], ["pretrained", "task vector"])
+    check_finite([pretrained, tv], ["pretrained", "task vector"])
 
     def add(pt, t):
         if not is_floating(pt):
@@ -214,4 +269,16 @@ def apply_task_vector(pretrained: PyTree, tv: PyTree, alpha=1.0) -> PyTree:
         dt = compute_dtype(jnp.result_type(pt))
         return (jnp.asarray(pt, dt) + jnp.asarray(alpha, dt) * jnp.asarray(t, dt)).astype(jnp.result_type(pt))
 
-    return jax.tree.map(add, pretrained, tv)
+    out = jax.tree.map(add, pretrained, tv)
+    _check_no_overflow("apply_task_vector", out)
+    return out
+
+
+def _check_no_overflow(what: str, tree: PyTree) -> None:
+    """Inputs were finite (checked); a non-finite floating leaf here is an overflow."""
+    from bcjax.errors import OverflowMergeError
+
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if is_floating(leaf) and np.size(leaf) > 0 and not all_finite(leaf):
+            raise OverflowMergeError(f"{what}: key path {keystr(path)!r} overflows {jnp.result_type(leaf)} "
+                                     "although the inputs are finite")

@@ -154,7 +154,7 @@ def test_registered_method_takes_the_requirements_protocol():
     """bcjax.merge("adamerging") takes per-task `model_fn` (params, inputs) -> logits and
     per-task `unlabeled_batches` (REQUIREMENTS) and equals bcjax.adamerging with
     logits_fn(params, t, x) = model_fn[t](params, x)."""
-    assert bcjax.methods()["adamerging"].requires == ("model_fn", "unlabeled_batches")
+    assert bcjax.methods()["adamerging"].requires == ("model_fn", "unlabeled_batches", "work_dir")
     model_fn = [lambda p, x, t=t: logits_fn(p, t, x) for t in range(T)]
     for granularity in ("layer", "task"):
         via_registry = bcjax.merge("adamerging", PRE, FTS, model_fn=model_fn, unlabeled_batches=POOLS, steps=8,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from bcjax.data import vision
+from bcjax.data.task import Task
 from bcjax.errors import BcjaxError, TreeMismatchError
 from bcjax.models import clip as clip_lib
 from bcjax.pipelines import clip as pipeline
@@ -148,17 +149,17 @@ def test_wrong_image_shape_is_a_clear_error(setup):
 # ----------------------------------------------------------------------------- heads
 def test_zero_shot_heads_are_cached_per_model_and_dataset(setup, tiny, tmp_path):
     clip, t = setup.clip, setup.tasks[0]
-    w1 = clip_lib.cached_zero_shot_head(clip, t.name, t.classnames, t.templates, cache_dir=tmp_path)
+    w1 = clip_lib.cached_zero_shot_head(clip, t.name, t.class_names, t.templates, cache_dir=tmp_path)
     files = list(tmp_path.rglob("*.npy"))
     assert len(files) == 1 and t.name in files[0].name
     np.testing.assert_allclose(np.linalg.norm(w1, axis=1), 1.0, atol=1e-5)
     # SPEC §5: mean of normalized per-template embeddings, renormalized
-    per = [clip_lib.zero_shot_head(clip, t.classnames, [tpl]) for tpl in t.templates]
+    per = [clip_lib.zero_shot_head(clip, t.class_names, [tpl]) for tpl in t.templates]
     mean = np.mean(per, axis=0)
     np.testing.assert_allclose(w1, mean / np.linalg.norm(mean, axis=1, keepdims=True), atol=1e-5)
     np.save(files[0], w1 * 0 + 7)  # a cache hit returns the stored head
-    assert np.all(clip_lib.cached_zero_shot_head(clip, t.name, t.classnames, t.templates, cache_dir=tmp_path) == 7)
-    w3 = clip_lib.cached_zero_shot_head(clip, t.name, t.classnames, ["a {c}."], cache_dir=tmp_path)
+    assert np.all(clip_lib.cached_zero_shot_head(clip, t.name, t.class_names, t.templates, cache_dir=tmp_path) == 7)
+    w3 = clip_lib.cached_zero_shot_head(clip, t.name, t.class_names, ["a {c}."], cache_dir=tmp_path)
     assert len(list(tmp_path.rglob("*.npy"))) == 2 and not np.all(w3 == 7)
     with pytest.raises(clip_lib.ClipModelError, match="no class names"):
         clip_lib.zero_shot_head(clip, [], t.templates)
@@ -206,7 +207,8 @@ def test_tfds_task_by_name_without_tensorflow(tiny, tmp_path):
     a = vision.load_task(entry, data_dir=tiny["data"]["data_dir"], image_size=32)
     b = vision.load_task(entry, data_dir=tiny["data"]["data_dir"], image_size=32)
     assert a.sizes == {"train": 32, "val": 8, "test": 16}
-    assert a.classnames == list(clip_tiny.TINY_TASKS[entry["name"]])
+    assert a.class_names == tuple(clip_tiny.TINY_TASKS[entry["name"]])
+    assert isinstance(a, Task) and all(y.dtype == np.int32 for _, y in a.splits.values())  # the one task type
     np.testing.assert_array_equal(a.splits["val"][0].indices, b.splits["val"][0].indices)
     assert not set(a.splits["val"][0].indices) & set(a.splits["train"][0].indices)
     x = a.splits["train"][0][np.array([0, 5])]
@@ -215,11 +217,11 @@ def test_tfds_task_by_name_without_tensorflow(tiny, tmp_path):
     y = a.splits["train"][1][np.array([0, 5])]
     assert list(x.reshape(2, -1, 3).mean(1).argmax(-1)) == list(y)
     # too big for memory (max_bytes=0): preprocessed once into memory-mapped .npy files, same pixels
-    cached = a.materialize(0, tmp_path)
+    cached = vision.materialize(a, 0, tmp_path)
     assert isinstance(cached.splits["train"][0], np.memmap) and len(list(tmp_path.rglob("*.npy"))) == 3
     np.testing.assert_array_equal(cached.splits["train"][0][np.array([0, 5])], x)
-    np.testing.assert_array_equal(np.asarray(b.materialize(1 << 30).splits["test"][0]), cached.splits["test"][0])
-    assert a.materialize(0).splits["train"][0] is a.splits["train"][0]  # no cache folder: keeps streaming
+    np.testing.assert_array_equal(np.asarray(vision.materialize(b, 1 << 30).splits["test"][0]), cached.splits["test"][0])
+    assert vision.materialize(a, 0).splits["train"][0] is a.splits["train"][0]  # no cache folder: keeps streaming
     with pytest.raises(vision.UnknownDatasetError, match="unknown vision task 'imagenet'"):
         vision.load_task("imagenet")
     with pytest.raises(vision.UnknownDatasetError, match="no data set 'no_such_set'"):
@@ -255,11 +257,11 @@ def test_local_sources_folder_and_numpy(tmp_path):
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(d / f"{i}.png")
     t = vision.load_folder_task(tmp_path / "pets", image_size=16, val_size=2)
-    assert t.name == "pets" and t.classnames == ["cat face", "dog"] and t.sizes == {"train": 10, "val": 2, "test": 4}
+    assert t.name == "pets" and t.class_names == ("cat face", "dog") and t.sizes == {"train": 10, "val": 2, "test": 4}
     assert t.splits["test"][0][:].shape == (4, 16, 16, 3)
     t2 = vision.load_task({"name": "pets", "source": "folder", "path": str(tmp_path / "pets"),
                            "classnames": {"cat_face": "cat"}}, image_size=16)
-    assert t2.classnames == ["cat", "dog"]
+    assert t2.class_names == ("cat", "dog")
     x = rng.integers(0, 256, (10, 12, 12), dtype=np.uint8)
     y = np.arange(10) % 2
     nt = vision.numpy_task("digits", (x, y), (x[:4], y[:4]), classnames=["zero", "one"], image_size=16, val_size=2)
@@ -325,6 +327,13 @@ def test_cli_finetune_then_eval(tiny, tmp_path, monkeypatch, capsys):
     t = suite.tasks[1]
     accs = suite.evaluate(stack_trees([suite.pretrained, suite.finetuned[1]]), t, "test")
     np.testing.assert_allclose(accs, [ev["zero_shot"][t], ev["finetuned"][t]])
+    # `bcjax eval` scored its merges through the engine's chunked evaluation: the suite's accuracy of each merge
+    import bcjax
+
+    ta = bcjax.merge("task_arithmetic", suite.pretrained, list(suite.finetuned), alpha=0.5)
+    for name in suite.tasks:
+        assert ev["merges"]["task_arithmetic alpha=0.5"]["accuracy"][name] == float(
+            suite.evaluate(stack_trees([ta]), name, "test")[0])
     # every method runs on CLIP: Fishers and sizes come from the suite, the PRNG key from `seed`
     from bcjax.experiments import parse_methods, select_and_test
     from bcjax.results_store import ResultsStore
@@ -334,6 +343,21 @@ def test_cli_finetune_then_eval(tiny, tmp_path, monkeypatch, capsys):
     res = select_and_test(suite, ResultsStore(None), methods=specs, progress=False)
     assert set(res["methods"]) == {"fisher", "gradient_matching", "dare"}
     assert all(0 <= r["avg_acc"] <= 1 for r in res["methods"].values())
+    # the FusionBench comparison runs on CLIP too: the multi-task reference (one joint fine-tune,
+    # cached under <out>/checkpoints), the ensembles and a corrupted test set (uint8 images)
+    from bcjax.experiments.fusionbench import FusionBenchSettings, fusionbench_experiment
+    from bcjax.experiments.settings import parse_section
+
+    fb = parse_section(FusionBenchSettings, {"methods": [{"name": "task_arithmetic", "alpha": 0.5}],
+                                             "robustness": {"corruptions": ["jpeg"]}, "generalization": None,
+                                             "scaling": None, "bootstrap_resamples": 100})
+    rep = fusionbench_experiment(suite, ResultsStore(None), fb, progress=False)
+    assert list(rep["references"]) == ["pretrained", "individual", "multitask", "simple_ensemble",
+                                       "weighted_ensemble"]
+    assert rep["references"]["individual"]["average"] == pytest.approx(np.mean(list(ev["finetuned"].values())))
+    assert all(0 <= r["average"] <= 1 for r in rep["references"].values())
+    assert set(rep["robustness"]) == {"clean", "jpeg"} and "task_arithmetic" in rep["robustness"]["jpeg"]
+    assert any(p.name.startswith("multitask-") for p in (pathlib.Path(out) / "checkpoints").iterdir())
     capsys.readouterr()
     # bad inputs: one clear line, exit code 2
     bad = dict(tiny, data={**tiny["data"], "tasks": ["imagenet"]})
@@ -342,7 +366,7 @@ def test_cli_finetune_then_eval(tiny, tmp_path, monkeypatch, capsys):
     assert "unknown vision task 'imagenet'" in capsys.readouterr().err
     cfg_path.write_text(yaml.safe_dump(dict(tiny, train={"steps": 1, "lr": 1.0})))
     assert cli.main(["finetune", "--config", str(cfg_path), "--out", out, "--no-progress"]) == 2
-    assert "train: unknown key(s) ['lr']" in capsys.readouterr().err
+    assert "unknown key 'train.lr'" in capsys.readouterr().err
 
 
 def test_eval_without_finetunes_names_what_to_do(tiny, tmp_path):

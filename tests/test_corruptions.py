@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from bcjax.data.corruptions import (CORRUPTIONS, SEVERITIES, UnknownCorruptionError, corrupt,
                                     corrupt_task)
-from bcjax.data.suite import Task
+from bcjax.data.task import Task
 from bcjax.errors import BcjaxError, HyperparameterError, NonFiniteError
 
 RANDOM = ("motion_blur", "impulse_noise", "gaussian_noise", "spatter")  # draw from the rng

@@ -17,11 +17,11 @@ from bcjax.data.suite import (
     SUITE_TASKS,
     TASK_INFO,
     MissingDataSourceError,
-    Task,
     UnknownTaskError,
     load_suite,
     load_task,
 )
+from bcjax.data.task import Task
 from bcjax.errors import BcjaxError
 
 RES = 28
@@ -292,6 +292,15 @@ def test_task_rejects_malformed_splits():
         Task("t", ("a", "b"), {"train": (x, y + 2), "val": (x, y), "test": (x, y)})
     t = Task("t", ("a", "b"), {"train": (x, y), "val": (x, y), "test": (x, y)})
     assert t.num_classes == 2 and t.resolution == 28 and "sizes" in repr(t)
+    # one label dtype for every adapter (DINOv2 suite, CLIP, GLUE): int32
+    with pytest.raises(BcjaxError, match="labels must be int32"):
+        Task("t", ("a", "b"), {"train": (x, y.astype(np.int64)), "val": (x, y), "test": (x, y)})
+    with pytest.raises(BcjaxError, match="splits must be"):  # one split vocabulary: GLUE's "validation" is mapped
+        Task("t", ("a", "b"), {"train": (x, y), "validation": (x, y), "test": (x, y)})
+    with pytest.raises(BcjaxError, match="column 'idx' has 1 values"):
+        Task("t", ("a", "b"), {"train": (x, y), "val": (x, y), "test": (x, y)}, columns={"val": {"idx": [0]}})
+    text = Task("t", ("a", "b"), {s: (["p", "q"], y) for s in ("train", "val", "test")})
+    assert text.resolution is None and text.sizes == {"train": 2, "val": 2, "test": 2}
 
 
 # --------------------------------------------------------------------------------------

@@ -284,7 +284,8 @@ def test_data_dependent_methods_through_select_equal_the_core_merge(suite, name,
     res = E.select_and_test(suite, ResultsStore(None), methods=[E.MethodSpec(name, hp)], progress=False)
     assert res["methods"][name]["hparams"] == hp
     needs = bcjax.methods()[name].requires
-    inputs = {r: suite.requirement(r, tasks) for r in needs}
+    assert set(needs) - set(suite.provides) <= {"key", "work_dir"}  # those two the runner supplies itself
+    inputs = {r: suite.requirement(r, tasks) for r in needs if r in suite.provides}
     assert set(method_inputs(suite, name, hp, tasks)) == set(hp) | set(needs) and set(needs) <= set(REQUIREMENTS)
     expect = bcjax.merge(name, suite.pretrained, list(suite.finetuned), **hp, **inputs)
     built = E.method_builder(suite, name, hp, np.ones((1, len(tasks)), bool), contract=False)(np.array([0]))
@@ -295,6 +296,29 @@ def test_data_dependent_methods_through_select_equal_the_core_merge(suite, name,
     # and the method's requirements do matter: the merge differs from the simple average
     plain = bcjax.merge("simple_average", suite.pretrained, list(suite.finetuned))
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(expect), jax.tree.leaves(plain)))
+
+
+def test_select_learns_adamerging_once_and_reuses_the_saved_coefficients(suite, tmp_path, monkeypatch):
+    """Scoring the chosen point on test reuses the coefficients learned for it on val (kept
+    under the run's folder, the ``work_dir`` requirement) instead of re-running the seeded
+    optimisation: one optimisation per point, the same results as learning twice."""
+    import importlib
+
+    adamerging = importlib.import_module("bcjax.adamerging")  # the module (bcjax.adamerging is also the function)
+    calls = []
+    real = adamerging._make_step
+    monkeypatch.setattr(adamerging, "_make_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    spec = E.MethodSpec("adamerging", {"granularity": "task", "steps": 3, "learning_rate": 0.05, "batch_size": 8})
+    res = E.select_and_test(suite, ResultsStore(tmp_path / "results.jsonl"), methods=[spec], progress=False)
+    assert len(calls) == 1  # learned on val; not learned again for test
+    saved = sorted((tmp_path / "method_state" / "adamerging").glob("*/coefficients.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["steps"] == 3
+    calls.clear()
+    memory = E.select_and_test(suite, ResultsStore(None), methods=[spec], progress=False)  # no folder: learns twice
+    assert len(calls) == 2 and memory["methods"] == res["methods"]
+    calls.clear()
+    E.select_and_test(suite, ResultsStore(tmp_path / "results.jsonl"), methods=[spec], progress=False)
+    assert calls == []  # a rerun reads every point from the store
 
 
 def test_synthetic_suite_provides_grams_model_fn_and_unlabeled_test_inputs(suite):
@@ -528,3 +552,47 @@ def test_select_and_subsets_add_bootstrap_intervals_from_per_example_correctness
         np.testing.assert_allclose(p["mean"], curve[k], rtol=1e-12)
         assert p["ci95"][0] <= p["mean"] <= p["ci95"][1] and p["examples_per_task"] == {t: 96 for t in tasks}
         assert p["num_subsets"] == len([r for r in range(2 ** len(tasks)) if bin(r).count("1") == k])
+
+
+def test_target_task_experiment_through_bcjax_sweep(suite, tmp_path):
+    """configs/target_task.yaml (its suite swapped for the synthetic one) runs through `bcjax
+    sweep`: per target, each method's point is chosen on val and reported on test, α = 0 (the
+    target itself) among the candidates; its numbers are the target_task_experiment of the
+    suite's fine-tunes, scored by the suite."""
+    import yaml
+
+    from bcjax.evaluate import stack_trees
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "target_task.yaml")) as f:
+        cfg = yaml.safe_load(f)
+    cfg["suite"] = dict(SUITE)
+    cfg["targets"] = ["task0", "task2"]
+    path = tmp_path / "target_task.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bcjax.cli", "sweep", "--config", str(path), "--out", str(out),
+                           "--no-progress"], env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["experiment"] == "target_task" and sorted(summary["targets"]) == ["task0", "task2"]
+    r = summary["targets"]["task0"]
+    assert r["auxiliary"] == ["task1", "task2", "task3"] and r["metric"] == "accuracy"
+    ft = dict(zip(suite.tasks, suite.finetuned, strict=True))
+    for split in ("val", "test"):
+        own = float(suite.evaluate(stack_trees([ft["task0"]]), "task0", split)[0])
+        assert r["finetuned"][split]["values"] == [own]
+    for m in ("breadcrumbs", "task_arithmetic"):
+        assert r[m]["val"]["mean"] >= r["finetuned"]["val"]["mean"]  # α = 0 is a candidate
+        assert r[m]["chosen"][0]["alpha"] in (0.0, 0.1, 0.3, 0.5)
+    expect = E.target_task_experiment(
+        suite.pretrained, [ft["task0"]], [ft[t] for t in ("task1", "task2", "task3")],
+        lambda p, sp: float(suite.evaluate(stack_trees([p]), "task0", sp)[0]),
+        {"task_arithmetic": {"alpha": [0.0, 0.1, 0.3, 0.5]}})
+    assert r["task_arithmetic"] == json.loads(json.dumps(expect["task_arithmetic"]))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**cfg, "target": ["task0"]}))
+    proc = subprocess.run([sys.executable, "-m", "bcjax.cli", "sweep", "--config", str(bad), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "unknown key 'target'" in proc.stderr

@@ -81,13 +81,19 @@ def test_excluded_leaves_are_still_checked(method):
     np.testing.assert_array_equal(np.asarray(out["head/w"]), pre["head/w"])
 
 
-def test_finite_inputs_that_overflow_are_not_an_error():
+def test_finite_inputs_that_overflow_are_rescued_or_named_never_mistaken_for_a_nan_input():
+    """SPEC §1 (issue 11): nothing silently non-finite. τ = −6e38 overflows float32 in the
+    kernel, but θ0 + α Στ is computed with an exact power-of-two rescale, so a representable
+    result is returned; an unrepresentable one is an OverflowMergeError naming the key path
+    (not a NonFiniteError blaming a model: every input is finite)."""
     pre, fts = models()
     pre["enc/bias"] = np.full(80, 3e38, np.float32)
     for ft in fts:
         ft["enc/bias"] = np.full(80, -3e38, np.float32)  # τ = −6e38 overflows to −inf
-    out = bcjax.merge("task_arithmetic", pre, fts, alpha=1.0)  # inputs are finite: no error
-    assert not np.isfinite(np.asarray(out["enc/bias"])).any()
+    with pytest.raises(errors.OverflowMergeError, match=r"key path 'enc/bias'"):
+        bcjax.merge("task_arithmetic", pre, fts, alpha=1.0)  # θ* = 3e38 − T·6e38: not a float32
+    out = bcjax.merge("task_arithmetic", pre, fts, alpha=1.0 / len(fts))  # θ* = −3e38: representable
+    np.testing.assert_allclose(np.asarray(out["enc/bias"]), -3e38, rtol=1e-6)
 
 
 def test_a_method_without_the_fused_check_gets_the_separate_check():

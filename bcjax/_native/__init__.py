@@ -9,13 +9,15 @@ speed. On GPU/TPU, or where no C++ compiler is found, bcjax uses the portable pa
 The shared library is built with the system C++ compiler (``$CXX`` or ``g++``) against
 the FFI headers shipped in jaxlib, once per (source, jaxlib, compiler) into
 ``$BCJAX_CACHE/native`` (default ``~/.cache/bcjax/native``), with an atomic rename so
-concurrent processes never load a half-written file. ``BCJAX_NATIVE=0`` disables it.
+concurrent processes never load a half-written file, and a sidecar recording its size and
+sha256: a cached library that fails the check (truncated, altered) is rebuilt, never loaded. ``BCJAX_NATIVE=0`` disables it.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -52,13 +54,21 @@ def _compiler() -> str | None:
 
 
 def _build(cxx: str) -> Path:
+    """The cached library for this (source, jaxlib, compiler), built when absent or when it
+    fails its integrity check (:func:`_verified`; a truncated or altered file would crash the
+    loading process with SIGBUS, so it is rebuilt with a one-line :class:`CacheWarning`)."""
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
     key = hashlib.sha256(_SOURCE.read_bytes() + include.encode() + jax.__version__.encode()
                          + version.encode()).hexdigest()[:16]
     out = _cache_dir() / f"bcjax_select_bits_{key}.so"
     if out.is_file():
-        return out
+        problem = _verified(out)
+        if problem is None:
+            return out
+        from bcjax.errors import CacheWarning
+
+        warnings.warn(f"bcjax: cached native kernel {out} {problem}; rebuilding it", CacheWarning, stacklevel=4)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
@@ -68,11 +78,46 @@ def _build(cxx: str) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+        _write_atomic(_sidecar(out), json.dumps(_fingerprint(Path(tmp))))  # sidecar first, then the library
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return out
+
+
+def _sidecar(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256.json")
+
+
+def _fingerprint(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def _verified(lib: Path) -> str | None:
+    """None when ``lib`` matches the size and sha256 its build recorded in the sidecar
+    (written atomically before the library is renamed into place), else what is wrong."""
+    try:
+        want = json.loads(_sidecar(lib).read_text())
+    except (OSError, ValueError):
+        return "has no readable checksum sidecar"
+    got = _fingerprint(lib)
+    if not isinstance(want, dict) or want.get("size") != got["size"]:
+        return f"has {got['size']} bytes, expected {want.get('size') if isinstance(want, dict) else '?'} (truncated?)"
+    if want.get("sha256") != got["sha256"]:
+        return "fails its sha256 check"
+    return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _load() -> None:

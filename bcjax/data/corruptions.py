@@ -339,7 +339,7 @@ def corrupt_task(task, name: str, severity: int = DEFAULT_SEVERITY, seed: int = 
     other splits (and labels) are the same arrays, untouched.
 
     ``task`` is any frozen dataclass with a ``splits`` mapping ``{"test": (images, labels),
-    ...}`` (e.g. :class:`bcjax.data.suite.Task`). Test image ``i`` is seeded by
+    ...}`` (e.g. :class:`bcjax.data.task.Task`). Test image ``i`` is seeded by
     ``(seed, name, i)``, so the corrupted test set is fixed by ``(task, name, severity, seed)``.
     """
     if not dataclasses.is_dataclass(task) or "test" not in getattr(task, "splits", {}):

@@ -6,9 +6,10 @@ needed, not TensorFlow). Prepare them once with tfds's own builder where a netwo
 available (``tfds.builder('glue/mrpc', file_format='array_record').download_and_prepare()``)
 or point ``data_dir`` at a folder that holds prepared ``glue/<task>/<version>`` data.
 
-**Splits.** GLUE's test labels are hidden, so (SPEC §5) ``validation`` is carved from
-GLUE train — a seeded permutation of the examples sorted by their ``idx``, so it does not
-depend on the on-disk record order — and ``test`` is GLUE's own validation split.
+**Splits.** GLUE's test labels are hidden, so (SPEC §5) our ``val`` is carved from GLUE
+train — a seeded permutation of the examples sorted by their ``idx``, so it does not depend
+on the on-disk record order — and our ``test`` is GLUE's own ``validation`` split (the one
+place GLUE's split names appear: tasks are :class:`bcjax.data.task.Task`).
 
 **Text-to-text.** Each task has an explicit prompt template (the T5 paper's) and label
 words; STS-B scores are rounded to the nearest 0.2 and written as ``"3.8"`` (26 label
@@ -28,11 +29,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from bcjax.data.task import LABEL_DTYPE, Task
 from bcjax.errors import BcjaxError
 
 __all__ = [
     "GlueDataError", "UnknownTaskError", "LabelWordError", "InputTooLongError",
-    "GlueTask", "TASKS", "get_task", "GlueSplit", "load_glue", "encode", "encode_choices", "Encoded",
+    "GlueTask", "TASKS", "get_task", "load_glue", "encode", "encode_choices", "Encoded",
     "accuracy", "matthews_corrcoef", "f1_binary", "spearman", "task_metrics",
 ]
 
@@ -102,29 +104,6 @@ def _text(x) -> str:
     return x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x)
 
 
-@dataclasses.dataclass(frozen=True)
-class GlueSplit:
-    """One split: the prompts, their label words and class indices (into
-    ``task.label_words``), and for STS-B the gold float scores."""
-
-    task: GlueTask
-    split: str
-    inputs: list[str]
-    targets: list[str]
-    labels: np.ndarray  # int64 class index
-    scores: np.ndarray | None  # STS-B gold scores, else None
-    idx: np.ndarray  # the examples' GLUE idx
-
-    def __len__(self):
-        return len(self.inputs)
-
-    def subset(self, n: int | None) -> "GlueSplit":
-        if n is None or n >= len(self):
-            return self
-        return dataclasses.replace(self, inputs=self.inputs[:n], targets=self.targets[:n], labels=self.labels[:n],
-                                   scores=None if self.scores is None else self.scores[:n], idx=self.idx[:n])
-
-
 def _read_split(task: GlueTask, split: str, data_dir: str | None, download: bool) -> list[dict]:
     try:
         import tensorflow_datasets as tfds
@@ -141,30 +120,33 @@ def _read_split(task: GlueTask, split: str, data_dir: str | None, download: bool
     return sorted(rows, key=lambda r: int(r["idx"]))
 
 
-def _to_split(task: GlueTask, split: str, rows: Sequence[dict]) -> GlueSplit:
+def _to_split(task: GlueTask, split: str, rows: Sequence[dict]) -> tuple[tuple[list[str], np.ndarray], dict]:
+    """``((prompts, labels int32), columns)`` of ``rows``; columns: ``idx`` (GLUE's example
+    idx) and, for STS-B, ``scores`` (the gold floats; labels are them rounded to 0.2)."""
     inputs = [task.format(r) for r in rows]
+    columns = {"idx": np.asarray([int(r["idx"]) for r in rows], np.int64)}
     if task.regression:
-        scores = np.asarray([float(r["label"]) for r in rows], np.float64)
-        labels = np.clip(np.round(scores / 0.2), 0, len(task.label_words) - 1).astype(np.int64)
+        columns["scores"] = np.asarray([float(r["label"]) for r in rows], np.float64)
+        labels = np.clip(np.round(columns["scores"] / 0.2), 0, len(task.label_words) - 1).astype(LABEL_DTYPE)
     else:
-        scores = None
-        labels = np.asarray([int(r["label"]) for r in rows], np.int64)
+        labels = np.asarray([int(r["label"]) for r in rows], LABEL_DTYPE)
         bad = np.flatnonzero((labels < 0) | (labels >= len(task.label_words)))
         if bad.size:
             raise GlueDataError(f"{task.tfds_name} {split}: example idx {int(rows[bad[0]]['idx'])} has label "
                                 f"{int(labels[bad[0]])} (hidden test labels are -1; use GLUE validation as test)")
-    return GlueSplit(task, split, inputs, [task.label_words[i] for i in labels], labels, scores,
-                     np.asarray([int(r["idx"]) for r in rows], np.int64))
+    return (inputs, labels), columns
 
 
 def load_glue(task: str | GlueTask, *, data_dir: str | None = None, val_size: int | float = 0.1, seed: int = 0,
-              download: bool = False, max_examples: int | None = None) -> dict[str, GlueSplit]:
-    """``{"train", "validation", "test"}`` of one task (module docstring: validation is a
-    seeded carve-out of GLUE train of ``val_size`` examples — or that fraction — and test is
-    GLUE validation). ``max_examples`` caps each split (after splitting; for quick runs)."""
+              download: bool = False, max_examples: int | None = None) -> Task:
+    """One task as a :class:`~bcjax.data.task.Task` (class names = the label words; splits
+    ``train`` / ``val`` / ``test``, module docstring: ``val`` is a seeded carve-out of GLUE
+    train of ``val_size`` examples — or that fraction — and ``test`` is GLUE's
+    ``validation``; ``columns[split]`` holds ``idx`` and STS-B's ``scores``).
+    ``max_examples`` caps each split (after splitting; for quick runs)."""
     task = get_task(task) if isinstance(task, str) else task
     train_rows = _read_split(task, "train", data_dir, download)
-    test_rows = _read_split(task, "validation", data_dir, download)
+    test_rows = _read_split(task, "validation", data_dir, download)  # GLUE's validation is our test
     n = len(train_rows)
     n_val = int(round(val_size * n)) if isinstance(val_size, float) and val_size < 1 else int(val_size)
     if not 0 < n_val < n:
@@ -172,11 +154,10 @@ def load_glue(task: str | GlueTask, *, data_dir: str | None = None, val_size: in
                             "need at least one for validation and one for training")
     perm = np.random.default_rng([seed, 0x91E]).permutation(n)
     val_i, train_i = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-    return {
-        "train": _to_split(task, "train", [train_rows[i] for i in train_i]).subset(max_examples),
-        "validation": _to_split(task, "validation", [train_rows[i] for i in val_i]).subset(max_examples),
-        "test": _to_split(task, "test", test_rows).subset(max_examples),
-    }
+    rows = {"train": [train_rows[i] for i in train_i], "val": [train_rows[i] for i in val_i], "test": test_rows}
+    parts = {sp: _to_split(task, sp, r[:max_examples]) for sp, r in rows.items()}
+    return Task(task.name, task.label_words, {sp: p[0] for sp, p in parts.items()},
+                columns={sp: p[1] for sp, p in parts.items()}, provenance=f"tfds {task.tfds_name}")
 
 
 # --------------------------------------------------------------------------- tokenization
@@ -193,13 +174,14 @@ def _token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]]
 
 
-def encode_choices(task: GlueTask, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """The label words as ``(ids [K, Lt], mask [K, Lt])`` (each ending with ``</s>``).
-    Raises :class:`LabelWordError` for a word that tokenizes to nothing or two equal ones."""
-    ids = _token_ids(tokenizer, task.label_words)
+def encode_choices(task: Task, tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """The label words (``task.class_names``) as ``(ids [K, Lt], mask [K, Lt])`` (each ending
+    with ``</s>``). Raises :class:`LabelWordError` for a word that tokenizes to nothing or two
+    equal ones."""
+    ids = _token_ids(tokenizer, task.class_names)
     eos = tokenizer.eos_token_id
     seen: dict[tuple, str] = {}
-    for word, t in zip(task.label_words, ids, strict=True):
+    for word, t in zip(task.class_names, ids, strict=True):
         body = tuple(i for i in t if i != eos)
         if not body or all(i == tokenizer.unk_token_id for i in body):
             raise LabelWordError(f"task {task.name}: label word {word!r} tokenizes to nothing "
@@ -219,28 +201,28 @@ def _pad(seqs: Sequence[Sequence[int]], length: int, pad: int) -> tuple[np.ndarr
     return out, mask
 
 
-def encode(split: GlueSplit, tokenizer, *, max_input_length: int, truncation: str = "error") -> Encoded:
-    """Tokenize a split (inputs padded to ``max_input_length``; targets to the longest label
+def encode(task: Task, split: str, tokenizer, *, max_input_length: int, truncation: str = "error") -> Encoded:
+    """Tokenize split ``split`` of ``task`` (inputs padded to ``max_input_length``; targets to the longest label
     word). ``truncation``: ``"error"`` raises :class:`InputTooLongError` naming the first
     over-long example; ``"truncate"`` cuts it (keeping the final ``</s>``) and counts it."""
     if truncation not in ("error", "truncate"):
         raise GlueDataError(f"truncation must be 'error' or 'truncate', got {truncation!r}")
-    choice_ids, choice_mask = encode_choices(split.task, tokenizer)
-    ids = _token_ids(tokenizer, split.inputs)
+    choice_ids, choice_mask = encode_choices(task, tokenizer)
+    inputs, labels = task.splits[split]
+    ids = _token_ids(tokenizer, inputs)
     lengths = np.asarray([len(t) for t in ids])
     over = np.flatnonzero(lengths > max_input_length)
     if over.size and truncation == "error":
         i = int(over[0])
-        raise InputTooLongError(f"task {split.task.name} split {split.split}: {over.size} input(s) exceed "
-                                f"max_input_length={max_input_length} tokens, first: example idx {int(split.idx[i])} "
+        raise InputTooLongError(f"task {task.name} split {split}: {over.size} input(s) exceed "
+                                f"max_input_length={max_input_length} tokens, first: example idx "
+                                f"{int(task.columns[split]['idx'][i])} "
                                 f"with {int(lengths[i])} tokens; raise the limit or set truncation: truncate")
     eos = tokenizer.eos_token_id
     ids = [t if len(t) <= max_input_length else t[:max_input_length - 1] + [eos] for t in ids]
     input_ids, attention_mask = _pad(ids, max_input_length, tokenizer.pad_token_id)
-    labels = choice_ids[split.labels]
-    label_mask = choice_mask[split.labels]
-    return Encoded({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                    "label_mask": label_mask, "class_id": split.labels.astype(np.int32)},
+    return Encoded({"input_ids": input_ids, "attention_mask": attention_mask, "labels": choice_ids[labels],
+                    "label_mask": choice_mask[labels], "class_id": labels},
                    int(over.size), int(lengths.max(initial=0)))
 
 
@@ -294,18 +276,20 @@ def spearman(pred: np.ndarray, gold: np.ndarray) -> float:
     return float(a @ b / denom) if denom > 0 else float("nan")
 
 
-def task_metrics(task: GlueTask, pred_class: np.ndarray, split: GlueSplit) -> dict[str, Any]:
-    """All of the task's metrics ×100; ``pred_class`` indexes ``task.label_words`` (−1: an
-    unparseable generation, counted wrong)."""
+def task_metrics(task: GlueTask, pred_class: np.ndarray, labels: np.ndarray,
+                 scores: np.ndarray | None = None) -> dict[str, Any]:
+    """All of the task's metrics ×100 against the gold ``labels`` (and, for STS-B, the gold
+    ``scores``); ``pred_class`` indexes ``task.label_words`` (−1: an unparseable generation,
+    counted wrong)."""
     pred = np.asarray(pred_class)
-    out: dict[str, Any] = {"accuracy": 100 * accuracy(pred, split.labels)}
+    out: dict[str, Any] = {"accuracy": 100 * accuracy(pred, labels)}
     if "matthews" in task.metrics:
-        out["matthews"] = 100 * matthews_corrcoef(pred, split.labels)
+        out["matthews"] = 100 * matthews_corrcoef(pred, labels)
     if "f1" in task.metrics:
-        out["f1"] = 100 * f1_binary(pred, split.labels, positive=1)
+        out["f1"] = 100 * f1_binary(pred, labels, positive=1)
     if "spearman" in task.metrics:
         values = np.where(pred >= 0, pred * 0.2, 2.5)  # unparseable: the middle of the scale
-        out["spearman"] = 100 * spearman(values, split.scores)
+        out["spearman"] = 100 * spearman(values, scores)
     out["main"] = out[task.metrics[0]]
     out["main_metric"] = task.metrics[0]
     return out

@@ -69,7 +69,7 @@ Decoded and resized arrays are cached as ``.npz`` under ``$BCJAX_CACHE/data`` (d
 fails to load or does not match is rebuilt with a warning. Pixels are quantised to 8 bits
 before caching, so a cold and a warm load return identical arrays.
 
-Public API: :class:`Task`, :data:`SUITE_TASKS`, :data:`TASK_INFO`, :func:`load_task`,
+Public API (tasks are :class:`bcjax.data.task.Task`): :data:`SUITE_TASKS`, :data:`TASK_INFO`, :func:`load_task`,
 :func:`load_suite`, :func:`cache_dir`, :class:`UnknownTaskError`,
 :class:`MissingDataSourceError`.
 """
@@ -92,14 +92,13 @@ import numpy as np
 from bcjax.errors import BcjaxError
 from bcjax.data import _sources as src
 from bcjax.data._sources import MissingDataSourceError
+from bcjax.data.task import SPLITS, Task
 from bcjax._optional import requires
 
 __all__ = [
-    "Task",
     "TaskInfo",
     "SUITE_TASKS",
     "TASK_INFO",
-    "SPLITS",
     "PATCH_SIZE",
     "load_task",
     "load_suite",
@@ -108,8 +107,6 @@ __all__ = [
     "MissingDataSourceError",
 ]
 
-#: Split names, in order.
-SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: The resolution must be a multiple of this (DINOv2's patch size).
 PATCH_SIZE = 14
 _MAX_RESOLUTION = 518  # DINOv2's native 37x14; anything larger is surely a mistake
@@ -127,56 +124,6 @@ class UnknownTaskError(BcjaxError, KeyError):
 # =======================================================================================
 # Public data types
 # =======================================================================================
-
-@dataclass(frozen=True, eq=False)
-class Task:
-    """One classification task: images float32 NHWC in [0, 1] (3 channels), labels int32.
-
-    ``splits`` maps ``"train"``, ``"val"`` and ``"test"`` to ``(images, labels)``; the
-    arrays are read-only.
-    """
-
-    name: str
-    class_names: tuple[str, ...]
-    splits: dict[str, tuple[np.ndarray, np.ndarray]]
-    provenance: str = ""
-    license: str = ""
-
-    def __post_init__(self):
-        if set(self.splits) != set(SPLITS):
-            raise BcjaxError(f"Task {self.name!r}: splits must be {SPLITS}, got {tuple(self.splits)}")
-        res = None
-        for split, (x, y) in self.splits.items():
-            if x.dtype != np.float32 or x.ndim != 4 or x.shape[1] != x.shape[2] or x.shape[3] != 3:
-                raise BcjaxError(f"Task {self.name!r}/{split}: images must be float32 (N, R, R, 3), "
-                                 f"got {x.dtype} {x.shape}")
-            if y.dtype != np.int32 or y.shape != (x.shape[0],):
-                raise BcjaxError(f"Task {self.name!r}/{split}: labels must be int32 ({x.shape[0]},), "
-                                 f"got {y.dtype} {y.shape}")
-            if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(self.class_names)):
-                raise BcjaxError(f"Task {self.name!r}/{split}: labels outside "
-                                 f"[0, {len(self.class_names)})")
-            if res is not None and x.shape[1] != res:
-                raise BcjaxError(f"Task {self.name!r}: splits differ in resolution")
-            res = x.shape[1]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def resolution(self) -> int:
-        return int(self.splits["train"][0].shape[1])
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        """Number of examples per split."""
-        return {k: int(v[1].shape[0]) for k, v in self.splits.items()}
-
-    def __repr__(self):
-        return (f"Task(name={self.name!r}, num_classes={self.num_classes}, "
-                f"resolution={self.resolution}, sizes={self.sizes})")
-
 
 @dataclass(frozen=True)
 class TaskInfo:

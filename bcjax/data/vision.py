@@ -50,11 +50,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from bcjax.data.task import LABEL_DTYPE, SPLITS, Task
 from bcjax.errors import BcjaxError
 from bcjax._optional import requires
 
 __all__ = [
-    "TASKS", "TEMPLATES", "GTSRB_CLASSNAMES", "GTSRB_HELP", "TaskSpec", "VisionTask", "ImageArray",
+    "TASKS", "TEMPLATES", "GTSRB_CLASSNAMES", "GTSRB_HELP", "TaskSpec", "ImageArray", "materialize",
     "VisionDataError", "UnknownDatasetError", "clip_preprocess", "carve", "load_task", "load_tfds_task",
     "load_folder_task", "numpy_task", "classnames_for",
 ]
@@ -311,38 +312,26 @@ class ImageArray:
         return np.load(path, mmap_mode="r")
 
 
-@dataclasses.dataclass
-class VisionTask:
-    """A task: name, class names, prompt templates and ``splits[name] = (images, labels)``
-    with images uint8[N, S, S, 3] (an array or :class:`ImageArray`) and labels int64[N]."""
+def _task(name: str, classnames: Sequence[str], templates: Sequence[str], splits: Mapping[str, tuple]) -> Task:
+    """The :class:`~bcjax.data.task.Task` of ``splits`` (labels cast to int32)."""
+    return Task(name, tuple(classnames), {k: (x, np.asarray(y, LABEL_DTYPE)) for k, (x, y) in splits.items()},
+                templates=tuple(templates))
 
-    name: str
-    classnames: list[str]
-    templates: tuple[str, ...]
-    splits: dict[str, tuple[Any, np.ndarray]]
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classnames)
-
-    @property
-    def sizes(self) -> dict[str, int]:
-        return {k: len(v[1]) for k, v in self.splits.items()}
-
-    def materialize(self, max_bytes: int = 2 << 30, cache_dir: str | os.PathLike | None = None) -> "VisionTask":
-        """Decode lazy splits into memory when all of them fit in ``max_bytes``; otherwise,
-        with ``cache_dir``, preprocess them once into memory-mapped ``.npy`` files there
-        (keyed by source, indices and size), else keep streaming from the source."""
-        total = sum(int(np.prod(x.shape)) for x, _ in self.splits.values())
-        if total <= max_bytes:
-            conv = np.asarray
-        elif cache_dir is not None:
-            def conv(x):
-                return x.to_disk(pathlib.Path(cache_dir) / "images" / self.name) if x.cache_key() else x
-        else:
-            return self
-        splits = {k: (conv(x) if isinstance(x, ImageArray) else x, y) for k, (x, y) in self.splits.items()}
-        return dataclasses.replace(self, splits=splits)
+def materialize(task: Task, max_bytes: int = 2 << 30, cache_dir: str | os.PathLike | None = None) -> Task:
+    """``task`` with its lazy :class:`ImageArray` splits decoded into memory when all of them
+    fit in ``max_bytes``; otherwise, with ``cache_dir``, preprocessed once into memory-mapped
+    ``.npy`` files there (keyed by source, indices and size), else still streaming."""
+    total = sum(int(np.prod(x.shape)) for x, _ in task.splits.values())
+    if total <= max_bytes:
+        conv = np.asarray
+    elif cache_dir is not None:
+        def conv(x):
+            return x.to_disk(pathlib.Path(cache_dir) / "images" / task.name) if x.cache_key() else x
+    else:
+        return task
+    splits = {k: (conv(x) if isinstance(x, ImageArray) else x, y) for k, (x, y) in task.splits.items()}
+    return dataclasses.replace(task, splits=splits)
 
 
 def carve(n: int, sizes: Sequence[int], seed: int) -> list[np.ndarray]:
@@ -391,11 +380,11 @@ def classnames_for(spec: TaskSpec, source_names: Sequence[str] | None) -> list[s
 
 
 def _read_labels(source: Sequence, label_key: str) -> np.ndarray:
-    return np.fromiter((int(source[i][label_key]) for i in range(len(source))), np.int64, count=len(source))
+    return np.fromiter((int(source[i][label_key]) for i in range(len(source))), LABEL_DTYPE, count=len(source))
 
 
 def _finish(spec: TaskSpec, classnames, templates, train_src, test_src, *, size, seed, max_train, max_eval,
-            label_key, image_key, train_ident=None, test_ident=None) -> VisionTask:
+            label_key, image_key, train_ident=None, test_ident=None) -> Task:
     y_pool = _read_labels(train_src, label_key)
     cuts = ([spec.test_size] if spec.test_size else []) + [spec.unused_size, spec.val_size]
     parts = carve(len(y_pool), cuts, seed)
@@ -419,12 +408,12 @@ def _finish(spec: TaskSpec, classnames, templates, train_src, test_src, *, size,
         "val": (ImageArray(train_src, val_idx, size, image_key, train_ident), y_pool[val_idx]),
         "test": (ImageArray(test_src, test_idx, size, image_key, test_ident), y_test_all[test_idx]),
     }
-    return VisionTask(spec.name, list(classnames), tuple(templates), splits)
+    return _task(spec.name, classnames, templates, splits)
 
 
 def load_tfds_task(spec: TaskSpec | str, *, data_dir: str | None = None, image_size: int = 224, seed: int = 0,
                    max_train: int | None = None, max_eval: int | None = None, prepare: bool = False,
-                   classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> VisionTask:
+                   classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None) -> Task:
     """A task read by tfds name with ``builder.as_data_source`` (array_record, no TensorFlow).
 
     ``spec`` is a :data:`TASKS` name or a :class:`TaskSpec` (users' own tfds data sets).
@@ -512,13 +501,13 @@ def _scan(folder: pathlib.Path, classes: list[str] | None):
             labels += [c] * len(fs)
     if not files:
         raise VisionDataError(f"image folder {folder} holds no images ({', '.join(_IMAGE_EXT)}) in class folders")
-    return classes, files, np.asarray(labels, np.int64)
+    return classes, files, np.asarray(labels, LABEL_DTYPE)
 
 
 def load_folder_task(root: str | os.PathLike, name: str | None = None, *, image_size: int = 224, seed: int = 0,
                      val_size: int | float = 0.1, max_train: int | None = None, max_eval: int | None = None,
                      classnames: Sequence[str] | Mapping[str, str] | None = None,
-                     templates: Sequence[str] | None = None) -> VisionTask:
+                     templates: Sequence[str] | None = None) -> Task:
     """A task from image folders ``<root>/train/<class>/*.png`` and ``<root>/test/<class>/...``
     (class order = sorted train folder names). ``classnames`` renames classes (a list in that
     order, or a ``{folder: name}`` map; default: folder names with ``_`` → space).
@@ -546,7 +535,7 @@ def load_folder_task(root: str | os.PathLike, name: str | None = None, *, image_
         splits = {"train": (ImageArray(ftr, tr, image_size, None, ftr.ident), y_train[tr]),
                   "val": (ImageArray(fva, va, image_size, None, fva.ident), y_val[va]),
                   "test": (ImageArray(fte, te, image_size, None, fte.ident), y_test[te])}
-        return VisionTask(name, names, tpl, splits)
+        return _task(name, names, tpl, splits)
     n_val = int(round(val_size * len(train_files))) if isinstance(val_size, float) else int(val_size)
     spec = TaskSpec(name, None, val_size=n_val)
     return _finish_files(spec, names, tpl, train_files, y_train, test_files, y_test, image_size, seed,
@@ -558,7 +547,7 @@ def _finish_files(spec, names, tpl, train_files, y_train, test_files, y_test, si
     train_idx, val_idx = _limit(train_idx, max_train, seed), _limit(val_idx, max_eval, seed)
     test_idx = _limit(np.arange(len(y_test)), max_eval, seed)
     tr, te = _Files(train_files), _Files(test_files)
-    return VisionTask(spec.name, list(names), tuple(tpl), {
+    return _task(spec.name, names, tpl, {
         "train": (ImageArray(tr, train_idx, size, None, tr.ident), y_train[train_idx]),
         "val": (ImageArray(tr, val_idx, size, None, tr.ident), y_train[val_idx]),
         "test": (ImageArray(te, test_idx, size, None, te.ident), y_test[test_idx]),
@@ -568,7 +557,7 @@ def _finish_files(spec, names, tpl, train_files, y_train, test_files, y_test, si
 def numpy_task(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], *,
                classnames: Sequence[str], templates: Sequence[str] | None = None, image_size: int = 224,
                val: tuple[np.ndarray, np.ndarray] | None = None, val_size: int | float = 0.1,
-               seed: int = 0) -> VisionTask:
+               seed: int = 0) -> Task:
     """A task from in-memory arrays (N, H, W[, C]) + int labels; images are CLIP-preprocessed
     now. Without ``val``, ``val_size`` (count or fraction) is carved from train."""
     if not classnames:
@@ -576,7 +565,7 @@ def numpy_task(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.n
     parts = {"train": train, "test": test} | ({"val": val} if val is not None else {})
     prepped = {}
     for split, (x, y) in parts.items():
-        x, y = np.asarray(x), np.asarray(y).astype(np.int64)
+        x, y = np.asarray(x), np.asarray(y).astype(LABEL_DTYPE)
         if x.ndim not in (3, 4) or len(x) != len(y):
             raise VisionDataError(f"task {name!r} {split}: expected images (N, H, W[, C]) and N labels, "
                                   f"got {x.shape} and {y.shape}")
@@ -591,12 +580,12 @@ def numpy_task(name: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.n
         x, y = prepped["train"]
         prepped["val"], prepped["train"] = (x[v], y[v]), (x[t], y[t])
     tpl = tuple(templates or TEMPLATES.get(name, TEMPLATES["default"]))
-    return VisionTask(name, list(classnames), tpl, {k: prepped[k] for k in ("train", "val", "test")})
+    return _task(name, classnames, tpl, {k: prepped[k] for k in SPLITS})
 
 
 def load_task(entry: str | Mapping, *, data_dir: str | None = None, image_size: int = 224, seed: int = 0,
               max_train: int | None = None, max_eval: int | None = None, prepare: bool = False,
-              gtsrb_dir: str | None = None) -> VisionTask:
+              gtsrb_dir: str | None = None) -> Task:
     """A task from a config entry: a :data:`TASKS` name, or a mapping
 
     * ``{name, tfds_name, [train_splits, test_split, val_size, test_size, classnames, templates,

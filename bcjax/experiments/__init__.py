@@ -3,7 +3,7 @@
 Rooms, one-way: :mod:`~bcjax.experiments.suite` (the :class:`ModelSuite` interface and the
 suite registry) ← :mod:`~bcjax.experiments.engine` (chunked, resumable evaluation and model
 builders) ← one module per experiment (``select``, ``subsets``, ``grid``, ``validation_free``,
-``class_split``, ``cosine``, ``target_task``), each with a typed settings dataclass and
+``class_split``, ``cosine``, ``target_task``, ``robustness``, ``generalization``, ``scaling``, ``fusionbench``), each with a typed settings dataclass and
 registered by name (:func:`register_experiment`) ← :mod:`~bcjax.experiments.runner`
 (:func:`run_sweep`, behind ``bcjax sweep``).
 
@@ -20,7 +20,10 @@ every method requiring them runs on it. Built in: ``dinov2_demo``, ``dinov2_clas
 
 **Adding an experiment.** A module with a settings dataclass and
 ``@register_experiment(name, settings=..., figures=...)`` on ``run(suite, store, settings, *,
-chunk, mesh, progress) -> dict``; import it in :mod:`~bcjax.experiments.runner`.
+chunk, mesh, progress) -> dict``; import it in :mod:`~bcjax.experiments.runner`. An optional
+``report=fn(summary, plots) -> {filename: text}`` writes extra files (``fusionbench``: report.json,
+report.md). FusionBench's protocols: ``robustness``, ``generalization``, ``scaling`` and the
+one-run ``fusionbench`` comparison (:mod:`~bcjax.experiments.rows` holds their shared rows).
 """
 from bcjax.experiments.class_split import class_split_experiment, class_subset, prefix_indicator, split_classes
 from bcjax.experiments.cosine import cosine_experiment

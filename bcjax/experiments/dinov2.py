@@ -54,10 +54,11 @@ def stack_evaluator(predict, tasks: Mapping[str, Any], heads: Mapping[str, tuple
     """``evaluate(stacked, task, split)`` on the first ``eval_examples[split]`` examples (all if None)."""
     from bcjax.evaluate import accuracy_of_stack
 
+    examples = _examples(tasks, eval_examples)
+
     def evaluate(stacked, task, split):
-        x, y = tasks[task].splits[split]
-        n = int(eval_examples.get(split) or len(y))
-        return accuracy_of_stack(predict, stacked, x[:n], y[:n], batch_size=min(batch, n),
+        x, y = examples(task, split)
+        return accuracy_of_stack(predict, stacked, x, y, batch_size=min(batch, len(y)),
                                  models_per_call=models_per_call, predict_args=heads[task])
 
     return evaluate
@@ -110,6 +111,28 @@ def _provides(ctx, finetuned, gram_examples: int) -> dict:
     }
 
 
+def _examples(tasks: Mapping[str, Any], eval_examples: Mapping[str, int | None]):
+    """``examples(task, split)``: the labeled images ``stack_evaluator`` scores (the first
+    ``eval_examples[split]``, all if None)."""
+
+    def examples(task, split):
+        x, y = tasks[task].splits[split]
+        n = int(eval_examples.get(split) or len(y))
+        return x[:n], y[:n]
+
+    return examples
+
+
+def _protocol_fields(ctx, tasks, eval_examples, progress: bool) -> dict:
+    """The ModelSuite fields of the FusionBench protocols: ``examples``, ``corrupt`` (the SPEC §4
+    image corruptions) and ``multitask`` (:func:`bcjax.demo.finetune_multitask`, on first use)."""
+    from bcjax import demo
+    from bcjax.data.corruptions import corrupt
+
+    return {"examples": _examples(tasks, eval_examples), "corrupt": corrupt,
+            "multitask": lambda: demo.finetune_multitask(ctx, progress=progress)}
+
+
 def _eval_examples(config):
     return {s: get(config, f"suite.eval_examples.{s}", None, types=(int, type(None))) for s in ("val", "test")}
 
@@ -131,7 +154,8 @@ def dinov2_demo_suite(config: Mapping, *, cache_dir: str, progress: bool = True)
     return ModelSuite(name=demo.SUITE_NAME, tasks=tuple(ctx.names), pretrained=ctx.params0, finetuned=tuple(finetuned),
                       evaluate=evaluate, fingerprint=fp, heads=ctx.heads, models_per_call=cfg.models_per_call,
                       info={"sizes": {t.name: t.sizes for t in ctx.tasks}, "config_fingerprint": cfg.fingerprint()},
-                      provides=_provides(ctx, finetuned, _gram_examples(config)))
+                      provides=_provides(ctx, finetuned, _gram_examples(config)),
+                      **_protocol_fields(ctx, tasks, eval_examples, progress))
 
 
 @register_suite("dinov2_class_split")
@@ -139,7 +163,8 @@ def dinov2_class_split_suite(config: Mapping, *, cache_dir: str, progress: bool 
     """One data set of the offline suite (``suite.dataset``, e.g. mnist) split into tasks of
     ``suite.classes_per_task`` classes; per-task prototype heads; one cached fine-tune per task."""
     from bcjax import demo
-    from bcjax.data.suite import Task, load_suite
+    from bcjax.data.suite import load_suite
+    from bcjax.data.task import Task
     from bcjax.models import dinov2
 
     cfg = demo_config(config)
@@ -164,8 +189,8 @@ def dinov2_class_split_suite(config: Mapping, *, cache_dir: str, progress: bool 
                            loss=loss, log=log, store=None)
     finetuned = demo.finetune_tasks(ctx, progress=progress)
     eval_examples = _eval_examples(config)
-    evaluate = stack_evaluator(predict, {t.name: t for t in tasks}, heads, eval_examples, cfg.eval_batch,
-                               cfg.models_per_call)
+    by_name = {t.name: t for t in tasks}
+    evaluate = stack_evaluator(predict, by_name, heads, eval_examples, cfg.eval_batch, cfg.models_per_call)
     fp = fingerprint(dict(suite="dinov2_class_split", finetune=cfg.finetune_fingerprint(), dataset=dataset,
                           groups=groups, max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples,
                           **_gram_tag(config)))
@@ -173,4 +198,5 @@ def dinov2_class_split_suite(config: Mapping, *, cache_dir: str, progress: bool 
                       tasks=tuple(t.name for t in tasks), pretrained=params0, finetuned=tuple(finetuned),
                       evaluate=evaluate, fingerprint=fp, heads=heads, models_per_call=cfg.models_per_call,
                       info={"classes": [list(g) for g in groups], "sizes": {t.name: t.sizes for t in tasks}},
-                      provides=_provides(ctx, finetuned, _gram_examples(config)))
+                      provides=_provides(ctx, finetuned, _gram_examples(config)),
+                      **_protocol_fields(ctx, by_name, eval_examples, progress))

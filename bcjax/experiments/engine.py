@@ -17,10 +17,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bcjax.experiments.suite import ModelSuite
+from bcjax.results_store import finite_number, numbers_for
 
 __all__ = ["reference_accuracy", "evaluate_models", "evaluate_correctness", "reference_correctness",
            "pack_correctness", "unpack_correctness", "normalized", "mean_normalized", "members", "jsonable",
-           "method_inputs", "method_builder", "lazy_builder", "grid_builder", "pad_chunk", "progress_bar"]
+           "method_inputs", "state_dir", "method_builder", "lazy_builder", "grid_builder", "pad_chunk", "progress_bar"]
 
 
 def pad_chunk(indices: Sequence[int], size: int) -> np.ndarray:
@@ -52,7 +53,7 @@ def reference_accuracy(suite: ModelSuite, store, split: str) -> dict[str, float]
     out = {}
     for t, ft in zip(suite.tasks, suite.finetuned, strict=True):
         out[t] = store.get_or_compute(dict(kind="finetuned_acc", suite=suite.fingerprint, task=t, split=split),
-                                      lambda ft=ft, t=t: compute(ft, t))
+                                      lambda ft=ft, t=t: compute(ft, t), check=finite_number)
         if out[t] <= 0:
             raise ValueError(f"task {t!r}: the fine-tuned model's {split} accuracy is 0; normalized accuracy is "
                              "undefined")
@@ -69,8 +70,8 @@ def evaluate_models(suite: ModelSuite, store, keys: Sequence[Mapping], tasks_of:
     with the models vmapped, and stored as soon as their chunk is done — a killed sweep loses
     at most one chunk.
     """
-    _evaluate_in_chunks(suite, [i for i, k in enumerate(keys) if k not in store], tasks_of, build,
-                        lambda stacked, t: suite.evaluate(stacked, t, split),
+    todo = [i for i, k in enumerate(keys) if not store.expect(dict(k), numbers_for(tasks_of[i]))]
+    _evaluate_in_chunks(suite, todo, tasks_of, build, lambda stacked, t: suite.evaluate(stacked, t, split),
                         lambda i, rows: store.put(dict(keys[i]), {t: float(r) for t, r in rows.items()}),
                         chunk=chunk, progress=progress, desc=desc)
     return [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
@@ -109,6 +110,26 @@ def pack_correctness(correct: np.ndarray) -> dict:
     return {"n": int(c.size), "bits": np.packbits(c).tobytes().hex()}
 
 
+def packed_for(tasks: Sequence[str]) -> Callable[[Any], str | None]:
+    """A results-store ``check`` (:meth:`bcjax.results_store.ResultsStore.expect`): a mapping
+    holding a :func:`pack_correctness` value for every task (the right number of hex digits)."""
+    def check(value):
+        if not isinstance(value, Mapping):
+            return "per-example value is not a mapping"
+        for t in tasks:
+            p = value.get(t)
+            if not (isinstance(p, Mapping) and isinstance(p.get("n"), int) and not isinstance(p["n"], bool)
+                    and p["n"] >= 0 and isinstance(p.get("bits"), str) and len(p["bits"]) == 2 * -(-p["n"] // 8)):
+                return f"task {t!r}: not packed correctness {{n, bits}}"
+            try:
+                bytes.fromhex(p["bits"])
+            except ValueError:
+                return f"task {t!r}: bits are not hex"
+        return None
+
+    return check
+
+
 def unpack_correctness(packed: Mapping) -> np.ndarray:
     """Inverse of :func:`pack_correctness`."""
     bits = np.unpackbits(np.frombuffer(bytes.fromhex(packed["bits"]), np.uint8))
@@ -138,7 +159,7 @@ def evaluate_correctness(suite: ModelSuite, store, keys: Sequence[Mapping], task
 
     def record(i, hits):
         acc = {t: _accuracy_of(h) for t, h in hits.items()}
-        stored = store.get(dict(keys[i]))
+        stored = store.get(dict(keys[i])) if store.expect(dict(keys[i]), numbers_for(list(acc))) else None
         if stored is None:
             store.put(dict(keys[i]), acc)
         elif any(stored.get(t) != a for t, a in acc.items()):
@@ -146,7 +167,9 @@ def evaluate_correctness(suite: ModelSuite, store, keys: Sequence[Mapping], task
                           f"correctness ({acc}); the stored ones are reported", RuntimeWarning, stacklevel=3)
         store.put(ckeys[i], {t: pack_correctness(h) for t, h in hits.items()})
 
-    _evaluate_in_chunks(suite, [i for i, k in enumerate(ckeys) if k not in store], tasks_of, build,
+    todo = [i for i, k in enumerate(ckeys)
+            if not (store.expect(k, packed_for(tasks_of[i])) and store.expect(dict(keys[i]), numbers_for(tasks_of[i])))]
+    _evaluate_in_chunks(suite, todo, tasks_of, build,
                         lambda stacked, t: np.asarray(suite.correctness(stacked, t, split), bool), record,
                         chunk=chunk, progress=progress, desc=desc)
     accs = [_in_order(store.get(dict(k)), tasks_of[i]) for i, k in enumerate(keys)]
@@ -160,7 +183,7 @@ def _stored_hits(suite: ModelSuite, store, kind: str, tree, tasks: Sequence[str]
     from bcjax.evaluate import stack_trees
 
     key = dict(kind=kind, suite=suite.fingerprint, split=split, per_example=True, **key)
-    if key not in store:
+    if not store.expect(key, packed_for(tasks)):
         stacked = stack_trees([tree])
         store.put(key, {t: pack_correctness(np.asarray(suite.correctness(stacked, t, split), bool)[0]) for t in tasks})
     stored = store.get(key)  # keys come back sorted from the store's JSON: keep the task order
@@ -202,30 +225,47 @@ def jsonable(v):
     return v
 
 
+def state_dir(store) -> str | None:
+    """The folder of a run's method state (``work_dir`` requirements): ``method_state/`` beside
+    the results store's file; None for an in-memory store."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(store.path)), "method_state") if store.path else None
+
+
 def method_inputs(suite: ModelSuite, method: str, hparams: Mapping, tasks: Sequence[str], *,
-                  seed: int | None = None) -> dict:
+                  seed: int | None = None, work_dir: str | None = None) -> dict:
     """``hparams`` plus what ``method`` requires (:data:`bcjax.merging.REQUIREMENTS`) for merging
-    ``tasks``: a PRNG key from the hyper-parameter ``seed`` (else ``seed``, else the suite's) for ``"key"``, the
-    suite's per-task values (:meth:`ModelSuite.requirement`) for the others. No runner names a
-    method."""
+    ``tasks``: a PRNG key from the hyper-parameter ``seed`` (else ``seed``, else the suite's) for ``"key"``;
+    for ``"work_dir"`` the folder ``<work_dir>/<method>/<hash of suite, hyper-parameters and tasks>``
+    (None without ``work_dir``); the suite's per-task values (:meth:`ModelSuite.requirement`) for
+    the others. No runner names a method."""
+    import os
+
+    from bcjax.experiments.suite import fingerprint
     from bcjax.merging import get_method
 
     m = get_method(method)
     hp = dict(hparams)
-    seed = hp.pop("seed", suite.seed if seed is None else seed)
+    point = dict(suite=suite.fingerprint, method=method, hparams=jsonable(hp), tasks=list(tasks))
+    if "key" in m.requires:  # `seed` makes the key; for other methods it is a hyper-parameter of their own
+        seed = hp.pop("seed", suite.seed if seed is None else seed)
     for need in m.requires:
         if need == "key":
             hp["key"] = jax.random.key(int(seed))
+        elif need == "work_dir":
+            hp["work_dir"] = os.path.join(work_dir, method, fingerprint(point)) if work_dir else None
         else:
             hp[need] = suite.requirement(need, tasks, method=method)
     return hp
 
 
 def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray,
-                   mesh: Mesh | None = None, *, contract: bool = True) -> Callable:
+                   mesh: Mesh | None = None, *, contract: bool = True, work_dir: str | None = None) -> Callable:
     """``build(indices)`` for merged models of the subsets ``indicator[indices]``: one
     contraction per leaf for methods registered ``linear=True`` (unless ``contract`` is False),
-    else ``bcjax.merge`` per subset.
+    else ``bcjax.merge`` per subset (``work_dir``: the run's :func:`state_dir`, for methods
+    requiring one, :func:`method_inputs`).
 
     With a one-axis ``mesh``, the stacked task vectors Δ are sharded over it (each leaf's
     first divisible parameter axis, :func:`bcjax.grids.leaf_shardings`) and the contraction
@@ -237,7 +277,7 @@ def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: 
     m = get_method(method)
     hp = dict(hparams)
     if m.linear and contract:
-        alpha = hp.pop("alpha", m.hparams.get("alpha", 1.0))
+        alpha = m.normalize({"alpha": hp.pop("alpha", m.hparams.get("alpha", 1.0))})["alpha"]  # bcjax.hparams
         deltas = sweeps.task_deltas(method, suite.pretrained, suite.finetuned, exclude=suite.exclude, **hp)
         if mesh is None:
             return lambda idx: sweeps.subset_merges(suite.pretrained, deltas, indicator[idx], alpha)
@@ -257,7 +297,8 @@ def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: 
             names = members(suite, indicator[i])
             fts = [f for f, on in zip(suite.finetuned, indicator[i], strict=True) if on]
             trees.append(merge(method, suite.pretrained, fts, exclude=suite.exclude,
-                               **method_inputs(suite, method, hp, names)) if fts else suite.pretrained)
+                               **method_inputs(suite, method, hp, names, work_dir=work_dir))
+                         if fts else suite.pretrained)
         stacked = stack_trees(trees)
         if mesh is not None:  # replicate over the mesh: bit-identical, evaluated like the sharded ones
             stacked = jax.device_put(stacked, NamedSharding(mesh, P()))
@@ -267,13 +308,14 @@ def method_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: 
 
 
 def lazy_builder(suite: ModelSuite, method: str, hparams: Mapping, indicator: np.ndarray,
-                 mesh: Mesh | None = None, *, contract: bool = True) -> Callable:
+                 mesh: Mesh | None = None, *, contract: bool = True, work_dir: str | None = None) -> Callable:
     """:func:`method_builder`, set up (task deltas) only if some point is not stored yet."""
     state = {}
 
     def build(idx):
         if "fn" not in state:
-            state["fn"] = method_builder(suite, method, hparams, indicator, mesh, contract=contract)
+            state["fn"] = method_builder(suite, method, hparams, indicator, mesh, contract=contract,
+                                         work_dir=work_dir)
         return state["fn"](idx)
 
     return build

@@ -27,8 +27,9 @@ def grid_experiment(suite, store, *, alphas, betas, gammas, split: str = "val", 
     tasks), scored by average normalized accuracy on ``split``; per (β, γ) the best α."""
     from bcjax import grids
 
+    betas, gammas = grids.grid_axis(betas, "betas"), grids.grid_axis(gammas, "gammas")  # SPEC §2 decimals
     pairs = grids.beta_gamma_pairs(betas, gammas)
-    points = [(float(a), b, g) for b, g in pairs for a in alphas]
+    points = grids.grid_points(alphas, pairs)
     names = list(subset) if subset else list(suite.tasks)
     unknown = sorted(set(names) - set(suite.tasks))
     if unknown:

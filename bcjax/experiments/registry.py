@@ -2,8 +2,10 @@
 
 An experiment is a typed settings dataclass (its config section, parsed by
 :func:`bcjax.experiments.settings.parse_section`), ``run(suite, store, settings, *, chunk,
-mesh, progress) -> dict`` (JSON-serializable results) and ``figures(results, suite) ->
-{name: matplotlib Figure}`` (drawn by :mod:`bcjax.plots`, saved by the runner).
+mesh, progress) -> dict`` (JSON-serializable results), ``figures(results, suite) ->
+{name: (filename, matplotlib Figure)}`` (drawn by :mod:`bcjax.plots`, saved by the runner) and,
+optionally, ``report(summary, plots) -> {filename: text}`` (extra files the runner writes, e.g.
+``report.json`` / ``report.md``; ``plots`` maps figure names to their file names).
 """
 from __future__ import annotations
 
@@ -20,17 +22,20 @@ class Experiment:
     run: Callable[..., dict]
     figures: Callable[[dict, Any], dict] = lambda results, suite: {}
     summary: str = ""
+    report: Callable[[dict, dict], dict] = lambda summary, plots: {}
 
 
 _EXPERIMENTS: dict[str, Experiment] = {}
 
 
-def register_experiment(name: str, *, settings: type, figures: Callable[[dict, Any], dict] | None = None):
+def register_experiment(name: str, *, settings: type, figures: Callable[[dict, Any], dict] | None = None,
+                        report: Callable[[dict, dict], dict] | None = None):
     """Decorator registering ``run(suite, store, settings, *, chunk, mesh, progress) -> dict``."""
 
     def deco(run):
         doc = (run.__doc__ or "").strip().split("\n")[0]
-        _EXPERIMENTS[name] = Experiment(name, settings, run, figures or (lambda results, suite: {}), doc)
+        _EXPERIMENTS[name] = Experiment(name, settings, run, figures or (lambda results, suite: {}), doc,
+                                        report or (lambda summary, plots: {}))
         return run
 
     return deco

@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 
 from bcjax.experiments.engine import (evaluate_correctness, evaluate_models, jsonable, lazy_builder, normalized,
-                                     reference_accuracy, reference_correctness)
+                                     reference_accuracy, reference_correctness, state_dir)
 from bcjax.experiments.registry import register_experiment
 from bcjax.experiments.settings import MethodSpec
 from bcjax.experiments.subsets import DEFAULT_METHODS
@@ -55,7 +55,9 @@ def select_and_test(suite, store, *, methods: Sequence[MethodSpec], select_split
 
     def scored(name, hp, split):
         key = dict(kind="select", suite=suite.fingerprint, split=split, method=name, hparams=jsonable(hp))
-        build = lazy_builder(suite, name, hp, everything, contract=False)  # the core merge itself
+        # the core merge itself; a method's saved state (e.g. AdaMerging's learned λ) is kept under the run's
+        # folder, so the chosen point is not re-learned when it is scored on test
+        build = lazy_builder(suite, name, hp, everything, contract=False, work_dir=state_dir(store))
         if per_example and split == test_split:
             accs, hits = evaluate_correctness(suite, store, [key], tasks, build, split, chunk=1, progress=False)
             correct[name] = hits[0]

@@ -10,6 +10,7 @@ method's hyper-parameters; ``seed`` is accepted when the method requires a PRNG 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import types
 import typing
@@ -21,7 +22,7 @@ from jax.sharding import Mesh
 
 from bcjax.config import ConfigError, get
 
-__all__ = ["COMMON_KEYS", "MethodSpec", "parse_section", "parse_methods", "sweep_mesh", "where"]
+__all__ = ["COMMON_KEYS", "MethodSpec", "check_method_hparams", "parse_section", "parse_methods", "sweep_mesh", "where"]
 
 #: Top-level sweep keys that are not an experiment's own (read by the runner / suite).
 COMMON_KEYS = ("experiment", "suite", "results", "models_per_call", "mesh", "cache_dir", "_source")
@@ -74,8 +75,45 @@ def parse_methods(config: Mapping, key: str = "methods", default: Sequence[Mappi
             if k not in ("name", "grid") and k not in accepted:
                 raise ConfigError(f"{where(config)}: {key}[{i}].{k}: {name} has no hyper-parameter {k!r}; "
                                   f"accepted: {sorted(accepted)}")
-        out.append(MethodSpec(name, {k: v for k, v in m.items() if k not in ("name", "grid")}, dict(grid)))
+        spec = MethodSpec(name, {k: v for k, v in m.items() if k not in ("name", "grid")}, dict(grid))
+        check_method_hparams(config, f"{key}[{i}]", name, spec.hparams, spec.grid)
+        out.append(spec)
     return out
+
+
+def check_method_hparams(config: Mapping, path: str, method: str, values: Mapping[str, Any],
+                         grid: Mapping[str, Sequence[Any]] | None = None) -> None:
+    """Check a config entry's hyper-parameters of ``method`` with the specs it was registered
+    with (:mod:`bcjax.hparams`) before any work starts: each value and each grid value, then
+    every combination (β ≤ γ); ``seed`` must be an integer. A string such as YAML 1.1's
+    ``9e-1``, a bool, null or an out-of-range value raises :class:`ConfigError` naming the file
+    and key path (``configs/x.yaml: methods[0].beta: ...``)."""
+    from bcjax import hparams
+    from bcjax.errors import UnknownMethodError
+    from bcjax.merging import get_method
+
+    try:
+        m = get_method(method)
+    except UnknownMethodError as e:
+        raise ConfigError(f"{where(config)}: {path}: {e}") from None
+
+    def checked(vals: Mapping, where_key: str):
+        try:
+            if "seed" in vals:
+                hparams.integer(vals["seed"], "seed", method=method)
+            m.normalize({k: v for k, v in vals.items() if k != "seed"})
+        except hparams.HyperparameterError as e:
+            raise ConfigError(f"{where(config)}: {where_key}: {e}") from None
+
+    for k, v in values.items():
+        checked({k: v}, f"{path}.{k}")
+    for k, vs in (grid or {}).items():
+        for j, v in enumerate(vs):
+            checked({k: v}, f"{path}.grid.{k}[{j}]")
+    keys = list(grid or {})
+    defaults = {k: v for k, v in m.tunable.items() if v is not inspect.Parameter.empty}
+    for combo in itertools.product(*(grid or {}).values()):  # every point with the defaults: β ≤ γ
+        checked({**defaults, **values, **dict(zip(keys, combo))}, path)
 
 
 def _check_type(value, hint, config, key):

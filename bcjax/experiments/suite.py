@@ -18,7 +18,7 @@ from bcjax.config import ConfigError, get
 from bcjax.errors import BcjaxError
 
 __all__ = ["ModelSuite", "Evaluate", "register_suite", "suite_builders", "model_suite", "guard_splits",
-           "SplitAccessError", "MissingRequirementError", "fingerprint"]
+           "SplitAccessError", "MissingRequirementError", "fingerprint", "tree_checksum"]
 
 #: ``evaluate(stacked_params, task, split) -> float[M]`` accuracies of M stacked models.
 Evaluate = Callable[[Any, str, str], Any]
@@ -58,6 +58,15 @@ class ModelSuite:
         ``evaluate`` = its row means (count / n). When given, ``select`` and ``subsets`` evaluate
         through it (one pass: accuracies are derived from it) and add 95% bootstrap intervals
         (:mod:`bcjax.stats`, SPEC §4 "Uncertainty").
+      examples: optional ``(task, split) -> (inputs, labels)``, the labeled examples
+        ``evaluate`` scores (the same ones, in the same order): what the FusionBench protocols
+        (:mod:`bcjax.experiments.fusionbench`) score predictors other than a stacked tree on
+        (ensembles, models on corrupted inputs). Experiments that tune never read it.
+      corrupt: optional ``(inputs, name, severity, seed) -> inputs``, the SPEC §4 robustness
+        corruption of a batch of inputs (image suites: :func:`bcjax.data.corruptions.corrupt`).
+      multitask: optional ``() -> tree``, the multi-task reference model (SPEC §3: one model
+        fine-tuned on the union of the tasks' training data with each task's frozen head, same
+        recipe and total steps), trained on first call and cached by the suite's builder.
     """
 
     name: str
@@ -73,6 +82,9 @@ class ModelSuite:
     provides: Mapping[str, Callable[[str], Any]] = dataclasses.field(default_factory=dict)
     seed: int = 0
     correctness: Callable[[Any, str, str], Any] | None = None
+    examples: Callable[[str, str], tuple] | None = None
+    corrupt: Callable[..., Any] | None = None
+    multitask: Callable[[], Any] | None = None
     _computed: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -118,6 +130,20 @@ def guard_splits(evaluate: Evaluate, allowed: Sequence[str], what: str) -> Evalu
 def fingerprint(obj) -> str:
     """A short stable hash of a JSON-serializable description (results-store keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tree_checksum(trees) -> str:
+    """A short hash of pytrees' leaf shapes and a strided sample of their values (≤ 512 per
+    leaf, as float32): identifies loaded models in a suite's fingerprint cheaply."""
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(trees):
+        a = np.asarray(leaf)
+        h.update(str(a.shape).encode())
+        h.update(a.reshape(-1)[:: max(1, a.size // 512)].astype(np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- registry

@@ -44,7 +44,7 @@ def tune_validation_free(suite: ModelSuite, store, *, tune_size: int, alphas, be
 
     guarded = suite.with_evaluate(guard_splits(suite.evaluate, ("val",), "validation-free tuning"))
     pairs = grids.beta_gamma_pairs(betas, gammas)
-    points = [(float(a), b, g) for b, g in pairs for a in alphas]
+    points = grids.grid_points(alphas, pairs)
     ind = sweeps.all_subsets(len(suite.tasks), [tune_size])
     ref = reference_accuracy(guarded, store, "val")
     n_p, n_s = len(points), len(ind)

@@ -340,6 +340,19 @@ class T5Functions:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                           params=params, train=False).logits
 
+    def hidden_states(self, params, input_ids, attention_mask, decoder_input_ids):
+        """The decoder's last hidden states [B, Ld, d] (encoder, then decoder, no LM head):
+        every Dense layer of ``params`` applied once, none outside it — the pass RegMean's
+        Gram matrices are collected on (:func:`bcjax.models.grams.collect_grams`); the logits
+        would add the tied LM head, whose kernel is the shared embedding, not a leaf."""
+        def body(module, ids, mask, dec):
+            enc = module.encoder(input_ids=ids, attention_mask=mask, deterministic=True)
+            return module.decoder(input_ids=dec, attention_mask=jnp.ones_like(dec), encoder_hidden_states=enc[0],
+                                  encoder_attention_mask=mask,
+                                  deterministic=True)[0]
+
+        return self.model.module.apply({"params": params}, input_ids, attention_mask, decoder_input_ids, method=body)
+
     def token_logprobs(self, params, batch):
         """log p(label token | input, previous label tokens), [B, Lt] (0 where masked)."""
         logits = self.logits(params, batch["input_ids"], batch["attention_mask"], self._shift_right(batch["labels"]))

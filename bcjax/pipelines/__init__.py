@@ -7,8 +7,9 @@ and its data (``bcjax.data``) to the shared model-agnostic loops in ``bcjax.trai
     finetune(config: dict, *, out_dir: str, progress: bool = True) -> dict
     evaluate(config: dict, *, out_dir: str, progress: bool = True) -> dict
 
-and returns a JSON-serializable summary. A config selects its pipeline with the top-level
-key ``pipeline:``.
+and returns a JSON-serializable summary, and may define ``check_config(config)``, which
+:func:`get_pipeline` calls so that an unknown key fails before any work. A config selects
+its pipeline with the top-level key ``pipeline:``.
 """
 from __future__ import annotations
 
@@ -31,4 +32,7 @@ def get_pipeline(config: dict):
     if name not in PIPELINES:
         raise ConfigError(f"{config.get('_source', '<config>')}: unknown pipeline {name!r}; "
                           f"known: {sorted(PIPELINES)}")
-    return importlib.import_module(PIPELINES[name])
+    module = importlib.import_module(PIPELINES[name])
+    if hasattr(module, "check_config"):  # unknown keys fail here, before any work
+        module.check_config(config)
+    return module

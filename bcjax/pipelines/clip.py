@@ -35,7 +35,6 @@ level).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pathlib
@@ -56,6 +55,37 @@ def default_cache_dir() -> str:
     from bcjax.cache import cache_root
 
     return str(cache_root("clip"))
+
+
+def check_config(config: dict) -> None:
+    """Every key of a CLIP pipeline config is known (:func:`bcjax.config.check_keys`) and every
+    ``eval.merges`` entry names a registered method and its hyper-parameters — before any
+    model or data is loaded."""
+    from bcjax.config import ANY, check_keys
+    from bcjax.train import TRAIN_KEYS
+
+    check_keys(config, {
+        "pipeline": ANY, "cache_dir": ANY, "suite": ANY,  # suite: when a sweep runs on this pipeline
+        "model": dict.fromkeys(("name", "dtype")),
+        "data": dict.fromkeys(("tasks", "data_dir", "gtsrb_dir", "prepare", "seed", "max_train", "max_eval",
+                               "materialize_mb", "cache_images")),
+        "train": dict.fromkeys(TRAIN_KEYS),
+        "finetuned": dict.fromkeys(("source", "dir", "paths")),
+        "eval": dict.fromkeys(("split", "batch_size", "models_per_call", "export", "merges")),
+    })
+    from bcjax.merging import get_method
+
+    for i, entry in enumerate(get(config, "eval.merges", [], types=(list, type(None))) or []):
+        require(isinstance(entry, dict) and "method" in entry, config,
+                f"eval.merges[{i}] must be a mapping with 'method', got {entry!r}")
+        try:
+            m = get_method(str(entry["method"]))
+        except KeyError as e:
+            raise ConfigError(f"{config.get('_source', '<config>')}: eval.merges[{i}].method: {e}") from None
+        accepted = set(m.tunable) | {"method", "label"} | ({"seed"} if "key" in m.requires else set())
+        bad = sorted(set(entry) - accepted)
+        require(not bad, config, f"eval.merges[{i}].{bad[0] if bad else ''}: {m.name} has no hyper-parameter "
+                f"{bad[0] if bad else ''!r}; accepted: {sorted(accepted)}")
 
 
 def train_config(config: dict):
@@ -111,7 +141,7 @@ def setup(config: dict, *, progress: bool = True) -> ClipSetup:
     max_bytes = int(get(config, "data.materialize_mb", 2048, types=(int, float)) * 2**20)
     cache = _path(get(config, "cache_dir", None, types=(str, type(None)))) or default_cache_dir()
     disk = cache if get(config, "data.cache_images", True, types=bool) else None
-    tasks = [vision.load_task(e, **common).materialize(max_bytes, disk) for e in entries]
+    tasks = [vision.materialize(vision.load_task(e, **common), max_bytes, disk) for e in entries]
     dup = sorted({t.name for t in tasks if [u.name for u in tasks].count(t.name) > 1})
     require(not dup, config, f"data.tasks names repeat: {dup}")
     _log(progress, "tasks " + ", ".join(f"{t.name} {t.sizes}" for t in tasks))
@@ -119,7 +149,7 @@ def setup(config: dict, *, progress: bool = True) -> ClipSetup:
     frozen = clip_lib.head_args(clip)
     heads = {}
     for t in tasks:
-        w = clip_lib.cached_zero_shot_head(clip, t.name, t.classnames, t.templates, cache_dir=cache)
+        w = clip_lib.cached_zero_shot_head(clip, t.name, t.class_names, t.templates, cache_dir=cache)
         heads[t.name] = tuple(frozen) + tuple(jnp.asarray(a) for a in heads_lib.pad_head(w, cmax))
     _log(progress, f"zero-shot heads ({len(tasks)} tasks, padded to {cmax} classes) cached in {cache}")
     predict, loss = clip_lib.make_classifier(clip.config, dtype)
@@ -230,13 +260,52 @@ def provides(s: ClipSetup, finetuned: list) -> dict:
             "unlabeled_batches": lambda t: s.task(t).splits["test"][0]}  # inputs only: labels never passed
 
 
-def _merge_models(s: ClipSetup, finetuned: list) -> list[tuple[str, dict, object]]:
+def _check_merge_entries(config: dict) -> None:
+    """``eval.merges`` entries checked before any work: a mapping with a registered 'method'
+    and hyper-parameter values its spec accepts (:func:`bcjax.experiments.settings.check_method_hparams`)."""
+    from bcjax.experiments.settings import check_method_hparams
+
+    for i, entry in enumerate(get(config, "eval.merges", [], types=list)):
+        require(isinstance(entry, dict) and "method" in entry, config,
+                f"eval.merges[{i}] must be a mapping with 'method', got {entry!r}")
+        check_method_hparams(config, f"eval.merges[{i}]", entry["method"],
+                             {k: v for k, v in entry.items() if k not in ("method", "label")})
+
+
+def _suite(s: ClipSetup, finetuned: list, fingerprint: str = "", *, out: pathlib.Path | None = None,
+           progress: bool = True):
+    """The :class:`bcjax.experiments.ModelSuite` of the CLIP vision towers: ``evaluate(stacked,
+    task, split)`` by :func:`bcjax.evaluate.accuracy_of_stack` with each task's frozen zero-shot
+    head (``eval.batch_size``, ``eval.models_per_call``), :func:`provides`, the labeled
+    ``examples``, the SPEC §4 ``corrupt`` and, given the run folder ``out``, the ``multitask``
+    reference (:func:`finetune_multitask`, the ``train`` recipe of ``s.config``)."""
+    from bcjax.data.corruptions import corrupt
     from bcjax.experiments import ModelSuite
+
+    bs = get(s.config, "eval.batch_size", 128, types=int)
+    per_call = get(s.config, "eval.models_per_call", 2, types=int)
+
+    def evaluate(stacked, task, split):
+        if split not in ("val", "test"):
+            raise ConfigError(f"CLIP suite: split must be 'val' or 'test', got {split!r}")
+        x, y = s.task(task).splits[split]
+        return evaluate_lib.accuracy_of_stack(s.predict, stacked, x, y, batch_size=bs, models_per_call=per_call,
+                                              predict_args=s.heads[task])
+
+    return ModelSuite(name=f"CLIP {s.clip.name}", tasks=tuple(s.names), pretrained=s.clip.vision,
+                      finetuned=tuple(finetuned), evaluate=evaluate, fingerprint=fingerprint,
+                      heads={n: s.heads[n][2] for n in s.names}, models_per_call=per_call,
+                      info={"model": s.clip.name, "sizes": {t.name: t.sizes for t in s.tasks}},
+                      provides=provides(s, finetuned),
+                      examples=lambda task, split: s.task(task).splits[split], corrupt=corrupt,
+                      multitask=None if out is None else (
+                          lambda: finetune_multitask(s, train_config(s.config), out, progress=progress)))
+
+
+def _merge_models(s: ClipSetup, suite) -> list[tuple[str, dict, object]]:
     from bcjax.experiments.engine import method_inputs
     from bcjax.merging import get_method, merge
 
-    suite = ModelSuite(name=f"CLIP {s.clip.name}", tasks=tuple(s.names), pretrained=s.clip.vision,
-                       finetuned=tuple(finetuned), evaluate=None, fingerprint="", provides=provides(s, finetuned))
     out = []
     for i, entry in enumerate(get(s.config, "eval.merges", [], types=list)):
         require(isinstance(entry, dict) and "method" in entry, s.config,
@@ -246,7 +315,7 @@ def _merge_models(s: ClipSetup, finetuned: list) -> list[tuple[str, dict, object
         needs = get_method(method).requires
         label = entry.get("label") or f"{method}" + "".join(f" {k}={v}" for k, v in sorted(hp.items())
                                                              if k != "seed" and k not in needs)
-        out.append((label, entry, merge(method, s.clip.vision, finetuned,
+        out.append((label, entry, merge(method, suite.pretrained, list(suite.finetuned),
                                         **method_inputs(suite, method, hp, s.names))))
     return out
 
@@ -254,14 +323,16 @@ def _merge_models(s: ClipSetup, finetuned: list) -> list[tuple[str, dict, object
 def evaluate(config: dict, *, out_dir: str, progress: bool = True) -> dict:
     """Accuracy of the zero-shot θ0, of each fine-tune on its task, and of every merge in
     ``eval.merges`` on every task (protocol *all*, SPEC §4) with normalized accuracy."""
+    from bcjax.experiments.engine import evaluate_models
     from bcjax.models import clip as clip_lib
+    from bcjax.results_store import ResultsStore
 
+    _check_merge_entries(config)
     s = setup(config, progress=progress)
     out = pathlib.Path(out_dir)
     split = get(config, "eval.split", "test", types=str)
     require(split in ("val", "test"), config, f"eval.split must be 'val' or 'test', got {split!r}")
     bs = get(config, "eval.batch_size", 128, types=int)
-    per_call = get(config, "eval.models_per_call", 2, types=int)
 
     def acc(params, name):
         x, y = s.task(name).splits[split]
@@ -275,16 +346,15 @@ def evaluate(config: dict, *, out_dir: str, progress: bool = True) -> dict:
     _log(progress, "fine-tuned " + ", ".join(f"{n} {100 * a:.1f}" for n, a in ft_acc.items()))
     summary = {"model": s.clip.name, "split": split, "tasks": s.names, "zero_shot": zero_shot, "finetuned": ft_acc,
                "zero_shot_normalized": _safe_norm(zero_shot, ft_acc), "merges": {}}
-    merged = _merge_models(s, finetuned)
+    suite = _suite(s, finetuned)
+    merged = _merge_models(s, suite)
     if merged:
-        stacked = evaluate_lib.stack_trees([m for _, _, m in merged])
-        per_task = {}
-        for n in s.names:
-            x, y = s.task(n).splits[split]
-            per_task[n] = evaluate_lib.accuracy_of_stack(s.predict, stacked, x, y, batch_size=bs,
-                                                         models_per_call=per_call, predict_args=s.heads[n])
-        for i, (label, entry, tree) in enumerate(merged):
-            a = {n: float(per_task[n][i]) for n in s.names}
+        # the engine's chunked evaluation: models_per_call merges per compiled call, every task once per chunk
+        per_merge = evaluate_models(suite, ResultsStore(None), [{"merge": i} for i in range(len(merged))],
+                                    [s.names] * len(merged),
+                                    lambda idx: evaluate_lib.stack_trees([merged[i][2] for i in idx]), split,
+                                    chunk=suite.models_per_call, progress=False, desc="merges")
+        for i, ((label, entry, tree), a) in enumerate(zip(merged, per_merge, strict=True)):
             norm = _safe_norm(a, ft_acc)
             rec = {"hparams": {k: v for k, v in entry.items() if k != "label"}, "accuracy": a,
                    "avg_accuracy": float(np.mean(list(a.values()))), "normalized": norm,
@@ -306,15 +376,6 @@ def _safe_norm(acc: dict, ref: dict) -> dict:
                                             {k: v for k, v in ref.items() if v > 0})
 
 
-def _tree_checksum(trees) -> str:
-    h = hashlib.sha256()
-    for leaf in jax.tree.leaves(trees):
-        a = np.asarray(leaf)
-        h.update(str(a.shape).encode())
-        h.update(a.reshape(-1)[:: max(1, a.size // 512)].astype(np.float32).tobytes())
-    return h.hexdigest()[:16]
-
-
 def model_suite(config: dict, *, cache_dir: str | None = None, progress: bool = True):
     """A :class:`bcjax.experiments.ModelSuite` over the CLIP vision towers: θ0, the
     fine-tunes (as in ``bcjax eval``) and ``evaluate(stacked, task, split)`` by
@@ -324,31 +385,35 @@ def model_suite(config: dict, *, cache_dir: str | None = None, progress: bool = 
     itself supplies the model/data/finetuned/eval keys; ``suite.out`` is where
     ``bcjax finetune`` wrote the fine-tunes (default: the current folder)."""
     from bcjax.config import load_config
-    from bcjax.experiments import ModelSuite
+    from bcjax.experiments.suite import fingerprint, tree_checksum
 
     src = get(config, "suite.config", None, types=(str, type(None)))
     clip_cfg = load_config(src, get(config, "suite.set", [], types=list)) if src else dict(config)
+    if src:
+        check_config(clip_cfg)  # the pipeline config's keys, before loading anything
     if "cache_dir" not in clip_cfg and cache_dir:
         clip_cfg["cache_dir"] = os.path.join(cache_dir, "clip")
     s = setup(clip_cfg, progress=progress)
     out = pathlib.Path(_path(get(config, "suite.out", ".", types=str)))
     finetuned = _finetuned_models(s, out)
-    bs = get(clip_cfg, "eval.batch_size", 128, types=int)
-    per_call = get(clip_cfg, "eval.models_per_call", 2, types=int)
-
-    def evaluate(stacked, task, split):
-        if split not in ("val", "test"):
-            raise ConfigError(f"CLIP suite: split must be 'val' or 'test', got {split!r}")
-        x, y = s.task(task).splits[split]
-        return evaluate_lib.accuracy_of_stack(s.predict, stacked, x, y, batch_size=bs, models_per_call=per_call,
-                                              predict_args=s.heads[task])
-
     data_keys = {k: clip_cfg.get("data", {}).get(k) for k in ("tasks", "seed", "max_train", "max_eval")}
-    fingerprint = hashlib.sha256(json.dumps(dict(model=s.clip.name, data=data_keys, theta0=_tree_checksum(
-        s.clip.vision), finetuned=_tree_checksum(finetuned), sizes={t.name: t.sizes for t in s.tasks}),
-        sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return ModelSuite(name=f"CLIP {s.clip.name}", tasks=tuple(s.names), pretrained=s.clip.vision,
-                      finetuned=tuple(finetuned), evaluate=evaluate, fingerprint=fingerprint,
-                      heads={n: s.heads[n][2] for n in s.names}, models_per_call=per_call,
-                      info={"model": s.clip.name, "sizes": {t.name: t.sizes for t in s.tasks}},
-                      provides=provides(s, finetuned))
+    fp = fingerprint(dict(model=s.clip.name, data=data_keys, theta0=tree_checksum(s.clip.vision),
+                          finetuned=tree_checksum(finetuned), sizes={t.name: t.sizes for t in s.tasks}))
+    return _suite(s, finetuned, fp, out=out, progress=progress)
+
+
+def finetune_multitask(s: "ClipSetup", cfg, out: pathlib.Path, *, progress: bool = True):
+    """The multi-task reference (SPEC §3) of the CLIP suite: one fine-tune of the vision tower on
+    the union of the tasks' training images, each with its task's frozen zero-shot head, the
+    per-task recipe ``cfg`` with ``steps × T`` (:func:`bcjax.train.multitask_finetune`); resumable
+    from ``<out>/checkpoints/multitask-<tasks hash>``."""
+    from bcjax.experiments.suite import fingerprint
+    from bcjax.train import multitask_finetune
+
+    tag = fingerprint(list(s.names))
+    res = multitask_finetune(s.loss, s.clip.vision,
+                             [dict(zip(("x", "y"), s.task(n).splits["train"], strict=True)) for n in s.names],
+                             [s.heads[n] for n in s.names], cfg,
+                             checkpoint_dir=str(out / "checkpoints" / f"multitask-{tag}"), progress=progress,
+                             description="multi-task fine-tune")
+    return jax.device_put(res.params, jax.devices()[0])

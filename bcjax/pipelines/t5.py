@@ -14,8 +14,11 @@ Config (``pipeline: t5``; see ``configs/t5_base_glue.yaml``)::
 ``finetune`` trains one model per (task, seed) with :func:`bcjax.train.finetune` (AdamW,
 warm-up + cosine, jitted data-parallel step, orbax checkpoints with resume; dropout off) on
 the text-to-text cross-entropy, saves it under ``<out>/models/<task>_seed<s>`` and reports
-validation/test metrics. ``evaluate`` scores the pretrained model and those fine-tunes, and,
+val/test metrics. ``evaluate`` scores the pretrained model and those fine-tunes, and,
 with ``target_task``, runs :func:`target_task_experiment`.
+
+As a sweep suite (``suite: {name: t5, ...}``, :func:`model_suite`) the fine-tunes run every
+engine experiment and every registered merge method.
 
 Prediction (every report names it): **rank** classification scores each label string by
 its summed token log-likelihood and takes the best; **generate** decodes greedily and maps
@@ -34,11 +37,12 @@ import numpy as np
 from bcjax.batching import pad_rows
 from bcjax.config import ConfigError, get, require
 from bcjax.data import glue
+from bcjax.data.task import Task
 from bcjax.models import t5 as t5m
 from bcjax.experiments.target_task import mean_and_stderr, target_task_experiment, target_task_merge  # noqa: F401
 
 __all__ = ["predict_classes", "evaluate_split", "finetune_task", "target_task_merge", "target_task_experiment",
-           "mean_and_stderr", "finetune", "evaluate"]
+           "mean_and_stderr", "finetune", "evaluate", "model_suite"]
 
 PREDICTIONS = ("rank", "generate")
 
@@ -74,19 +78,21 @@ def predict_classes(model, params, encoded: glue.Encoded, choices: tuple[np.ndar
     return np.concatenate(out).astype(np.int64)
 
 
-def evaluate_split(model, params, tokenizer, split: glue.GlueSplit, *, prediction: str = "rank",
+def evaluate_split(model, params, tokenizer, task: Task, split: str, *, prediction: str = "rank",
                    max_input_length: int = 256, truncation: str = "truncate", batch_size: int = 32,
                    encoded: glue.Encoded | None = None) -> dict:
-    """Metrics (×100) of one model on one split, with how it predicted and what it truncated
-    (``encoded``: the split already tokenized with these settings, to skip re-tokenizing)."""
-    enc = encoded or glue.encode(split, tokenizer, max_input_length=max_input_length, truncation=truncation)
-    choices = glue.encode_choices(split.task, tokenizer)
+    """Metrics (×100) of one model on split ``split`` of the GLUE ``task``, with how it
+    predicted and what it truncated (``encoded``: the split already tokenized with these
+    settings, to skip re-tokenizing)."""
+    enc = encoded or glue.encode(task, split, tokenizer, max_input_length=max_input_length, truncation=truncation)
+    choices = glue.encode_choices(task, tokenizer)
     methods = PREDICTIONS if prediction == "both" else (prediction,)
-    out: dict[str, Any] = {"n": len(split), "truncated": enc.num_truncated}
+    labels = task.splits[split][1]
+    out: dict[str, Any] = {"n": len(labels), "truncated": enc.num_truncated}
     preds = {}
     for m in methods:
         preds[m] = predict_classes(model, params, enc, choices, method=m, batch_size=batch_size)
-        out[m] = glue.task_metrics(split.task, preds[m], split)
+        out[m] = glue.task_metrics(glue.get_task(task.name), preds[m], labels, task.columns[split].get("scores"))
     if len(preds) == 2:
         out["rank_generate_agreement"] = 100 * float(np.mean(preds["rank"] == preds["generate"]))
     out["prediction"] = prediction
@@ -94,24 +100,41 @@ def evaluate_split(model, params, tokenizer, split: glue.GlueSplit, *, predictio
 
 
 # --------------------------------------------------------------------------- fine-tuning
-def finetune_task(model, params, tokenizer, train_split: glue.GlueSplit, train_cfg, *, max_input_length: int = 256,
+def finetune_task(model, params, tokenizer, task: Task, train_cfg, *, max_input_length: int = 256,
                   truncation: str = "truncate", checkpoint_dir: str | None = None, progress: bool = True, mesh=None,
                   stop_after: int | None = None):
-    """Fine-tune on one task's training split (text-to-text cross-entropy) with
+    """Fine-tune on the ``train`` split of a GLUE ``task`` (text-to-text cross-entropy) with
     :func:`bcjax.train.finetune`; returns ``(FinetuneResult, Encoded)``."""
     from bcjax.train import finetune as train_loop
 
-    enc = glue.encode(train_split, tokenizer, max_input_length=max_input_length, truncation=truncation)
+    enc = glue.encode(task, "train", tokenizer, max_input_length=max_input_length, truncation=truncation)
     data = {k: enc.arrays[k] for k in ("input_ids", "attention_mask", "labels", "label_mask")}
     fns = t5m.t5_functions(model)
     res = train_loop(fns.loss, params, data, train_cfg, checkpoint_dir=checkpoint_dir, mesh=mesh, progress=progress,
-                     description=f"t5 {train_split.task.name}", stop_after=stop_after)
+                     description=f"t5 {task.name}", stop_after=stop_after)
     return res, enc
 
 
 # --------------------------------------------------------------------------- target-task
 
 # --------------------------------------------------------------------------- config plumbing
+def check_config(config: dict) -> None:
+    """Every key of a T5 pipeline config is known (:func:`bcjax.config.check_keys`), before
+    any model or data is loaded."""
+    from bcjax.config import ANY, check_keys
+    from bcjax.train import TRAIN_KEYS
+
+    check_keys(config, {
+        "pipeline": ANY, "cache_dir": ANY, "suite": ANY,
+        "model": dict.fromkeys(("name", "tokenizer", "from_pt", "dtype")),
+        "data": dict.fromkeys(("tasks", "data_dir", "download", "val_size", "split_seed", "max_input_length",
+                               "truncation", "max_examples")),
+        "train": dict.fromkeys((*TRAIN_KEYS, "seeds")),
+        "eval": dict.fromkeys(("prediction", "batch_size", "finetuned_dir")),
+        "target_task": {"aux_models": ANY, "grids": ANY},
+    })
+
+
 def _settings(config: dict) -> dict:
     s = {
         "model": get(config, "model.name", types=str),
@@ -157,7 +180,7 @@ def _load(s: dict):
     return model, params, t5m.load_tokenizer(s["tokenizer"] or s["model"])
 
 
-def _splits(s: dict, task: str):
+def _task(s: dict, task: str) -> Task:
     return glue.load_glue(task, data_dir=s["data_dir"], val_size=s["val_size"], seed=s["split_seed"],
                           download=s["download"], max_examples=s["max_examples"])
 
@@ -185,10 +208,10 @@ def finetune(config: dict, *, out_dir: str, progress: bool = True) -> dict:
     model, params0, tok = _load(s)
     summary: dict[str, Any] = {"model": s["model"], "prediction": s["prediction"], "tasks": {}}
     for task in s["tasks"]:
-        splits = _splits(s, task)
+        data = _task(s, task)
         for seed in s["seeds"]:
             cfg = _train_config(config, int(seed))
-            res, enc = finetune_task(model, params0, tok, splits["train"], cfg, max_input_length=s["max_input_length"],
+            res, enc = finetune_task(model, params0, tok, data, cfg, max_input_length=s["max_input_length"],
                                      truncation=s["truncation"], progress=progress,
                                      checkpoint_dir=os.path.join(out_dir, "checkpoints", f"{task}_seed{seed}"))
             params = jax.device_get(res.params)
@@ -197,15 +220,14 @@ def finetune(config: dict, *, out_dir: str, progress: bool = True) -> dict:
             summary["tasks"][f"{task}_seed{seed}"] = {
                 "train": {"steps": cfg.steps, "first_loss": res.losses[0] if res.losses else None,
                           "final_loss": res.losses[-1] if res.losses else None, "resumed_from": res.resumed_from,
-                          "n": len(splits["train"]), "truncated": enc.num_truncated},
-                **{sp: evaluate_split(model, params, tok, splits[sp], **_eval_kwargs(s))
-                   for sp in ("validation", "test")},
+                          "n": data.sizes["train"], "truncated": enc.num_truncated},
+                **{sp: evaluate_split(model, params, tok, data, sp, **_eval_kwargs(s)) for sp in ("val", "test")},
             }
     return _write(out_dir, "finetune.json", summary)
 
 
 def evaluate(config: dict, *, out_dir: str, progress: bool = True) -> dict:
-    """``bcjax eval``: the pretrained model and every saved fine-tune on validation and test;
+    """``bcjax eval``: the pretrained model and every saved fine-tune on val and test;
     with a ``target_task`` section, the target-task experiment. Writes ``eval.json``."""
     s = _settings(config)
     model, params0, tok = _load(s)
@@ -214,28 +236,28 @@ def evaluate(config: dict, *, out_dir: str, progress: bool = True) -> dict:
     say = (lambda msg: print(f"[t5] {msg}", flush=True)) if progress else None
     aux = _aux_models(config, model, params0)
     for task in s["tasks"]:
-        splits = _splits(s, task)
-        entry: dict[str, Any] = {"pretrained": {sp: evaluate_split(model, params0, tok, splits[sp], **_eval_kwargs(s))
-                                                for sp in ("validation", "test")}}
+        data = _task(s, task)
+        entry: dict[str, Any] = {"pretrained": {sp: evaluate_split(model, params0, tok, data, sp, **_eval_kwargs(s))
+                                                for sp in ("val", "test")}}
         targets = []
         for seed in s["seeds"]:
             path = _model_dir(ft_dir, task, seed)
             if os.path.isdir(path):
                 _, p = t5m.load_t5(path, from_pt=False)
                 targets.append(p)
-                entry[f"seed{seed}"] = {sp: evaluate_split(model, p, tok, splits[sp], **_eval_kwargs(s))
-                                        for sp in ("validation", "test")}
+                entry[f"seed{seed}"] = {sp: evaluate_split(model, p, tok, data, sp, **_eval_kwargs(s))
+                                        for sp in ("val", "test")}
         if aux is not None:
             if not targets:
                 raise ConfigError(f"{config.get('_source', '<config>')}: target_task needs fine-tuned {task} models "
                                   f"in {os.path.join(ft_dir, 'models')} (run bcjax finetune first)")
             method = "rank" if s["prediction"] == "both" else s["prediction"]
             kw = {**_eval_kwargs(s), "prediction": method}
-            encoded = {sp: glue.encode(splits[sp], tok, max_input_length=s["max_input_length"],
-                                       truncation=s["truncation"]) for sp in ("validation", "test")}
+            encoded = {sp: glue.encode(data, sp, tok, max_input_length=s["max_input_length"],
+                                       truncation=s["truncation"]) for sp in ("val", "test")}
 
-            def score(p, sp, _splits=splits, _kw=kw, _enc=encoded):
-                return evaluate_split(model, p, tok, _splits[sp], encoded=_enc[sp], **_kw)[_kw["prediction"]]["main"]
+            def score(p, sp, _data=data, _kw=kw, _enc=encoded):
+                return evaluate_split(model, p, tok, _data, sp, encoded=_enc[sp], **_kw)[_kw["prediction"]]["main"]
 
             entry["target_task"] = {"prediction": method, "metric": glue.get_task(task).metrics[0],
                                     **target_task_experiment(params0, targets, aux["params"], score, aux["grids"],
@@ -265,3 +287,111 @@ def _aux_models(config: dict, model, params0) -> dict | None:
         _, p = t5m.load_t5(name)
         params.append(p)
     return {"names": names, "params": params, "grids": grids}
+
+
+# --------------------------------------------------------------------------- model suite
+def _rank_logits(fns, params, x, choice_ids, choice_mask):
+    """Rank-classification scores as logits [B, K] (the label words' sequence
+    log-likelihoods): ``x`` = int32[B, 2, L], the input ids stacked with their attention mask."""
+    return fns.rank_scores(params, x[:, 0], x[:, 1], choice_ids, choice_mask)
+
+
+def _encoder_decoder_step(fns, params, x):
+    """The encoder and one decoder position (from the start token), no LM head: the pass
+    whose Dense-layer inputs RegMean's Gram matrices collect."""
+    start = jnp.full((x.shape[0], 1), fns.start_id, jnp.int32)
+    return fns.hidden_states(params, x[:, 0], x[:, 1], start)
+
+
+def model_suite(config: dict, *, cache_dir: str | None = None, progress: bool = True):
+    """A :class:`bcjax.experiments.ModelSuite` over T5 on GLUE, so every experiment and
+    every merge method of ``bcjax sweep`` runs on T5 (SPEC §4–5).
+
+    θ0 is ``model.name``; the fine-tune of task t is ``<dir>/models/<t>_seed<s>`` as
+    ``bcjax finetune`` wrote it (``dir``: ``eval.finetuned_dir``, else ``suite.out``, default
+    the current folder; ``s`` the first of ``train.seeds``). ``evaluate(stacked, task,
+    split)`` is the rank-classification accuracy (each label word scored by its sequence
+    log-likelihood) on ``val`` / ``test`` of :func:`bcjax.data.glue.load_glue`, with the
+    per-example ``correctness`` behind it (bootstrap intervals). The model's inputs are
+    int32[N, 2, L]: the input ids stacked with the attention mask.
+
+    ``provides`` (:data:`bcjax.merging.REQUIREMENTS`), per task and on first use: ``fishers``
+    (diagonal Fisher of the task's fine-tune over its first ``eval.fisher_examples``, default
+    16, training inputs, labels sampled from the softmax over the label words, seed
+    ``eval.fisher_seed``), ``dataset_sizes``, ``grams`` (the inputs of every Dense kernel over
+    ``eval.gram_examples``, default 64, training inputs — encoder and one decoder step — with
+    the task's fine-tune, padding masked), ``model_fn`` (the rank logits) and
+    ``unlabeled_batches`` (the task's test inputs, no labels).
+
+    ``suite.config`` (a T5 pipeline YAML, with ``suite.set`` overrides) or the sweep config
+    itself supplies the model / data / train / eval keys."""
+    import functools
+
+    from bcjax.config import load_config
+    from bcjax.experiments import ModelSuite
+    from bcjax.experiments.suite import fingerprint, tree_checksum
+    from bcjax.fisher import diagonal_fisher
+
+    src = get(config, "suite.config", None, types=(str, type(None)))
+    cfg = load_config(src, get(config, "suite.set", [], types=list)) if src else dict(config)
+    s = _settings(cfg)
+    model, params0, tok = _load(s)
+    ft_dir = get(cfg, "eval.finetuned_dir", None, types=(str, type(None))) or get(config, "suite.out", ".", types=str)
+    seed = int(s["seeds"][0])
+    finetuned = []
+    for task in s["tasks"]:
+        path = _model_dir(ft_dir, task, seed)
+        require(os.path.isdir(path), cfg, f"no fine-tuned T5 for task {task!r} at {path}: run `bcjax finetune` "
+                "first, or set eval.finetuned_dir / suite.out")
+        finetuned.append(t5m.load_t5(path, from_pt=False)[1])
+    fns = t5m.t5_functions(model)
+    predict = functools.partial(_rank_logits, fns)  # one object: one compilation per shape
+    gram_apply = functools.partial(_encoder_decoder_step, fns)
+    data, inputs, choices = {}, {}, {}
+    for task in s["tasks"]:
+        data[task] = _task(s, task)
+        choices[task] = tuple(jnp.asarray(c) for c in glue.encode_choices(data[task], tok))
+        for sp in ("train", "val", "test"):
+            enc = glue.encode(data[task], sp, tok, max_input_length=s["max_input_length"], truncation=s["truncation"])
+            inputs[task, sp] = np.stack([enc.arrays["input_ids"], enc.arrays["attention_mask"]], axis=1)
+    bs, per_call = s["eval_batch_size"], get(cfg, "eval.models_per_call", 2, types=int)
+
+    def correctness(stacked, task, split):
+        if split not in ("val", "test"):
+            raise ConfigError(f"T5 suite: split must be 'val' or 'test', got {split!r}")
+        from bcjax import evaluate as evaluate_lib
+
+        return evaluate_lib.correctness_of_stack(predict, stacked, inputs[task, split], data[task].splits[split][1],
+                                                 batch_size=bs, models_per_call=per_call, predict_args=choices[task])
+
+    def evaluate(stacked, task, split):  # count / n in float64, as bcjax.evaluate.accuracy
+        hits = correctness(stacked, task, split)
+        return np.count_nonzero(hits, axis=1) / hits.shape[1]
+
+    by_name = dict(zip(s["tasks"], finetuned, strict=True))
+    n_fisher = get(cfg, "eval.fisher_examples", 16, types=int)
+    n_gram = get(cfg, "eval.gram_examples", 64, types=int)
+    fisher_seed = get(cfg, "eval.fisher_seed", 0, types=int)
+
+    def grams(t):
+        from bcjax.models.grams import collect_grams
+
+        x = inputs[t, "train"][:n_gram]
+        return collect_grams(gram_apply, by_name[t], x, batch_size=bs, mask=x[:, 1])
+
+    provides = {
+        "fishers": lambda t: diagonal_fisher(predict, by_name[t], inputs[t, "train"][:n_fisher],
+                                             jax.random.key(fisher_seed), batch_size=min(8, n_fisher),
+                                             predict_args=choices[t]),
+        "dataset_sizes": lambda t: data[t].sizes["train"],
+        "grams": grams,
+        "model_fn": lambda t: functools.partial(predict, choice_ids=choices[t][0], choice_mask=choices[t][1]),
+        "unlabeled_batches": lambda t: inputs[t, "test"],  # inputs only: labels are never passed
+    }
+    fp = fingerprint(dict(suite="t5", model=s["model"], data={k: s[k] for k in (
+        "tasks", "val_size", "split_seed", "max_input_length", "truncation", "max_examples")}, seed=seed,
+        theta0=tree_checksum(params0), finetuned=tree_checksum(finetuned), sizes={t: d.sizes for t, d in data.items()}))
+    return ModelSuite(name=f"T5 {s['model']} on GLUE", tasks=tuple(s["tasks"]), pretrained=params0,
+                      finetuned=tuple(finetuned), evaluate=evaluate, fingerprint=fp, models_per_call=per_call,
+                      info={"model": s["model"], "sizes": {t: d.sizes for t, d in data.items()},
+                            "prediction": "rank"}, provides=provides, correctness=correctness)

@@ -26,7 +26,10 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
     Provides per-task Fishers, training-set sizes, RegMean Grams (``suite.gram_examples``
     training inputs, default 256 as SPEC §3, i.e. all 96 of the default training split, with the
     task's fine-tuned model), the per-task ``model_fn`` and the test inputs without labels as
-    ``unlabeled_batches`` (AdaMerging), so every registered method runs on it."""
+    ``unlabeled_batches`` (AdaMerging), so every registered method runs on it. For the FusionBench
+    protocols it gives its ``examples``, a ``corrupt`` stand-in (seeded Gaussian input noise: the
+    inputs are vectors, not images) and the ``multitask`` reference (the same full-batch descent
+    on the union of the tasks' training data, ``steps × T`` steps)."""
     from bcjax.fisher import diagonal_fisher
 
     unknown = sorted(set(get(config, "suite", {}, types=dict)) - set(_KEYS))
@@ -110,6 +113,38 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
         hits = correctness(stacked, task, split)
         return np.count_nonzero(hits, axis=1) / hits.shape[1]
 
+    def examples(task, split):
+        return by_name[task][split]
+
+    def corrupt(x, name, severity=3, seed=0):
+        """A stand-in for the image corruptions (these inputs are vectors, not images): seeded
+        Gaussian input noise of std 0.25 · severity, its stream keyed by the corruption's name
+        (exercises the robustness protocol; not ImageNet-C)."""
+        from bcjax.data.corruptions import CORRUPTIONS
+
+        r = np.random.default_rng([int(seed), CORRUPTIONS.index(name), int(severity)])
+        return (x + 0.25 * severity * r.standard_normal(x.shape)).astype(x.dtype)
+
+    def multitask():
+        """The multi-task reference: the same full-batch descent on the union of the tasks'
+        training data (each example with its task's head), ``steps × T`` steps."""
+        xs = [jnp.asarray(by_name[t]["train"][0]) for t in names]
+        ys = [jnp.asarray(by_name[t]["train"][1]) for t in names]
+        hs = [heads[t] for t in names]
+        sizes = np.array([len(y) for y in ys], np.float32)
+
+        @jax.jit
+        def joint(params):
+            def total(p):  # the mean over the union of the tasks' examples
+                return sum(float(w) * loss(p, x, y, h) for w, x, y, h in zip(sizes / sizes.sum(), xs, ys, hs))
+
+            def step(p, _):
+                return jax.tree.map(lambda a, b: a - lr * b, p, jax.grad(total)(p)), None
+
+            return jax.lax.scan(step, params, None, length=steps * len(names))[0]
+
+        return jax.tree.map(np.asarray, joint(pre))
+
     n_fisher, n_gram = int(c("fisher_examples", 16)), int(c("gram_examples", 256))
     provides = {
         "fishers": lambda t: diagonal_fisher(predict, ft_of[t], by_name[t]["train"][0][:n_fisher],
@@ -122,4 +157,5 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
     fp = fingerprint(dict(suite="synthetic", cfg=dict(config.get("suite", {}))))
     return ModelSuite(name="synthetic MLP suite", tasks=tuple(names), pretrained=pre, finetuned=tuple(finetuned),
                       evaluate=evaluate, fingerprint=fp, heads=heads, models_per_call=int(c("models_per_call", 4)),
-                      info={"classes": [list(g) for g in groups]}, provides=provides, correctness=correctness)
+                      info={"classes": [list(g) for g in groups]}, provides=provides, correctness=correctness,
+                      examples=examples, corrupt=corrupt, multitask=multitask)
