@@ -27,7 +27,7 @@ import numpy as np
 
 from bcjax import hparams, order_stats
 from bcjax.errors import HyperparameterError
-from bcjax.tree import check_finite, keystr, make_leaf_filter
+from bcjax.tree import check_finite, compute_dtype, keystr, make_leaf_filter
 
 __all__ = [
     "is_concrete",
@@ -118,14 +118,20 @@ def diff_masks_from_counts(finetuned, pretrained: jax.Array, n_bot, n_top, *, se
     without writing τ to memory for the selection: the order statistics of all tasks come
     from one pass over the leaf where the native CPU kernel applies (same result everywhere).
     ``select(ranks[T, K]) -> bits[T, K]`` replaces that selection (same contract as
-    :func:`order_stats.select_diff_bits_multi`; e.g. one reading the inputs where they lie)."""
+    :func:`order_stats.select_diff_bits_multi`; e.g. one reading the inputs where they lie).
+
+    Leaves may come in their storage dtype: τt is taken in the compute dtype
+    (:func:`bcjax.tree.compute_dtype`, float32 for 16-bit floats, SPEC §1), and bfloat16
+    leaves reach the native kernel as they are (no float32 copy of the T + 1 leaves)."""
     n = pretrained.size
     ranks = jnp.broadcast_to(_threshold_ranks(n, n_bot, n_top), (len(finetuned), 2))
-    select = select or (lambda r: order_stats.select_diff_bits_multi(pretrained, finetuned, r))
+    select = select or (lambda r: order_stats.select_diff_bits_leaves([pretrained], [[f] for f in finetuned], r))
     lo, hi = _thresholds_from(select(ranks), n, n_bot, n_top)
+    dt = compute_dtype(pretrained.dtype)
+    p = pretrained.astype(dt)
     masks = []
     for t, ft in enumerate(finetuned):
-        bits = order_stats.magnitude_bits(ft - pretrained)
+        bits = order_stats.magnitude_bits(ft.astype(dt) - p)
         masks.append((bits >= lo[t]) & (bits < hi[t]))
     return masks
 

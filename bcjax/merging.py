@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
+import numpy as np
 
 from bcjax import _native, order_stats
 from bcjax import hparams as hp_specs
@@ -596,10 +596,12 @@ def _selection_on_views(p0, fts, p, fs):
 @jax.jit
 def _breadcrumbs_tensor_leaf(p0, fts, alphas, n_bot, n_top):
     p = _upcast(p0, p0)
-    views = fts
-    fts = [_upcast(ft, p0) for ft in fts]
-    # all tasks' thresholds in one pass
-    masks = diff_masks_from_counts(fts, p, n_bot, n_top, select=_selection_on_views(p0, views, p, fts))
+    if isinstance(p0, HostView):  # NumPy leaves read in place: the views' own native pass (float32)
+        views, fts = fts, [_upcast(ft, p0) for ft in fts]
+        masks = diff_masks_from_counts(fts, p, n_bot, n_top, select=_selection_on_views(p0, views, p, fts))
+    else:  # all tasks' thresholds in one pass, storage dtype in (bf16 reaches the kernel as it is)
+        masks = diff_masks_from_counts(fts, p0, n_bot, n_top)
+        fts = [_upcast(ft, p0) for ft in fts]
     return _nan_where_nonfinite(_masked_task_sum(p, fts, masks, alphas), [p, *fts]).astype(p0.dtype)
 
 
@@ -734,8 +736,18 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
         return jnp.zeros(len(finetuned), jnp.int32)
     # keep n_keep = max(1, ⌊density·N + 1e-6⌋) largest: threshold = (N − n_keep)-th smallest,
     # N over all merged leaves of the model, all tasks in one pass over the models
-    rank = jnp.asarray(ties_trim_rank(density, total), jnp.int32)
     per_model = [_leaves(model) for model in finetuned]
+    if total > order_stats.MAX_COUNT and not _is_traced((pretrained, finetuned)):
+        # more entries than one int32-counted selection: host-summed int64 histograms
+        def array(x):
+            return x.array() if isinstance(x, HostView) else x
+
+        def histogram_pass(bins):
+            for i in merged:
+                yield tau_magnitude_histograms(array(leaves0[i]), [array(m[i]) for m in per_model], bins)
+
+        return jnp.asarray(ties_thresholds_from_histograms(histogram_pass, total, len(finetuned), density))
+    rank = jnp.asarray(ties_trim_rank(density, total), jnp.int32)
     p0, fts = [leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model]
     ranks = jnp.broadcast_to(rank, (len(finetuned), 1))
     if _selects_on_views([*p0, *(f for task in fts for f in task)]):  # NumPy leaves read in place
@@ -905,23 +917,64 @@ def ties_trim_rank(density, total: int):
     return total - (max(kept, 1) if isinstance(kept, int) else jnp.maximum(kept, 1))
 
 
-@jax.jit
-def _tau_coarse_histogram(p0, ft):
-    return order_stats.coarse_histogram(order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)))
+#: Elements per device histogram of :func:`tau_magnitude_histogram`: larger leaves are
+#: counted in flat chunks (bounded temporaries, int32 counts per chunk, int64 on the host).
+HISTOGRAM_CHUNK = 1 << 24
 
 
 @jax.jit
-def _tau_fine_histogram(p0, ft, bins):
-    return order_stats.fine_histogram(order_stats.magnitude_bits(_upcast(ft, p0) - _upcast(p0, p0)), bins)
+def _tau_histograms(p0, fts, bins):
+    """int32 histograms of |θt − θ0|'s float32 bits for every task of one leaf (chunk):
+    ``[T, 2^16]`` coarse (``bins`` None) or ``[T, K, 2^15]`` fine. The native kernel on CPU
+    (one pass, θ0 read once, bfloat16 read as it is); XLA's scatter-add elsewhere."""
+    def portable(p0, *fts):
+        p = _upcast(p0, p0)
+        keys = [order_stats.magnitude_bits(_upcast(f, p0) - p) for f in fts]
+        if bins is None:
+            return jnp.stack([order_stats.coarse_histogram(k) for k in keys])
+        return jnp.stack([order_stats.fine_histogram(k, bins[t]) for t, k in enumerate(keys)])
+
+    dtypes = {jnp.dtype(x.dtype) for x in (p0, *fts)}
+    if len(dtypes) == 1 and dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)} and _native.available():
+        return lax.platform_dependent(p0, *fts, cpu=lambda p0, *fts: _native.diff_histograms(p0, fts, bins),
+                                      default=portable)
+    return portable(p0, *fts)
 
 
-def tau_magnitude_histogram(p0, ft, bins=None):
-    """One leaf's additive histogram of the float32 bits of |θt − θ0| (order_stats): the
-    coarse one, or with ``bins`` the fine rows. Summed over leaves and resolved with
-    ``order_stats.locate_coarse`` / ``resolve_fine`` it gives a model-wide order statistic
-    (the same thresholds as :func:`ties_thresholds`, which selects them in one pass when all
-    leaves are in memory)."""
-    return _tau_coarse_histogram(p0, ft) if bins is None else _tau_fine_histogram(p0, ft, bins)
+def tau_magnitude_histograms(p0, fts, bins=None) -> np.ndarray:
+    """One leaf's additive histograms of the float32 bits of |θt − θ0| for every task, NumPy
+    int64 on the host: coarse ``[T, 2^16]``, or with ``bins`` (``[T, K]`` coarse bins) the
+    fine rows ``[T, K, 2^15]``. Leaves of more than :data:`HISTOGRAM_CHUNK` entries are
+    counted in flat chunks. Summed over leaves and resolved with
+    ``order_stats.locate_coarse`` / ``resolve_fine`` they give a model-wide order statistic
+    (:func:`ties_thresholds_from_histograms`)."""
+    flat0, flats = p0.reshape(-1), [f.reshape(-1) for f in fts]  # NumPy: views, chunks used in place
+    n = flat0.size
+    step = n if n <= HISTOGRAM_CHUNK else HISTOGRAM_CHUNK
+    bins = None if bins is None else jnp.asarray(np.asarray(bins, np.int32).reshape(len(fts), -1))
+    return order_stats.accumulate_histograms(None, (
+        _tau_histograms(_host_to_device(flat0[s:s + step]), tuple(_host_to_device(f[s:s + step]) for f in flats), bins)
+        for s in range(0, n, step)))
+
+
+def ties_thresholds_from_histograms(histogram_pass, total: int, num_tasks: int, density) -> np.ndarray:
+    """TIES's model-wide trim threshold bits (SPEC §3), int32 shape (T,), from two passes of
+    additive histograms summed on the host in int64 (no limit of 2^31 − 1 entries).
+
+    ``histogram_pass(bins)`` yields, leaf after leaf, the T histograms of
+    :func:`tau_magnitude_histograms` (``bins`` None: coarse; else ``bins[t]`` for task t).
+    Equals :func:`ties_thresholds` (which selects in one pass when the model is in memory)."""
+    ranks = np.full((num_tasks, 1), ties_trim_rank(density, total), np.int64)
+    hist1 = [None] * num_tasks
+    for per_task in histogram_pass(None):
+        hist1 = [order_stats.accumulate_histograms(h, [x]) for h, x in zip(hist1, per_task)]
+    located = [order_stats.locate_coarse(hist1[t], ranks[t]) for t in range(num_tasks)]
+    bins = [loc[0] for loc in located]
+    hist2 = [None] * num_tasks
+    for per_task in histogram_pass(bins):
+        hist2 = [order_stats.accumulate_histograms(h, [x]) for h, x in zip(hist2, per_task)]
+    return np.array([order_stats.resolve_fine(hist2[t], *located[t], ranks[t])[0] for t in range(num_tasks)],
+                    np.int32)
 
 
 def ties_merge_with_thresholds(pretrained, finetuned, flags, *, thresholds, alpha=1.0):

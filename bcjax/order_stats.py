@@ -17,7 +17,10 @@ Two passes, no sort, exact for every input (ties included), deterministic, and t
 histograms are *additive*: the histogram of a union of arrays (all leaves of a model, or
 the shards of one leaf on a device mesh) is the sum of theirs. Several ranks share one
 coarse pass and one fine pass (K rows), which is how a (β, γ) grid reuses a single pass per
-leaf. Counts are int32: a selection covers at most 2^31 − 1 elements.
+leaf. Device counts are int32: one histogram covers at most 2^31 − 1 elements; larger
+selections (TIES over a model of more than 2^31 − 1 merged entries) sum per-chunk histograms
+on the host in int64 (:func:`accumulate_histograms`) and resolve them there
+(:func:`locate_coarse` / :func:`resolve_fine` on NumPy arrays).
 
 Tiny inputs (≤ ``SORT_BELOW`` elements) are sorted instead; the result is identical.
 
@@ -35,6 +38,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bcjax import _native
@@ -46,10 +50,12 @@ __all__ = [
     "locate_coarse",
     "fine_histogram",
     "resolve_fine",
+    "accumulate_histograms",
     "select_bits",
     "select_diff_bits_multi",
     "select_diff_bits_leaves",
     "kth_smallest_magnitude",
+    "MAX_COUNT",
     "NO_THRESHOLD",
     "SORT_BELOW",
 ]
@@ -61,7 +67,8 @@ N_FINE = 1 << _FINE_BITS
 NO_THRESHOLD = jnp.iinfo(jnp.int32).max
 #: Inputs with at most this many elements are sorted instead of histogrammed.
 SORT_BELOW = 2048
-_MAX_COUNT = jnp.iinfo(jnp.int32).max
+#: The most elements one device (int32-counted) selection covers.
+MAX_COUNT = int(jnp.iinfo(jnp.int32).max)
 
 
 def magnitude_bits(x: jax.Array) -> jax.Array:
@@ -80,21 +87,34 @@ def coarse_histogram(bits: jax.Array) -> jax.Array:
     return jnp.zeros(N_COARSE, jnp.int32).at[jnp.ravel(bits) >> _FINE_BITS].add(1, mode="drop")
 
 
-def _count_leq(cumulative: jax.Array, values: jax.Array) -> jax.Array:
+def _count_leq(cumulative, values):
     """For each v in ``values``: #{j : cumulative[j] ≤ v} (cumulative is non-decreasing)."""
+    if isinstance(cumulative, np.ndarray):
+        return np.searchsorted(cumulative, values, side="right")
     return jnp.searchsorted(cumulative, values, side="right", method="compare_all").astype(jnp.int32)
 
 
-def locate_coarse(hist1: jax.Array, ranks: jax.Array):
+def _on_host(hist) -> bool:
+    """Histograms summed on the host (NumPy int64 counts) are resolved in NumPy int64, so a
+    selection may cover more than 2^31 − 1 elements (device histograms count in int32)."""
+    return isinstance(hist, np.ndarray)
+
+
+def locate_coarse(hist1, ranks):
     """Coarse bin of each rank, elements below that bin, and for each rank the first rank
-    sharing its bin (so the fine pass builds one histogram row per distinct bin)."""
-    ranks = jnp.asarray(ranks, jnp.int32)
-    c1 = jnp.cumsum(hist1)
-    bins = jnp.minimum(_count_leq(c1, ranks), N_COARSE - 1)
+    sharing its bin (so the fine pass builds one histogram row per distinct bin).
+
+    ``hist1`` is a device int32 histogram, or a NumPy int64 one accumulated on the host
+    (:func:`accumulate_histograms`): then everything is computed in NumPy int64 and ranks
+    may exceed 2^31 − 1."""
+    xp = np if _on_host(hist1) else jnp
+    ranks = xp.asarray(ranks, np.int64 if xp is np else jnp.int32)
+    c1 = xp.cumsum(hist1)
+    bins = xp.minimum(_count_leq(c1, ranks), N_COARSE - 1)
     below = c1[bins] - hist1[bins]
     same = bins[:, None] == bins[None, :]
-    rep = jnp.argmax(same, axis=1).astype(jnp.int32)  # first index with the same bin
-    return bins, below, rep
+    rep = xp.argmax(same, axis=1).astype(xp.int32)  # first index with the same bin
+    return (bins.astype(np.int32) if xp is np else bins), below, rep
 
 
 def fine_histogram(bits: jax.Array, bins: jax.Array) -> jax.Array:
@@ -111,13 +131,28 @@ def fine_histogram(bits: jax.Array, bins: jax.Array) -> jax.Array:
     return flat.reshape(k, N_FINE)
 
 
-def resolve_fine(hist2: jax.Array, bins: jax.Array, below: jax.Array, rep: jax.Array,
-                 ranks: jax.Array) -> jax.Array:
-    """Bits of each rank's order statistic from the fine histogram rows."""
+def resolve_fine(hist2, bins, below, rep, ranks):
+    """Bits of each rank's order statistic from the fine histogram rows (int32 bits; NumPy
+    int64 counts and ranks when ``hist2`` was accumulated on the host)."""
+    if _on_host(hist2):
+        ranks = np.asarray(ranks, np.int64)
+        c2 = np.cumsum(hist2[np.asarray(rep)], axis=1)
+        fine = np.array([_count_leq(c, r) for c, r in zip(c2, ranks - below)], np.int64).reshape(ranks.shape)
+        return ((np.asarray(bins, np.int64) << _FINE_BITS) | np.minimum(fine, N_FINE - 1)).astype(np.int32)
     ranks = jnp.asarray(ranks, jnp.int32)
     c2 = jnp.cumsum(hist2[rep], axis=1)
     fine = jax.vmap(lambda c, r: _count_leq(c, r[None])[0])(c2, ranks - below)
     return (bins << _FINE_BITS) | jnp.minimum(fine, N_FINE - 1)
+
+
+def accumulate_histograms(total, histograms):
+    """``total + Σ histograms`` in NumPy int64 on the host (``total`` None or a previous
+    sum): additive histograms of many arrays or chunks, each counted in int32 on its
+    device, summed without the int32 limit of 2^31 − 1 elements per selection."""
+    for h in histograms:
+        h = np.asarray(h, np.int64)
+        total = h if total is None else total + h
+    return total
 
 
 def select_bits(arrays: Sequence[jax.Array], ranks: jax.Array) -> jax.Array:
@@ -132,8 +167,8 @@ def select_bits(arrays: Sequence[jax.Array], ranks: jax.Array) -> jax.Array:
     total = sum(a.size for a in arrays)
     if total == 0:
         raise ValueError("select_bits: no elements to select from")
-    if total > _MAX_COUNT:
-        raise ValueError(f"select_bits: {total} elements exceed the int32 count limit {_MAX_COUNT}")
+    if total > MAX_COUNT:
+        raise ValueError(f"select_bits: {total} elements exceed the int32 count limit {MAX_COUNT}")
     if total <= SORT_BELOW:
         return jnp.sort(jnp.concatenate(arrays))[ranks]
     if len(arrays) == 1 and _native.available():  # integer bits: no derivative to define
@@ -181,8 +216,8 @@ def select_diff_bits_leaves(pretrained: Sequence[jax.Array], finetuned: Sequence
     total = sum(p.size for p in p0)
     if total == 0:
         raise ValueError("select_diff_bits_leaves: no elements to select from")
-    if total > _MAX_COUNT:
-        raise ValueError(f"select_diff_bits_leaves: {total} elements exceed the int32 count limit {_MAX_COUNT}")
+    if total > MAX_COUNT:
+        raise ValueError(f"select_diff_bits_leaves: {total} elements exceed the int32 count limit {MAX_COUNT}")
     num_leaves, num_tasks = len(p0), len(fts)
 
     def joined(leaves):

@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 CASES = {  # hidden, layers, intermediate, vocab, tasks, dtype
     "smoke": dict(hidden=64, layers=2, inter=128, vocab=100, tasks=3, dtype="float32"),
     "vit": dict(hidden=768, layers=12, inter=2048, vocab=1000, tasks=8, dtype="float32"),
+    "mid": dict(hidden=2048, layers=6, inter=5632, vocab=32000, tasks=3, dtype="bfloat16"),
     "big": dict(hidden=3072, layers=30, inter=8192, vocab=32000, tasks=3, dtype="bfloat16"),
 }
 METHODS = {  # the same YAML drives both tools; β = 0.85, γ = 0.99 for Breadcrumbs
@@ -199,6 +200,13 @@ def main(argv=None) -> int:
             cps.append(run(["cp", "-r", locs[0], dst]))
             shutil.rmtree(dst, ignore_errors=True)
         results["runs"]["cp_base"] = _median(cps)
+        cps = []  # the bytes a merge reads: every input folder
+        for r in range(args.repeats):
+            dst = os.path.join(args.workdir, "cp_all")
+            os.makedirs(dst, exist_ok=True)
+            cps.append(run(["cp", "-r", *locs, dst]))
+            shutil.rmtree(dst, ignore_errors=True)
+        results["runs"]["cp_all_inputs"] = _median(cps)
         results["runs"]["read_all_inputs"] = run(["sh", "-c", "cat " + " ".join(
             os.path.join(d, f) for d in locs for f in os.listdir(d) if f.endswith(".safetensors")) + " > /dev/null"])
         for method in args.methods.split(","):
@@ -241,6 +249,8 @@ def _ratios(results: dict) -> None:
             m = key[len("bcjax_"):]
             r[key]["rss_above_interpreter_bytes"] = r[key]["peak_rss_bytes"] - base_rss
             r[key]["vs_cp_base"] = round(r[key]["seconds"] / r["cp_base"]["seconds"], 2)
+            if "cp_all_inputs" in r:
+                r[key]["vs_cp_all_inputs"] = round(r[key]["seconds"] / r["cp_all_inputs"]["seconds"], 2)
             mk = r.get(f"mergekit_{m}")
             if mk:
                 r[key]["speedup_vs_mergekit"] = round(mk["seconds"] / r[key]["seconds"], 1)

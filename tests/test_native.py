@@ -112,6 +112,44 @@ def test_native_multi_task_selection(n, sigmas):
     np.testing.assert_array_equal(np.asarray(order_stats.select_diff_bits_multi(p0, fts, ranks)), want)
 
 
+@pytest.mark.parametrize("n", [4099, 70_001, 2_200_003])
+@pytest.mark.parametrize("sigmas", [_native.DEFAULT_SIGMAS, 0.0])
+def test_native_bfloat16_leaves_select_the_float32_difference(n, sigmas):
+    """bfloat16 leaves go into the kernel as they are (no float32 copy); the keys are the
+    float32 difference after the upcast, exactly as XLA computes it (subnormal bf16 inputs
+    and differences included), for one leaf and for a union of leaves."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(n + 1)
+    p0 = _values(rng, n, "normal")
+    fts = [p0 + _values(rng, n, kind) * np.float32(0.01) for kind in ("normal", "ties", "denormal")]
+    bf = np.dtype(ml_dtypes.bfloat16)
+    p0, fts = p0.astype(bf), [f.astype(bf) for f in fts]
+    tiny = np.array([1e-39, -5e-40, 2e-38, 1.5e-38], np.float32).astype(bf)  # subnormal bf16 and near it
+    p0[::11] = tiny[0]
+    fts[2][1::13], p0[1::13] = tiny[2], tiny[3]
+    ranks = np.array([[int(0.9 * n), n - 1 - int(0.01 * n)], [0, n - 1], [n // 2, n // 2]], np.int32)
+    diff_bits = jax.jit(lambda a, b: order_stats.magnitude_bits(a.astype(jnp.float32) - b.astype(jnp.float32)))
+    want = np.stack([_sorted_ranks(np.asarray(diff_bits(f, p0)), ranks[t]) for t, f in enumerate(fts)])
+    got = np.asarray(_native.select_diff_bits_leaves([p0], [[f] for f in fts], ranks, sigmas=sigmas))
+    np.testing.assert_array_equal(got, want)
+    k = n // 3  # the same tensor split into two leaves: a union of bfloat16 segments
+    split = _native.select_diff_bits_leaves([p0[:k], p0[k:]], [[f[:k], f[k:]] for f in fts], ranks, sigmas=sigmas)
+    np.testing.assert_array_equal(np.asarray(split), want)
+
+
+def test_bfloat16_breadcrumbs_feeds_the_kernel_bfloat16():
+    """The Breadcrumbs leaf kernel hands its bfloat16 leaves to the selection as they are:
+    no float32 copies of the T + 1 leaves (memory of streaming merges, SPEC §7)."""
+    from bcjax import merging
+
+    p0 = jnp.zeros((64, 80), jnp.bfloat16)
+    fts = (p0 + 1, p0 + 2)
+    text = merging._breadcrumbs_tensor_leaf.lower(p0, fts, jnp.ones(2), jnp.int32(10), jnp.int32(5)).as_text()
+    calls = [line for line in text.splitlines() if _native.MULTI_TARGET in line]
+    assert calls and all("64x80xbf16" in line and "64x80xf32" not in line for line in calls), calls
+
+
 @settings(max_examples=40, deadline=None)
 @given(x=hnp.arrays(np.float32, st.integers(4097, 20_000),
                     elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=True)),

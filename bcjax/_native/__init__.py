@@ -31,13 +31,14 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-__all__ = ["MULTI_TARGET", "TARGET", "VIEWS_TARGET", "select_diff_bits_multi", "select_diff_bits_leaves",
-           "select_diff_bits_views", "available",
+__all__ = ["HISTOGRAM_TARGET", "MULTI_TARGET", "TARGET", "VIEWS_TARGET", "diff_histograms", "select_diff_bits_multi",
+           "select_diff_bits_leaves", "select_diff_bits_views", "available",
            "library_path", "select_bits", "unavailable_reason"]
 
 TARGET = "bcjax_select_bits"
 MULTI_TARGET = "bcjax_select_diff_bits_multi"
 VIEWS_TARGET = "bcjax_select_diff_bits_views"
+HISTOGRAM_TARGET = "bcjax_diff_histograms"
 _SOURCE = Path(__file__).with_name("select_bits.cc")
 _lock = threading.Lock()
 _state: dict = {}
@@ -141,6 +142,8 @@ def _load() -> None:
                                             platform="cpu")
                 jax.ffi.register_ffi_target(VIEWS_TARGET, jax.ffi.pycapsule(lib.BcjaxSelectDiffBitsViews),
                                             platform="cpu")
+                jax.ffi.register_ffi_target(HISTOGRAM_TARGET, jax.ffi.pycapsule(lib.BcjaxDiffHistograms),
+                                            platform="cpu")
                 _state.update(ok=True, reason=None, path=path, lib=lib)
             except (OSError, RuntimeError, AttributeError) as e:
                 _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
@@ -198,16 +201,17 @@ def select_diff_bits_multi(pretrained: jax.Array, finetuned, ranks: jax.Array, *
 
 
 def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
-    """int32[T, K]: row t holds the ``ranks[t]``-th smallest of |θt − θ0| (float32 bits) over the
-    union of L leaves: ``pretrained`` is θ0's L leaves, ``finetuned[t]`` task t's L leaves
+    """int32[T, K]: row t holds the ``ranks[t]``-th smallest of |θt − θ0| (float32 bits of the
+    float32 difference; bfloat16 leaves are upcast inside the kernel) over the union of L leaves: ``pretrained`` is θ0's L leaves, ``finetuned[t]`` task t's L leaves
     (same sizes). One cache-blocked pass over all leaves and tasks, reading θ0 once and
     never writing τ (TIES's model-wide threshold, SPEC §3). CPU only; see
     :func:`bcjax.order_stats.select_diff_bits_leaves`."""
-    def f32(x):  # the kernel reads element_count() floats: any shape, no reshape to trace
-        return x if x.dtype == jnp.float32 else lax.convert_element_type(x, jnp.float32)
-
-    p0 = [f32(p) for p in pretrained]
-    fts = [f32(f) for task in finetuned for f in task]
+    leaves = [*pretrained, *(f for task in finetuned for f in task)]
+    # the kernel reads all-float32 or all-bfloat16 leaves (upcasting bf16 itself, so no float32
+    # copy is written); any other mix is converted to float32 first. Any shape: no reshape.
+    dtype = jnp.bfloat16 if all(x.dtype == jnp.bfloat16 for x in leaves) else jnp.float32
+    leaves = [x if x.dtype == dtype else lax.convert_element_type(x, dtype) for x in leaves]
+    p0, fts = leaves[:len(pretrained)], leaves[len(pretrained):]
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(MULTI_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(ranks, *p0, *fts, num_leaves=np.int64(len(p0)), threads=_threads(), sigmas=np.float32(sigmas))
@@ -224,3 +228,21 @@ def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, si
     call = jax.ffi.ffi_call(VIEWS_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(ranks, offsets, *(buf for buf, _ in views), sizes=np.asarray(sizes, np.int64), threads=_threads(),
                 sigmas=np.float32(sigmas))
+
+
+def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None) -> jax.Array:
+    """int32 additive histograms of the float32 bits of |θt − θ0| for all T tasks of one leaf
+    in one pass reading θ0 once: coarse ``[T, 2^16]`` (``bins`` None) or fine ``[T, K, 2^15]``
+    for ``bins[t]``'s K coarse bins (:func:`bcjax.order_stats.coarse_histogram` /
+    :func:`~bcjax.order_stats.fine_histogram` of each task, identical counts). Leaves all
+    float32 or all bfloat16 (upcast inside the kernel), fewer than 2^31 elements. CPU only;
+    see :func:`bcjax.merging.tau_magnitude_histograms`."""
+    from bcjax import order_stats
+
+    leaves = [pretrained, *finetuned]
+    num_tasks = len(finetuned)
+    fine = bins is not None
+    bins = jnp.zeros((num_tasks, 1), jnp.int32) if bins is None else jnp.asarray(bins, jnp.int32)
+    shape = (num_tasks, bins.shape[1], order_stats.N_FINE) if fine else (num_tasks, order_stats.N_COARSE)
+    call = jax.ffi.ffi_call(HISTOGRAM_TARGET, jax.ShapeDtypeStruct(shape, jnp.int32), vmap_method="sequential")
+    return call(bins, *leaves, fine=np.int64(fine), threads=_threads())

@@ -5,7 +5,8 @@
 // Keys are the int32 bit patterns of |x| (monotone in |x|). Two handlers:
 //   bcjax_select_bits(bits, ranks)          keys given (non-negative int32)
 //   bcjax_select_diff_bits_multi(ranks[T, K], θ0's L leaves, θ1's L leaves, … θT's)   keys of
-//       |θt − θ0| computed on the fly (float32) with XLA:CPU's denormal semantics (inputs
+//       |θt − θ0| computed on the fly (float32; bfloat16 leaves are upcast exactly in the
+//       kernel, so no float32 copy is ever written) with XLA:CPU's denormal semantics (inputs
 //       and results flushed to zero), over the union of the L leaves, for all T tasks in
 //       one cache-blocked pass: the task vectors τ = θt − θ0 are never written to memory
 //       and θ0 is read once. L = 1 is one leaf (Breadcrumbs); L = all merged leaves of a
@@ -63,11 +64,28 @@ inline uint32_t FlushedBits(float f) {
   return (u & 0x7f800000u) == 0 ? (u & 0x80000000u) : u;  // denormal → ±0
 }
 
-struct DiffKeys {
-  const float* a;
-  const float* b;
+// float32 bits of an element: float32 itself, or bfloat16 (its 16 bits are the top half of
+// the float32 with the same value, exactly XLA's bf16 → f32 convert).
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline float AsFloat(float x) { return x; }
+inline float AsFloat(BFloat16 x) {
+  const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Keys |a − b| of float32 (T = float) or bfloat16 (T = BFloat16) inputs, the difference in
+// float32 after an exact upcast (SPEC §1), denormals flushed as XLA:CPU does.
+template <class T>
+struct DiffKeysT {
+  const T* a;
+  const T* b;
   inline uint32_t operator()(int64_t i) const {
-    uint32_t ua = FlushedBits(a[i]), ub = FlushedBits(b[i]);
+    uint32_t ua = FlushedBits(AsFloat(a[i])), ub = FlushedBits(AsFloat(b[i]));
     float fa, fb;
     std::memcpy(&fa, &ua, 4);
     std::memcpy(&fb, &ub, 4);
@@ -151,8 +169,18 @@ BCJAX_AVX2 inline __m256i Load8(const BitsKeys& keys, int64_t i) {
 }
 
 // Requires DAZ/FTZ set (see ScopedFlushDenormals): then this is XLA:CPU's |a − b|.
-BCJAX_AVX2 inline __m256i Load8(const DiffKeys& keys, int64_t i) {
+BCJAX_AVX2 inline __m256i Load8(const DiffKeysT<float>& keys, int64_t i) {
   const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(keys.a + i), _mm256_loadu_ps(keys.b + i));
+  return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7fffffff));
+}
+
+BCJAX_AVX2 inline __m256 LoadBf16x8(const BFloat16* p) {  // 8 bf16 → 8 f32 (exact)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+BCJAX_AVX2 inline __m256i Load8(const DiffKeysT<BFloat16>& keys, int64_t i) {
+  const __m256 d = _mm256_sub_ps(LoadBf16x8(keys.a + i), LoadBf16x8(keys.b + i));
   return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7fffffff));
 }
 
@@ -374,14 +402,15 @@ void Select(const Keys& keys, int64_t n, const int32_t* ranks, int64_t kk, int32
 // Keys |ft[seg][t] − p0[seg]| of a leaf list concatenated in order: segment ``s`` holds
 // global indices [start[s], start[s + 1]). Random access (sampling, the exact fallback)
 // finds the segment by binary search; the streaming pass walks segments directly.
+template <class T>
 struct SegDiffKeys {
-  const std::vector<const float*>* a;  // θt's leaves
-  const std::vector<const float*>* b;  // θ0's leaves
+  const std::vector<const T*>* a;  // θt's leaves
+  const std::vector<const T*>* b;  // θ0's leaves
   const std::vector<int64_t>* start;   // L + 1 prefix offsets
   inline uint32_t operator()(int64_t i) const {
     const auto it = std::upper_bound(start->begin(), start->end(), i);
     const size_t s = static_cast<size_t>(it - start->begin()) - 1;
-    return DiffKeys{(*a)[s], (*b)[s]}(i - (*start)[s]);
+    return DiffKeysT<T>{(*a)[s], (*b)[s]}(i - (*start)[s]);
   }
 };
 
@@ -390,7 +419,8 @@ struct SegDiffKeys {
 // the leaves in chunks and scans every task's chunk while θ0's chunk is in cache, so θ0 is
 // read from memory once instead of T times (memory traffic (T + 1)·N floats instead of
 // 2T·N), and the task vectors are never written. ``fts[t]`` holds task t's L leaves.
-void SelectDiffSegments(const std::vector<const float*>& p0, const std::vector<std::vector<const float*>>& fts,
+template <class T>
+void SelectDiffSegments(const std::vector<const T*>& p0, const std::vector<std::vector<const T*>>& fts,
                         const std::vector<int64_t>& start, const int32_t* ranks, int64_t kk, int32_t* out,
                         int threads, double sigmas) {
   const int64_t num_tasks = static_cast<int64_t>(fts.size());
@@ -407,8 +437,8 @@ void SelectDiffSegments(const std::vector<const float*>& p0, const std::vector<s
     }
     return;
   }
-  std::vector<SegDiffKeys> keys;
-  for (int64_t t = 0; t < num_tasks; ++t) keys.push_back(SegDiffKeys{&fts[t], &p0, &start});
+  std::vector<SegDiffKeys<T>> keys;
+  for (int64_t t = 0; t < num_tasks; ++t) keys.push_back(SegDiffKeys<T>{&fts[t], &p0, &start});
   if (n <= kSortBelow) {
     ScopedFlushDenormals flush;
     for (int64_t t = 0; t < num_tasks; ++t) {
@@ -427,7 +457,7 @@ void SelectDiffSegments(const std::vector<const float*>& p0, const std::vector<s
   std::vector<std::vector<Partial>> parts(num_tasks);  // [task][thread]
   for (int64_t t = 0; t < num_tasks; ++t)
     for (int w = 0; w < nt; ++w) parts[t].push_back(EmptyPartial(br[t], kk, nt));
-  constexpr int64_t kChunk = 8192;  // 32 KiB of θ0 stays in L1/L2 while the tasks stream
+  constexpr int64_t kChunk = 8192;  // θ0's chunk (≤ 32 KiB) stays in L1/L2 while the tasks stream
   ParallelFor(nt, [&](int w) {
     const int64_t begin = n * w / nt, end = n * (w + 1) / nt;
     size_t s = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) - 1;
@@ -436,7 +466,7 @@ void SelectDiffSegments(const std::vector<const float*>& p0, const std::vector<s
       for (int64_t c = g; c < seg_end; c += kChunk) {
         const int64_t c_end = std::min(c + kChunk, seg_end);
         for (int64_t t = 0; t < num_tasks; ++t) {
-          Scan(DiffKeys{fts[t][s], p0[s]}, c - start[s], c_end - start[s], kk, br[t].lo.data(), br[t].span.data(),
+          Scan(DiffKeysT<T>{fts[t][s], p0[s]}, c - start[s], c_end - start[s], kk, br[t].lo.data(), br[t].span.data(),
                parts[t][w]);
         }
       }
@@ -447,6 +477,96 @@ void SelectDiffSegments(const std::vector<const float*>& p0, const std::vector<s
   for (int64_t t = 0; t < num_tasks; ++t) {
     Finish(keys[t], n, ranks + t * kk, kk, br[t], parts[t], out + t * kk);
   }
+}
+
+// --- additive histograms of |θt − θ0| (TIES's model-wide threshold when streaming) ------
+// order_stats' two passes: coarse counts of key >> 15 (2^16 bins), or for K coarse bins per
+// task the fine counts of key & 0x7fff of the keys in that bin (an element lands in the first
+// row whose bin matches). The same counts XLA's scatter-add histograms give, from one pass
+// that reads θ0 once for all T tasks; per-thread counts summed at the end.
+constexpr int kFineBits = 15;
+constexpr int64_t kCoarseBins = int64_t{1} << 16, kFineBins = int64_t{1} << kFineBits;
+
+template <class T>
+void DiffHistograms(const T* p0, const std::vector<const T*>& fts, int64_t n, const int32_t* bins, int64_t kk,
+                    bool fine, int32_t* out, int threads) {
+  const int64_t num_tasks = static_cast<int64_t>(fts.size());
+  const int64_t row = fine ? kk * kFineBins : kCoarseBins;  // counts per task
+  const int nt = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, n / kThreadChunk)));
+  std::vector<std::vector<int64_t>> part(nt, std::vector<int64_t>(num_tasks * row, 0));
+  ParallelFor(nt, [&](int w) {
+    int64_t* h = part[w].data();
+    const int64_t begin = n * w / nt, end = n * (w + 1) / nt;
+    for (int64_t t = 0; t < num_tasks; ++t) {
+      const DiffKeysT<T> keys{fts[t], p0};
+      int64_t* ht = h + t * row;
+      if (!fine) {
+        for (int64_t i = begin; i < end; ++i) ++ht[keys(i) >> kFineBits];
+        continue;
+      }
+      const int32_t* b = bins + t * kk;
+      for (int64_t i = begin; i < end; ++i) {
+        const uint32_t key = keys(i);
+        const int32_t coarse = static_cast<int32_t>(key >> kFineBits);
+        for (int64_t k = 0; k < kk; ++k) {
+          if (coarse == b[k]) {
+            ++ht[k * kFineBins + (key & (kFineBins - 1))];
+            break;
+          }
+        }
+      }
+    }
+  });
+  for (int64_t j = 0; j < num_tasks * row; ++j) {
+    int64_t c = 0;
+    for (int w = 0; w < nt; ++w) c += part[w][j];
+    out[j] = static_cast<int32_t>(c);  // n < 2^31: checked by the handler
+  }
+}
+
+// Arguments: bins[T, K] (read only when ``fine``), θ0's leaf, then the T tasks' leaves (all
+// float32 or all bfloat16, same size < 2^31). Result int32[T, 2^16] (coarse) or [T, K, 2^15].
+ffi::Error DiffHistogramsImpl(ffi::Buffer<ffi::S32> bins, ffi::RemainingArgs leaves, ffi::ResultBuffer<ffi::S32> out,
+                              int64_t fine, int64_t threads) {
+  const int64_t nargs = static_cast<int64_t>(leaves.size());
+  const auto bdims = bins.dimensions();
+  if (nargs < 2 || bdims.size() != 2 || bdims[0] != nargs - 1) {
+    return ffi::Error::InvalidArgument("bcjax_diff_histograms: expected bins[T, K], θ0 and T fine-tuned leaves");
+  }
+  const int64_t num_tasks = nargs - 1, kk = bdims[1];
+  std::vector<const void*> data(nargs);
+  ffi::DataType dtype = ffi::DataType::F32;
+  int64_t n = 0;
+  for (int64_t j = 0; j < nargs; ++j) {
+    auto buf = leaves.get<ffi::AnyBuffer>(j);
+    if (buf.has_error()) return buf.error();
+    if (j == 0) {
+      dtype = buf->element_type();
+      n = static_cast<int64_t>(buf->element_count());
+    }
+    if (buf->element_type() != dtype || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
+      return ffi::Error::InvalidArgument("bcjax_diff_histograms: leaves must all be float32 or all bfloat16");
+    }
+    if (static_cast<int64_t>(buf->element_count()) != n) {
+      return ffi::Error::InvalidArgument("bcjax_diff_histograms: fine-tuned and pretrained sizes differ");
+    }
+    data[j] = buf->untyped_data();
+  }
+  if (n > 0x7fffffffLL) return ffi::Error::InvalidArgument("bcjax_diff_histograms: more than 2^31 - 1 elements");
+  const int64_t want = num_tasks * (fine ? kk * kFineBins : kCoarseBins);
+  if (static_cast<int64_t>(out->element_count()) != want) {
+    return ffi::Error::InvalidArgument("bcjax_diff_histograms: wrong output size");
+  }
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, threads));
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<const T*> fts(num_tasks);
+    for (int64_t t = 0; t < num_tasks; ++t) fts[t] = static_cast<const T*>(data[t + 1]);
+    DiffHistograms<T>(static_cast<const T*>(data[0]), fts, n, bins.typed_data(), kk, fine != 0, out->typed_data(),
+                      nthreads);
+  };
+  if (dtype == ffi::DataType::BF16) run(BFloat16{}); else run(float{});
+  return ffi::Error::Success();
 }
 
 ffi::Error CheckRanks(const int32_t* r, int64_t kk, int64_t n, int64_t out_count) {
@@ -474,8 +594,9 @@ ffi::Error SelectBitsImpl(ffi::Buffer<ffi::S32> bits, ffi::Buffer<ffi::S32> rank
 }
 
 // Checks the output shape and every task's ranks, then runs SelectDiffSegments.
-ffi::Error CheckedSelectDiffSegments(const std::vector<const float*>& p0,
-                                     const std::vector<std::vector<const float*>>& fts,
+template <typename T>
+ffi::Error CheckedSelectDiffSegments(const std::vector<const T*>& p0,
+                                     const std::vector<std::vector<const T*>>& fts,
                                      const std::vector<int64_t>& start, ffi::Buffer<ffi::S32>& ranks,
                                      ffi::ResultBuffer<ffi::S32>& out, int64_t threads, float sigmas) {
   const int64_t num_tasks = static_cast<int64_t>(fts.size());
@@ -487,7 +608,7 @@ ffi::Error CheckedSelectDiffSegments(const std::vector<const float*>& p0,
     ffi::Error err = CheckRanks(ranks.typed_data() + t * kk, kk, start.back(), kk);
     if (err.failure()) return err;
   }
-  SelectDiffSegments(p0, fts, start, ranks.typed_data(), kk, out->typed_data(),
+  SelectDiffSegments<T>(p0, fts, start, ranks.typed_data(), kk, out->typed_data(),
                      static_cast<int>(std::max<int64_t>(1, threads)), sigmas);
   return ffi::Error::Success();
 }
@@ -507,26 +628,39 @@ ffi::Error SelectDiffBitsSegmentsImpl(ffi::Buffer<ffi::S32> ranks, ffi::Remainin
   if (rdims.size() != 2 || rdims[0] != num_tasks) {
     return ffi::Error::InvalidArgument("bcjax_select_diff_bits: ranks must have shape (tasks, K)");
   }
-  std::vector<const float*> p0(nl);
-  std::vector<std::vector<const float*>> fts(num_tasks, std::vector<const float*>(nl));
+  // every leaf float32, or every leaf bfloat16 (keys: the float32 difference after an upcast)
+  ffi::DataType dtype = ffi::DataType::F32;
+  std::vector<const void*> data(nargs);
   std::vector<int64_t> start(nl + 1, 0);
   for (int64_t j = 0; j < nargs; ++j) {
-    auto buf = leaves.get<ffi::Buffer<ffi::F32>>(j);
+    auto buf = leaves.get<ffi::AnyBuffer>(j);
     if (buf.has_error()) return buf.error();
+    if (j == 0) dtype = buf->element_type();
+    if (buf->element_type() != dtype || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
+      return ffi::Error::InvalidArgument("bcjax_select_diff_bits: leaves must all be float32 or all bfloat16");
+    }
+    data[j] = buf->untyped_data();
     const int64_t l = j % nl, m = j / nl;
     const int64_t size = static_cast<int64_t>(buf->element_count());
     if (m == 0) {
-      p0[l] = buf->typed_data();
       start[l + 1] = start[l] + size;
-    } else {
-      if (size != start[l + 1] - start[l]) {
-        return ffi::Error::InvalidArgument("bcjax_select_diff_bits: fine-tuned and pretrained sizes differ");
-      }
-      fts[m - 1][l] = buf->typed_data();
+    } else if (size != start[l + 1] - start[l]) {
+      return ffi::Error::InvalidArgument("bcjax_select_diff_bits: fine-tuned and pretrained sizes differ");
     }
   }
-  return CheckedSelectDiffSegments(p0, fts, start, ranks, out, threads, sigmas);
+  auto run = [&](auto tag) -> ffi::Error {
+    using T = decltype(tag);
+    std::vector<const T*> p0(nl);
+    std::vector<std::vector<const T*>> fts(num_tasks, std::vector<const T*>(nl));
+    for (int64_t j = 0; j < nargs; ++j) {
+      const T* x = static_cast<const T*>(data[j]);
+      if (j < nl) p0[j] = x; else fts[j / nl - 1][j % nl] = x;
+    }
+    return CheckedSelectDiffSegments<T>(p0, fts, start, ranks, out, threads, sigmas);
+  };
+  return dtype == ffi::DataType::BF16 ? run(BFloat16{}) : run(float{});
 }
+
 
 // The same selection on host views (bcjax.merging.HostView): each leaf argument is a padded
 // buffer holding the leaf's ``sizes[l]`` elements from element ``offsets[j]`` (argument j: θ0's
@@ -560,7 +694,7 @@ ffi::Error SelectDiffBitsViewsImpl(ffi::Buffer<ffi::S32> ranks, ffi::Buffer<ffi:
     const float* data = buf->typed_data() + off[j];
     if (m == 0) p0[l] = data; else fts[m - 1][l] = data;
   }
-  return CheckedSelectDiffSegments(p0, fts, start, ranks, out, threads, sigmas);
+  return CheckedSelectDiffSegments<float>(p0, fts, start, ranks, out, threads, sigmas);
 }
 
 }  // namespace
@@ -582,6 +716,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectBits, SelectBitsImpl,
                                   .Attr<int64_t>("threads")
                                   .Attr<float>("sigmas"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxDiffHistograms, DiffHistogramsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("fine")
+                                  .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectDiffBitsViews, SelectDiffBitsViewsImpl,
                               ffi::Ffi::Bind()

@@ -130,7 +130,7 @@ class SafetensorsCheckpoint(Checkpoint):
     def read(self, name: str) -> np.ndarray:
         shape, dtype, _ = self._info[name]
         path, start, end = self._where[name]
-        out = np.empty(shape, dtype)
+        out = aligned_empty(shape, dtype)
         view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
         got = 0
         while got < end - start:
@@ -144,6 +144,20 @@ class SafetensorsCheckpoint(Checkpoint):
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+#: Buffer alignment of tensors read from safetensors: XLA's CPU client uses host buffers
+#: aligned to 64 bytes in place (``jax.device_put`` without a copy).
+ALIGNMENT = 64
+
+
+def aligned_empty(shape, dtype, alignment: int = ALIGNMENT) -> np.ndarray:
+    """``np.empty(shape, dtype)`` whose data starts on an ``alignment``-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    offset = -raw.ctypes.data % alignment
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def read_safetensors_header(path: str) -> dict[str, tuple[tuple, np.dtype, int, int]]:

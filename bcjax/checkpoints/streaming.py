@@ -10,15 +10,23 @@ registered method itself, called on a one-tensor tree, so every result is bit-id
   method skips;
 - TIES's model-wide trim threshold (SPEC §3) is an order statistic of |τt| over all merged
   tensors of model t: two extra read passes build the additive coarse and fine histograms
-  (``merging.tau_magnitude_histogram``), then each tensor is merged with
-  ``merging.ties_merge_with_thresholds``.
+  (``merging.tau_magnitude_histograms``: one native pass per tensor for all T tasks on CPU,
+  int32 counts per chunk summed on the host in int64, so models of more than 2^31 − 1
+  merged entries work), then each tensor is merged with ``merging.ties_merge_with_thresholds``.
 
-Memory holds, per tensor in flight, the T + 1 inputs, the method's temporaries and the
-output (≈ (T + 3) × the largest tensor, times the small number of tensors in flight), never
-a model. Reads, merges and writes overlap on a bounded thread pool (``workers`` tensors in
-flight, default 2). The output is written into a temporary sibling folder and renamed at the
-end; a killed merge leaves only that folder, from which ``resume=True`` continues after the
-last finished shard. Any error (including NaN/Inf found while streaming) removes it.
+Memory: tensors are read into 64-byte-aligned host buffers that XLA's CPU client uses in
+place (no device copy); bfloat16 inputs reach the selection kernel as they are (no float32
+copies), and the elementwise merge is fused, so a tensor costs about its T + 1 inputs and
+its output in their own dtype (≈ (T + 2) × its size) plus small temporaries. Tensors in
+flight are bounded by a byte budget (:data:`INFLIGHT_BYTES` of inputs; a larger tensor runs
+alone), so the peak follows the largest tensor, never the model. NaN/Inf: the built-in
+kernels make merged entries NaN where an input is not finite, so the *output* is checked
+and the inputs are scanned (to name file and tensor) only when it is not finite; copied
+tensors are checked directly. Reads, merges and writes overlap on a bounded thread pool
+(``workers`` tensors in flight, default 2). The output is written into a temporary sibling
+folder and renamed at the end; a killed merge leaves only that folder, from which
+``resume=True`` continues after the last finished shard. Any error (including NaN/Inf
+found while streaming) removes it.
 """
 from __future__ import annotations
 
@@ -42,7 +50,7 @@ from bcjax.checkpoints.io import (WEIGHT_FILE_PATTERNS, Checkpoint, ShardedSafet
                                   parse_size)
 from bcjax.checkpoints.merge_config import MergePlan, load_merge_config, parse_merge_config
 from bcjax.errors import BcjaxError, CheckpointError, NonFiniteError
-from bcjax.tree import make_leaf_filter
+from bcjax.tree import all_finite, make_leaf_filter
 
 __all__ = ["merge_checkpoints", "validate_checkpoints", "partial_folder"]
 
@@ -138,21 +146,19 @@ class _Merger:
         self.keyed = "key" in merging.get_method(plan.method).hparams
         self.labels = ["pretrained model", *(f"fine-tuned model {t}" for t in range(len(fts)))]
         self.bytes_read = 0
-        self.checked: set[int] = set()  # tensors whose values were checked (TIES reads them three times)
+        # kernels that make merged entries NaN where an input is NaN/Inf: check the output, and
+        # scan the inputs (to name file and tensor) only when it is not finite (SPEC §1)
+        self.fused_check = bool(getattr(merging.get_method(plan.method).fn, "propagates_nonfinite", False))
 
     def out_dtype(self, i: int) -> np.dtype:
         d = self.base.info(self.names[i])[1]
         return np.dtype(jnp.dtype(self.plan.dtype)) if self.plan.dtype and _is_float(d) else d
 
-    def read(self, i: int, with_fts: bool = True) -> list[np.ndarray]:
-        name = self.names[i]
-        cks = [self.base, *(self.fts if with_fts else [])]
-        arrays = [ck.read(name) for ck in cks]
+    def read(self, i: int) -> list[np.ndarray]:
+        """θ0's and every θt's tensor ``i`` (aligned host buffers: the CPU device uses them
+        without a copy)."""
+        arrays = [ck.read(self.names[i]) for ck in (self.base, *self.fts)]
         self.bytes_read += sum(a.nbytes for a in arrays)
-        if i not in self.checked:
-            _check_values(name, arrays, cks, self.labels)
-            if with_fts:
-                self.checked.add(i)
         return arrays
 
     def input_bytes(self, i: int) -> int:
@@ -165,34 +171,34 @@ class _Merger:
         return [np.zeros((0,), np.float32)] * i + [leaf]
 
     def merge(self, i: int) -> np.ndarray:
-        arrays = self.read(i, with_fts=True)
-        if not self.flags[i] or arrays[0].size == 0:
+        name = self.names[i]
+        arrays = self.read(i)
+        merged = self.flags[i] and arrays[0].size > 0
+        if not (merged and self.fused_check):
+            _check_values(name, arrays, [self.base, *self.fts], self.labels)
+        if not merged:
             out = arrays[0]
         else:
-            for k, a in enumerate(arrays):  # host copies go as the device copies arrive
-                arrays[k] = jnp.asarray(a)
-            del a
-            out = self._merge_leaf(i, arrays)
+            out = self._merge_leaf(i, [merging._host_to_device(a) for a in arrays])  # zero-copy on CPU
+            if self.fused_check and not all_finite([out]):
+                _check_values(name, arrays, [self.base, *self.fts], self.labels)
         del arrays
         dt = self.out_dtype(i)
-        return out if out.dtype == dt else np.asarray(jnp.asarray(out).astype(dt))
+        return np.asarray(out) if out.dtype == dt else np.asarray(jnp.asarray(out).astype(dt))
 
-    def _merge_leaf(self, i: int, arrays: list) -> np.ndarray:
+    def _merge_leaf(self, i: int, arrays: list) -> jax.Array:
         p0, *fts = arrays
-        arrays.clear()  # the caller's host copies can go; only device arrays stay alive
         if self.plan.method == "ties":
             res = merging.ties_merge_with_thresholds([p0], [[f] for f in fts], (True,), thresholds=self.thresholds,
                                                      alpha=self.hparams.get("alpha", 1.0))
-            return np.asarray(res[0])
+            return res[0]
         res = merging.merge(self.plan.method, self._tree(i, p0), [self._tree(i, f) for f in fts],
                             validate=False, **self.hparams)
-        return np.asarray(res[-1])
+        return res[-1]
 
     def histogram(self, i: int, bins=None) -> list:
-        p0, *fts = self.read(i)
-        if bins is None:
-            return [merging.tau_magnitude_histogram(p0, f) for f in fts]
-        return [merging.tau_magnitude_histogram(p0, f, bins[t]) for t, f in enumerate(fts)]
+        p0, *fts = self.read(i)  # aligned host buffers: chunks go to the kernel in place
+        return merging.tau_magnitude_histograms(p0, fts, bins)
 
 
 def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=None, budget: int | None = None):
@@ -223,29 +229,22 @@ def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=No
 
 
 def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
-    """Each task's model-wide trim threshold bits (SPEC §3) from two histogram passes."""
+    """Each task's model-wide trim threshold bits (SPEC §3) from two histogram passes,
+    counted per tensor (chunk) in int32 and summed on the host in int64: models of more
+    than 2^31 − 1 merged entries are fine."""
     todo = [i for i, f in enumerate(m.flags) if f and int(np.prod(m.base.info(m.names[i])[0])) > 0]
     T = len(m.fts)
     total = sum(int(np.prod(m.base.info(m.names[i])[0])) for i in todo)
     if total == 0:
         return jnp.zeros((T,), jnp.int32)
-    if total > np.iinfo(np.int32).max:
-        raise CheckpointError(f"ties: one model has {total} merged entries; the model-wide threshold's histogram "
-                              f"counts are int32 (at most {np.iinfo(np.int32).max}): exclude tensors or use breadcrumbs")
     density = m.hparams.get("density", merging.get_method("ties").hparams["density"])
-    ranks = [jnp.atleast_1d(jnp.asarray(merging.ties_trim_rank(density, total), jnp.int32))] * T
-    hist1 = [0] * T
-    for h in _ordered(pool, m.histogram, todo, window, m.input_bytes, m.budget):
-        hist1 = [a + b for a, b in zip(hist1, h)]
-        progress(1)
-    located = [order_stats.locate_coarse(hist1[t], ranks[t]) for t in range(T)]
-    bins = [loc[0] for loc in located]
-    hist2 = [0] * T
-    for h in _ordered(pool, lambda i: m.histogram(i, bins), todo, window, m.input_bytes, m.budget):
-        hist2 = [a + b for a, b in zip(hist2, h)]
-        progress(1)
-    thr = [order_stats.resolve_fine(hist2[t], bins[t], located[t][1], located[t][2], ranks[t])[0] for t in range(T)]
-    return jnp.stack(thr).astype(jnp.int32)
+
+    def histogram_pass(bins):
+        for h in _ordered(pool, lambda i: m.histogram(i, bins), todo, window, m.input_bytes, m.budget):
+            progress(1)
+            yield h
+
+    return jnp.asarray(merging.ties_thresholds_from_histograms(histogram_pass, total, T, density), jnp.int32)
 
 
 def _copy_side_files(base_location: str, folder: str) -> list[str]:
