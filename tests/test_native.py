@@ -21,6 +21,14 @@ from bcjax import _native, order_stats
 pytestmark = pytest.mark.skipif(_native._compiler() is None, reason="no C++ compiler (the portable path is used)")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _kernel_registered():
+    """The raw FFI calls below (``_native.select_*``) need the kernel's handlers registered,
+    which ``available()`` does on first use: a test run on its own must not depend on an
+    earlier test having loaded it."""
+    _native.available()
+
+
 def test_native_kernel_builds_where_a_compiler_exists():
     assert _native.available(), _native.unavailable_reason()
 
