@@ -327,6 +327,15 @@ def test_cli_finetune_then_eval(tiny, tmp_path, monkeypatch, capsys):
     t = suite.tasks[1]
     accs = suite.evaluate(stack_trees([suite.pretrained, suite.finetuned[1]]), t, "test")
     np.testing.assert_allclose(accs, [ev["zero_shot"][t], ev["finetuned"][t]])
+    # the suite's loss: the mean cross-entropy of each stacked model on the same test examples
+    x, y = suite.examples(t, "test")
+    ref = []
+    for p in (suite.pretrained, suite.finetuned[1]):
+        z = np.asarray(suite.requirement("model_fn", [t])[0](p, x), np.float64)
+        z = z - z.max(-1, keepdims=True)
+        ref.append(-np.mean(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(-1))))
+    np.testing.assert_allclose(suite.loss(stack_trees([suite.pretrained, suite.finetuned[1]]), t, "test"), ref,
+                               rtol=1e-4)
     # `bcjax eval` scored its merges through the engine's chunked evaluation: the suite's accuracy of each merge
     import bcjax
 

@@ -184,7 +184,34 @@ def test_fusionbench_report_end_to_end_and_resumes(suite, tmp_path):
             np.mean(np.argmax(np.mean(probs, 0), -1) == y))
         assert report["references"]["individual"][t]["accuracy"] == _core_hits(
             suite, suite.finetuned[suite.tasks.index(t)], t).mean()
+    # per-task test loss: a plain numpy cross-entropy of the suite's logits, for trees only
+    def xent(tree, t):
+        x, y = suite.examples(t, "test")
+        z = np.asarray(suite.requirement("model_fn", [t])[0](tree, x), np.float64)
+        z = z - z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        return -np.mean(logp[np.arange(len(y)), y])
+
+    rm = bcjax.merge("regmean", suite.pretrained, suite.finetuned, nondiag=0.95,
+                     grams=suite.requirement("grams", list(suite.tasks)))
+    for name, tree in (("task_arithmetic", ta), ("regmean", rm)):
+        row = report["methods"][name]
+        for t in suite.tasks:
+            assert row[t]["loss"] == pytest.approx(xent(tree, t), rel=1e-4)
+        assert row["average_loss"] == pytest.approx(np.mean([row[t]["loss"] for t in suite.tasks]))
+    for t in suite.tasks:
+        assert report["references"]["pretrained"][t]["loss"] == pytest.approx(xent(suite.pretrained, t), rel=1e-4)
+        own = suite.finetuned[suite.tasks.index(t)]
+        assert report["references"]["individual"][t]["loss"] == pytest.approx(xent(own, t), rel=1e-4)
+    for row in [*report["methods"].values(), *(report["references"][r] for r in ("pretrained", "individual",
+                                                                                   "multitask"))]:
+        assert all(np.isfinite(row[t]["loss"]) and row[t]["loss"] > 0 for t in suite.tasks)
+    for r in ("simple_ensemble", "weighted_ensemble"):  # ensembles: no loss
+        assert "average_loss" not in report["references"][r]
+        assert all("loss" not in report["references"][r][t] for t in suite.tasks)
     md = (tmp_path / "report.md").read_text()
+    assert "## Test loss" in md and "| *pretrained* |" in md.split("## Test loss")[1]
+    assert "| *simple_ensemble* |" not in md.split("## Test loss")[1].split("##")[0]
     assert "| *multitask* |" in md and "## Robustness" in md and "![radar](radar.png)" in md
     assert (tmp_path / "radar.png").exists() and (tmp_path / "scaling.png").exists()
     # a rerun reads every row back from the results store: nothing new is stored, same report
@@ -192,6 +219,30 @@ def test_fusionbench_report_end_to_end_and_resumes(suite, tmp_path):
     s2 = E.run_sweep(cfg, out_dir=str(tmp_path), progress=False, suite=suite)
     assert len(ResultsStore(str(tmp_path / "results.jsonl"))) == n
     assert s2["methods"] == s["methods"] and s2["robustness"] == s["robustness"]
+    assert s2["references"] == s["references"]
+
+
+def test_loss_of_stack_is_the_mean_cross_entropy_of_each_model_over_padded_batches():
+    from bcjax.evaluate import loss_of_stack
+
+    rng = np.random.default_rng(3)
+    stacked = {"w": rng.standard_normal((3, 4, 5)).astype(np.float32)}
+    x = rng.standard_normal((11, 4)).astype(np.float32)
+    y = rng.integers(0, 5, 11).astype(np.int32)
+    got = loss_of_stack(lambda p, xb: xb @ p["w"], stacked, x, y, batch_size=4, models_per_call=2)
+    ref = [-np.mean(np.log(_softmax(x.astype(np.float64) @ w)[np.arange(11), y])) for w in stacked["w"]]
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+def test_synthetic_suite_loss_matches_a_numpy_cross_entropy(suite):
+    trees = [suite.pretrained, *suite.finetuned]
+    t = suite.tasks[1]
+    x, y = suite.examples(t, "test")
+    fn = suite.requirement("model_fn", [t])[0]
+    ref = [-np.mean(np.log(_softmax(np.asarray(fn(p, x), np.float64))[np.arange(len(y)), y])) for p in trees]
+    np.testing.assert_allclose(suite.loss(stack_trees(trees), t, "test"), ref, rtol=1e-4)
+    # the fine-tune on its own task has a lower loss than θ0
+    assert ref[2] < ref[0]
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -233,3 +284,16 @@ def test_protocol_configs_parse(name):
     cfg = load_config(f"configs/{name}.yaml")
     assert cfg["experiment"] == name
     parse_section(E.get_experiment(name).settings, cfg)
+
+
+def test_fusionbench_without_a_suite_loss_reports_accuracy_only(suite, tmp_path):
+    import dataclasses
+
+    plain = dataclasses.replace(suite, loss=None)
+    cfg = {"experiment": "fusionbench", "suite": SUITE, "methods": METHODS[:1], "references": ["pretrained"],
+           "robustness": None, "generalization": None, "scaling": None, "bootstrap_resamples": 50}
+    E.run_sweep(cfg, out_dir=str(tmp_path), progress=False, suite=plain)
+    report = json.loads((tmp_path / "report.json").read_text())
+    for row in (report["methods"]["task_arithmetic"], report["references"]["pretrained"]):
+        assert "average_loss" not in row and all("loss" not in row[t] for t in suite.tasks)
+    assert "## Test loss" not in (tmp_path / "report.md").read_text()

@@ -50,11 +50,12 @@ def demo_config(config: Mapping):
 
 
 def stack_evaluator(predict, tasks: Mapping[str, Any], heads: Mapping[str, tuple], eval_examples: Mapping[str, int],
-                    batch: int, models_per_call: int, *, seed: int = 0) -> tuple[Evaluate, Evaluate]:
-    """``(evaluate, correctness)``, each ``fn(stacked, task, split)``: accuracies float[M] and
-    per-example correctness bool[M, n] on ``eval_examples[split]`` seeded class-stratified
-    examples of the split (all if None; :func:`bcjax.demo.split_examples`)."""
-    from bcjax.evaluate import accuracy_of_stack, correctness_of_stack
+                    batch: int, models_per_call: int, *, seed: int = 0) -> tuple[Evaluate, Evaluate, Evaluate]:
+    """``(evaluate, correctness, loss)``, each ``fn(stacked, task, split)``: accuracies float[M],
+    per-example correctness bool[M, n] and mean cross-entropies float[M] on
+    ``eval_examples[split]`` seeded class-stratified examples of the split (all if None;
+    :func:`bcjax.demo.split_examples`)."""
+    from bcjax.evaluate import accuracy_of_stack, correctness_of_stack, loss_of_stack
 
     data = _examples(tasks, eval_examples, seed)
 
@@ -68,7 +69,12 @@ def stack_evaluator(predict, tasks: Mapping[str, Any], heads: Mapping[str, tuple
         return correctness_of_stack(predict, stacked, x, y, batch_size=min(batch, len(y)),
                                     models_per_call=models_per_call, predict_args=heads[task])
 
-    return evaluate, correctness
+    def loss(stacked, task, split):
+        x, y = data(task, split)
+        return loss_of_stack(predict, stacked, x, y, batch_size=min(batch, len(y)),
+                             models_per_call=models_per_call, predict_args=heads[task])
+
+    return evaluate, correctness, loss
 
 
 def _gram_examples(config) -> int:
@@ -154,13 +160,13 @@ def dinov2_demo_suite(config: Mapping, *, cache_dir: str, progress: bool = True)
     finetuned = demo.finetune_tasks(ctx, progress=progress)
     eval_examples = _eval_examples(config)
     tasks = {t.name: t for t in ctx.tasks}
-    evaluate, correctness = stack_evaluator(ctx.predict, tasks, ctx.heads, eval_examples, cfg.eval_batch,
+    evaluate, correctness, loss = stack_evaluator(ctx.predict, tasks, ctx.heads, eval_examples, cfg.eval_batch,
                                             cfg.models_per_call, seed=cfg.seed)
     fp = fingerprint(dict(suite="dinov2_demo", finetune=cfg.finetune_fingerprint(), tasks=list(cfg.tasks),
                           max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples, sample="stratified",
                           **_gram_tag(config)))
     return ModelSuite(name=demo.SUITE_NAME, tasks=tuple(ctx.names), pretrained=ctx.params0, finetuned=tuple(finetuned),
-                      evaluate=evaluate, correctness=correctness, fingerprint=fp, heads=ctx.heads,
+                      evaluate=evaluate, correctness=correctness, loss=loss, fingerprint=fp, heads=ctx.heads,
                       models_per_call=cfg.models_per_call,
                       info={"sizes": {t.name: t.sizes for t in ctx.tasks}, "config_fingerprint": cfg.fingerprint()},
                       provides=_provides(ctx, finetuned, _gram_examples(config)),
@@ -199,14 +205,14 @@ def dinov2_class_split_suite(config: Mapping, *, cache_dir: str, progress: bool 
     finetuned = demo.finetune_tasks(ctx, progress=progress)
     eval_examples = _eval_examples(config)
     by_name = {t.name: t for t in tasks}
-    evaluate, correctness = stack_evaluator(predict, by_name, heads, eval_examples, cfg.eval_batch,
+    evaluate, correctness, loss = stack_evaluator(predict, by_name, heads, eval_examples, cfg.eval_batch,
                                             cfg.models_per_call, seed=cfg.seed)
     fp = fingerprint(dict(suite="dinov2_class_split", finetune=cfg.finetune_fingerprint(), dataset=dataset,
                           groups=groups, max_val=cfg.max_val, max_test=cfg.max_test, eval=eval_examples,
                           sample="stratified", **_gram_tag(config)))
     return ModelSuite(name=f"{dataset} split into {len(groups)} tasks of {k} classes (DINOv2 ViT-S/14)",
                       tasks=tuple(t.name for t in tasks), pretrained=params0, finetuned=tuple(finetuned),
-                      evaluate=evaluate, correctness=correctness, fingerprint=fp, heads=heads,
+                      evaluate=evaluate, correctness=correctness, loss=loss, fingerprint=fp, heads=heads,
                       models_per_call=cfg.models_per_call,
                       info={"classes": [list(g) for g in groups], "sizes": {t.name: t.sizes for t in tasks}},
                       provides=_provides(ctx, finetuned, _gram_examples(config)),

@@ -9,13 +9,20 @@ the simple and weighted ensembles), and the protocols: robustness on corrupted t
 
 ``bcjax sweep --config configs/fusionbench.yaml --out DIR`` writes ``DIR/report.json``::
 
-    {"methods":        {label: {task: {"accuracy", "ci95"}, "average", "average_ci95",
-                                "normalized_average", "normalized_average_ci95", "hparams"}},
+    {"methods":        {label: {task: {"accuracy", "ci95", "loss"}, "average", "average_ci95",
+                                "normalized_average", "normalized_average_ci95", "average_loss",
+                                "hparams"}},
      "references":     {"pretrained" | "individual" | "multitask" | "simple_ensemble" |
                         "weighted_ensemble": same row schema},
      "robustness":     {condition ("clean", corruption...): {label: average accuracy}},
      "generalization": {label: {"seen": average accuracy, "unseen": average accuracy}},
      "scaling":        {method: {α: average accuracy}}, ...}
+
+``loss`` is the mean cross-entropy (natural log) of the row's model on the same test examples
+as its accuracy (``suite.loss``), ``average_loss`` its mean over tasks. Only rows that are one
+tree (the methods' merges, pretrained, individual, multitask) have them; the ensembles have no
+``loss`` / ``average_loss`` keys, and neither does any row when the suite gives no ``loss``.
+Losses are stored in the results store like the rows (a rerun reads them back).
 
 plus ``report.md`` (per-task tables, the protocols, the figures) and the PNGs (radar chart,
 robustness, generalization, scaling). Hyper-parameters are fixed (as FusionBench's tables),
@@ -32,7 +39,8 @@ import numpy as np
 
 from bcjax.experiments.engine import jsonable, state_dir
 from bcjax.experiments.registry import register_experiment
-from bcjax.experiments.rows import labelled, merged_model, needs, row_of_tree, score_rows, stored_row
+from bcjax.experiments.rows import (labelled, losses_of_tree, merged_model, needs, row_of_tree, score_rows,
+                                    stored_losses, stored_row)
 from bcjax.experiments.settings import MethodSpec, parse_section
 from bcjax.experiments.subsets import DEFAULT_METHODS
 
@@ -123,32 +131,50 @@ def _timed(timings: dict, name: str, fn):
     return out
 
 
-def reference_rows(suite, store, names, *, split: str = "test", ensemble_weights=None) -> dict:
+def reference_rows(suite, store, names, *, split: str = "test", ensemble_weights=None,
+                   losses: dict | None = None) -> dict:
     """``{reference: {task: bool[n]}}`` for the SPEC §3 references among ``names``: ``pretrained``
     (θ0), ``individual`` (θk on task k: the max-model predictor, the normalizer), ``multitask``
     (``suite.multitask()``), ``simple_ensemble`` / ``weighted_ensemble`` (the T fine-tuned models'
     mean / weighted mean probabilities, :mod:`bcjax.ensembles`; weights default to the tasks'
-    training-set sizes)."""
+    training-set sizes). Given a dict ``losses`` and a suite with a ``loss``, it also fills
+    ``losses[reference] = {task: mean cross-entropy}`` for the references that are one tree
+    (pretrained, individual, multitask; not the ensembles), stored like the rows."""
     from bcjax import ensembles
     from bcjax.evaluate import correctness, stack_trees
 
     tasks = list(suite.tasks)
+    with_loss = losses is not None and suite.loss is not None
 
     def key(model, **extra):
         return dict(kind="fusionbench_reference", suite=suite.fingerprint, split=split, model=model, **extra)
 
+    def tree_row(name, k, row_tasks, tree):
+        """The row (and the loss, see above) of one tree ``tree()`` (built at most once) on ``row_tasks``."""
+        built = []
+
+        def stacked():
+            if not built:
+                built.append(stack_trees([tree()]))
+            return built[0]
+
+        row = stored_row(store, k, row_tasks, lambda missing: row_of_tree(suite, stacked(), missing, split))
+        if with_loss:
+            losses.setdefault(name, {}).update(stored_losses(
+                store, {**k, "kind": "fusionbench_reference_loss"}, row_tasks,
+                lambda missing: losses_of_tree(suite, stacked(), missing, split)))
+        return row
+
     rows = {}
     for name in names:
         if name == "pretrained":
-            rows[name] = stored_row(store, key(name), tasks, lambda missing: row_of_tree(
-                suite, stack_trees([suite.pretrained]), missing, split))
+            rows[name] = tree_row(name, key(name), tasks, lambda: suite.pretrained)
         elif name == "individual":
-            rows[name] = {t: stored_row(store, key(name, task=t), [t], lambda missing, i=i: row_of_tree(
-                suite, stack_trees([suite.finetuned[i]]), missing, split))[t] for i, t in enumerate(tasks)}
+            rows[name] = {t: tree_row(name, key(name, task=t), [t], lambda i=i: suite.finetuned[i])[t]
+                          for i, t in enumerate(tasks)}
         elif name == "multitask":
             needs(suite, "multitask", what="the multi-task reference")
-            rows[name] = stored_row(store, key(name), tasks, lambda missing: row_of_tree(
-                suite, stack_trees([suite.multitask()]), missing, split))
+            rows[name] = tree_row(name, key(name), tasks, suite.multitask)
         else:
             needs(suite, "examples", what=f"the {name} reference")
             if name == "weighted_ensemble":
@@ -186,7 +212,7 @@ def fusionbench_experiment(suite, store, s: FusionBenchSettings, *, progress: bo
     rob = s.section("robustness")
     keep = set() if rob is None else set(rob.methods or [lab for lab, _, _ in specs])
     trees: dict[str, Any] = {}
-    method_rows, hparams = {}, {}
+    method_rows, hparams, losses = {}, {}, {}
     for label, name, hp in specs:
         def build(label=label, name=name, hp=hp):
             if label not in trees:
@@ -194,15 +220,28 @@ def fusionbench_experiment(suite, store, s: FusionBenchSettings, *, progress: bo
             return trees[label]
 
         key = dict(kind="fusionbench", suite=suite.fingerprint, split=s.split, model=label, hparams=jsonable(hp))
-        method_rows[label] = _timed(timings, f"method {label}", lambda key=key, build=build: stored_row(
-            store, key, tasks, lambda missing: row_of_tree(suite, build(), missing, s.split)))
+
+        def score(key=key, build=build):
+            row = stored_row(store, key, tasks, lambda missing: row_of_tree(suite, build(), missing, s.split))
+            loss = None if suite.loss is None else stored_losses(
+                store, {**key, "kind": "fusionbench_loss"}, tasks,
+                lambda missing: losses_of_tree(suite, build(), missing, s.split))
+            return row, loss
+
+        method_rows[label], loss = _timed(timings, f"method {label}", score)
+        if loss is not None:
+            losses[label] = loss
         hparams[label] = jsonable(hp)
         if label not in keep:
             trees.pop(label, None)
     refs = _timed(timings, "references", lambda: reference_rows(suite, store, s.references, split=s.split,
-                                                                ensemble_weights=s.ensemble_weights))
+                                                                ensemble_weights=s.ensemble_weights, losses=losses))
     finetuned = refs.get("individual") or reference_rows(suite, store, ["individual"], split=s.split)["individual"]
     scored = score_rows({**method_rows, **refs}, finetuned, hparams=hparams, **boot)
+    for r, loss in losses.items():  # trees only: the ensembles have no loss
+        for t in tasks:
+            scored[r][t]["loss"] = loss[t]
+        scored[r]["average_loss"] = float(np.mean([loss[t] for t in tasks]))
     report = {"suite": suite.name, "tasks": tasks, "split": s.split,
               "methods": {lab: scored[lab] for lab in method_rows},
               "references": {r: scored[r] for r in refs}}
@@ -253,7 +292,8 @@ def _ci(ci) -> str:
 
 def render_report(r: Mapping, plots: Mapping[str, str]) -> str:
     """``report.md``: the per-task table (methods and reference rows, accuracy %, the average with
-    its 95% interval), then robustness, generalization and scaling, and the figures."""
+    its 95% interval), the per-task test loss of the rows that have one, then robustness,
+    generalization and scaling, and the figures."""
     tasks = r["tasks"]
     out = [f"# FusionBench-style comparison — {r['suite']}", "",
            f"Split `{r['split']}`, accuracy (%) per task; average with its 95% bootstrap interval "
@@ -268,6 +308,15 @@ def render_report(r: Mapping, plots: Mapping[str, str]) -> str:
                        + f" | {_pct(row['average'])} {_ci(row['average_ci95'])} | {_pct(row['normalized_average'])} "
                        f"{_ci(row['normalized_average_ci95'])} |")
     out.append("")
+    lossy = [(f"*{n}*" if kind == "references" else n, row) for kind in ("references", "methods")
+             for n, row in r[kind].items() if "average_loss" in row]
+    if lossy:
+        out += ["## Test loss (mean cross-entropy, nats) per task", "",
+                "| row | " + " | ".join(tasks) + " | average |", "|---|" + "---|" * (len(tasks) + 1)]
+        out += [f"| {label} | " + " | ".join(f"{row[t]['loss']:.3f}" for t in tasks) + f" | {row['average_loss']:.3f} |"
+                for label, row in lossy]
+        out += ["", "Same test examples as the accuracies; rows that are one model only (the ensembles have no "
+                "loss).", ""]
     if "robustness" in r:
         d = r["robustness_detail"]
         conds = d["conditions"]

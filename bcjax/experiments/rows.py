@@ -16,7 +16,8 @@ import numpy as np
 from bcjax.experiments.engine import method_builder, pack_correctness, unpack_correctness
 from bcjax.experiments.suite import MissingRequirementError, ModelSuite
 
-__all__ = ["labelled", "merged_model", "needs", "stored_row", "row_of_tree", "score_rows", "EVAL_BATCH"]
+__all__ = ["labelled", "merged_model", "needs", "stored_row", "row_of_tree", "stored_losses", "losses_of_tree",
+           "score_rows", "EVAL_BATCH"]
 
 #: Examples per compiled evaluation call of :func:`row_of_tree` (padded; one compilation per predictor).
 EVAL_BATCH = 64
@@ -94,6 +95,26 @@ def row_of_tree(suite: ModelSuite, stacked: Any, tasks: Sequence[str], split: st
         out[t] = correctness_of_stack(predict, stacked, x, y, batch_size=min(EVAL_BATCH, len(y)),
                                       models_per_call=1)[0]
     return out
+
+
+def stored_losses(store, key: Mapping, tasks: Sequence[str], compute: Callable[[list[str]], Mapping]) -> dict:
+    """``{task: mean cross-entropy}`` stored under ``key`` (as :func:`stored_row`; pass a key
+    distinct from the accuracy row's); the tasks not stored yet are ``compute(missing_tasks)``."""
+    from bcjax.results_store import finite_number
+
+    stored = dict(store.get(dict(key)) or {})
+    missing = [t for t in tasks if t not in stored or finite_number(stored[t]) is not None]
+    if missing:
+        stored.update({t: float(v) for t, v in compute(missing).items()})
+        store.put(dict(key), stored)
+    return {t: float(stored[t]) for t in tasks}
+
+
+def losses_of_tree(suite: ModelSuite, stacked: Any, tasks: Sequence[str], split: str) -> dict:
+    """``{task: mean cross-entropy}`` of the one model in ``stacked`` on ``split``, through
+    ``suite.loss`` (on the examples ``suite.evaluate`` scores)."""
+    needs(suite, "loss", what="the per-task loss")
+    return {t: float(np.asarray(suite.loss(stacked, t, split))[0]) for t in tasks}
 
 
 def score_rows(rows: Mapping[str, Mapping[str, np.ndarray]], finetuned: Mapping[str, np.ndarray], *,

@@ -2,7 +2,8 @@
 
 A :class:`ModelSuite` is task names, θ0, one fine-tuned tree per task and
 ``evaluate(stacked_params, task, split) -> float[M]`` (the accuracy of each of M models
-stacked on a leading axis; splits ``"val"`` / ``"test"``), plus — lazily, on demand — the
+stacked on a leading axis; splits ``"val"`` / ``"test"``), optionally their ``loss`` (mean
+cross-entropy) on the same examples, plus — lazily, on demand — the
 per-task values merge methods declare in ``requires`` (:data:`bcjax.merging.REQUIREMENTS`):
 Fishers, data-set sizes, Gram matrices, batches, a model function. Nothing here knows the model.
 """
@@ -64,6 +65,10 @@ class ModelSuite:
         (ensembles, models on corrupted inputs). Experiments that tune never read it.
       corrupt: optional ``(inputs, name, severity, seed) -> inputs``, the SPEC §4 robustness
         corruption of a batch of inputs (image suites: :func:`bcjax.data.corruptions.corrupt`).
+      loss: optional ``(stacked_params, task, split) -> float[M]``, the mean cross-entropy
+        (natural log, with the task's head) of each stacked model on the same examples
+        ``evaluate`` scores (:func:`bcjax.evaluate.loss_of_stack`); what the FusionBench
+        comparison reports next to each tree's accuracy. Experiments that tune never read it.
       multitask: optional ``() -> tree``, the multi-task reference model (SPEC §3: one model
         fine-tuned on the union of the tasks' training data with each task's frozen head, same
         recipe and total steps), trained on first call and cached by the suite's builder.
@@ -85,6 +90,7 @@ class ModelSuite:
     examples: Callable[[str, str], tuple] | None = None
     corrupt: Callable[..., Any] | None = None
     multitask: Callable[[], Any] | None = None
+    loss: Callable[[Any, str, str], Any] | None = None
     _computed: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -96,8 +102,10 @@ class ModelSuite:
 
     def with_evaluate(self, evaluate: Evaluate) -> "ModelSuite":
         """This suite scored by ``evaluate``; ``correctness`` is dropped (it must agree with
-        ``evaluate``, so experiments on the result use the accuracy path)."""
-        out = dataclasses.replace(self, evaluate=evaluate, correctness=None)
+        ``evaluate``, so experiments on the result use the accuracy path), and so is ``loss``
+        (it reads the splits ``evaluate`` reads, and would bypass a guard such as
+        :func:`guard_splits`)."""
+        out = dataclasses.replace(self, evaluate=evaluate, correctness=None, loss=None)
         out._computed.update(self._computed)  # requirements do not depend on evaluate
         return out
 

@@ -276,7 +276,8 @@ def _suite(s: ClipSetup, finetuned: list, fingerprint: str = "", *, out: pathlib
            progress: bool = True):
     """The :class:`bcjax.experiments.ModelSuite` of the CLIP vision towers: ``evaluate(stacked,
     task, split)`` by :func:`bcjax.evaluate.accuracy_of_stack` with each task's frozen zero-shot
-    head (``eval.batch_size``, ``eval.models_per_call``), :func:`provides`, the labeled
+    head (``eval.batch_size``, ``eval.models_per_call``), ``loss`` (mean cross-entropy,
+    :func:`bcjax.evaluate.loss_of_stack`, same examples), :func:`provides`, the labeled
     ``examples``, the SPEC §4 ``corrupt`` and, given the run folder ``out``, the ``multitask``
     reference (:func:`finetune_multitask`, the ``train`` recipe of ``s.config``)."""
     from bcjax.data.corruptions import corrupt
@@ -285,15 +286,17 @@ def _suite(s: ClipSetup, finetuned: list, fingerprint: str = "", *, out: pathlib
     bs = get(s.config, "eval.batch_size", 128, types=int)
     per_call = get(s.config, "eval.models_per_call", 2, types=int)
 
-    def evaluate(stacked, task, split):
+    def evaluate(stacked, task, split, score=evaluate_lib.accuracy_of_stack):
         if split not in ("val", "test"):
             raise ConfigError(f"CLIP suite: split must be 'val' or 'test', got {split!r}")
         x, y = s.task(task).splits[split]
-        return evaluate_lib.accuracy_of_stack(s.predict, stacked, x, y, batch_size=bs, models_per_call=per_call,
-                                              predict_args=s.heads[task])
+        return score(s.predict, stacked, x, y, batch_size=bs, models_per_call=per_call, predict_args=s.heads[task])
+
+    def loss(stacked, task, split):  # mean cross-entropy on the same examples
+        return evaluate(stacked, task, split, score=evaluate_lib.loss_of_stack)
 
     return ModelSuite(name=f"CLIP {s.clip.name}", tasks=tuple(s.names), pretrained=s.clip.vision,
-                      finetuned=tuple(finetuned), evaluate=evaluate, fingerprint=fingerprint,
+                      finetuned=tuple(finetuned), evaluate=evaluate, loss=loss, fingerprint=fingerprint,
                       heads={n: s.heads[n][2] for n in s.names}, models_per_call=per_call,
                       info={"model": s.clip.name, "sizes": {t.name: t.sizes for t in s.tasks}},
                       provides=provides(s, finetuned),

@@ -27,9 +27,10 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
     training inputs, default 256 as SPEC §3, i.e. all 96 of the default training split, with the
     task's fine-tuned model), the per-task ``model_fn`` and the test inputs without labels as
     ``unlabeled_batches`` (AdaMerging), so every registered method runs on it. For the FusionBench
-    protocols it gives its ``examples``, a ``corrupt`` stand-in (seeded Gaussian input noise: the
-    inputs are vectors, not images) and the ``multitask`` reference (the same full-batch descent
-    on the union of the tasks' training data, ``steps × T`` steps)."""
+    protocols it gives its ``examples``, their mean cross-entropy ``loss``, a ``corrupt`` stand-in
+    (seeded Gaussian input noise: the inputs are vectors, not images) and the ``multitask``
+    reference (the same full-batch descent on the union of the tasks' training data, ``steps × T``
+    steps)."""
     from bcjax.fisher import diagonal_fisher
 
     unknown = sorted(set(get(config, "suite", {}, types=dict)) - set(_KEYS))
@@ -113,6 +114,15 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
         hits = correctness(stacked, task, split)
         return np.count_nonzero(hits, axis=1) / hits.shape[1]
 
+    def test_loss(stacked, task, split):
+        """Mean cross-entropy of each stacked model on the examples ``evaluate`` scores."""
+        from bcjax.evaluate import loss_of_stack
+
+        x, y = by_name[task][split]
+        m = jax.tree.leaves(stacked)[0].shape[0]
+        return loss_of_stack(predict, stacked, x, y, batch_size=len(y), models_per_call=m,
+                             predict_args=(heads[task],))
+
     def examples(task, split):
         return by_name[task][split]
 
@@ -158,4 +168,4 @@ def synthetic_suite(config: Mapping, *, cache_dir: str | None = None, progress: 
     return ModelSuite(name="synthetic MLP suite", tasks=tuple(names), pretrained=pre, finetuned=tuple(finetuned),
                       evaluate=evaluate, fingerprint=fp, heads=heads, models_per_call=int(c("models_per_call", 4)),
                       info={"classes": [list(g) for g in groups]}, provides=provides, correctness=correctness,
-                      examples=examples, corrupt=corrupt, multitask=multitask)
+                      examples=examples, corrupt=corrupt, multitask=multitask, loss=test_loss)
