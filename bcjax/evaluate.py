@@ -64,24 +64,34 @@ def unstack_tree(tree: Any) -> list[Any]:
     return [jax.tree.map(lambda x, i=i: x[i], tree) for i in range(n)]
 
 
-def accuracy_of_stack(predict: Predict, stacked_params: Any, inputs: np.ndarray, labels: np.ndarray, *,
-                      batch_size: int = 128, models_per_call: int = 4, predict_args: tuple = ()) -> np.ndarray:
-    """Accuracy of each of M models (``stacked_params`` has a leading axis M) on one data
-    set: ``models_per_call`` models are vmapped in one compiled call, so sweeps over many
-    merged models amortize dispatch; returns float[M]."""
+def _stack_sums(kernel, predict: Predict, stacked_params: Any, inputs: np.ndarray, labels: np.ndarray, *,
+                batch_size: int, models_per_call: int, predict_args: tuple, dtype) -> np.ndarray:
+    """Σ over the data set of ``kernel``'s per-model batch sums (fixed padded batches, padded
+    rows masked by ``valid``; ``models_per_call`` models vmapped per compiled call), float[M]
+    in ``dtype``: the one loop behind :func:`accuracy_of_stack` and :func:`loss_of_stack`."""
     m = jax.tree.leaves(stacked_params)[0].shape[0]
     chunk = max(1, min(models_per_call, m))
     bs = batch_size
-    out = np.zeros(m, np.int64)
+    out = np.zeros(m, dtype)
     for ms in range(0, m, chunk):
         me = min(ms + chunk, m)
         params_chunk = jax.tree.map(lambda x: _pad_models(x[ms:me], chunk), stacked_params)
         for s, e in _batches(len(labels), bs):
             valid = np.arange(bs) < (e - s)
-            counts = _correct_stack(predict, params_chunk, _padded(inputs[s:e], bs), _padded(labels[s:e], bs), valid,
-                                    tuple(predict_args))
-            out[ms:me] += np.asarray(counts)[: me - ms]
-    return out / len(labels)
+            sums = kernel(predict, params_chunk, _padded(inputs[s:e], bs), _padded(labels[s:e], bs), valid,
+                          tuple(predict_args))
+            out[ms:me] += np.asarray(sums, dtype)[: me - ms]
+    return out
+
+
+def accuracy_of_stack(predict: Predict, stacked_params: Any, inputs: np.ndarray, labels: np.ndarray, *,
+                      batch_size: int = 128, models_per_call: int = 4, predict_args: tuple = ()) -> np.ndarray:
+    """Accuracy of each of M models (``stacked_params`` has a leading axis M) on one data
+    set: ``models_per_call`` models are vmapped in one compiled call, so sweeps over many
+    merged models amortize dispatch; returns float[M]."""
+    counts = _stack_sums(_correct_stack, predict, stacked_params, inputs, labels, batch_size=batch_size,
+                         models_per_call=models_per_call, predict_args=predict_args, dtype=np.int64)
+    return counts / len(labels)
 
 
 def loss_of_stack(predict: Predict, stacked_params: Any, inputs: np.ndarray, labels: np.ndarray, *,
@@ -94,19 +104,9 @@ def loss_of_stack(predict: Predict, stacked_params: Any, inputs: np.ndarray, lab
         raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
     if len(labels) == 0:
         raise ValueError("loss of an empty evaluation set")
-    m = jax.tree.leaves(stacked_params)[0].shape[0]
-    chunk = max(1, min(models_per_call, m))
-    bs = batch_size
-    out = np.zeros(m, np.float64)
-    for ms in range(0, m, chunk):
-        me = min(ms + chunk, m)
-        params_chunk = jax.tree.map(lambda x: _pad_models(x[ms:me], chunk), stacked_params)
-        for s, e in _batches(len(labels), bs):
-            valid = np.arange(bs) < (e - s)
-            sums = _nll_stack(predict, params_chunk, _padded(inputs[s:e], bs), _padded(labels[s:e], bs), valid,
-                              tuple(predict_args))
-            out[ms:me] += np.asarray(sums, np.float64)[: me - ms]
-    return out / len(labels)
+    sums = _stack_sums(_nll_stack, predict, stacked_params, inputs, labels, batch_size=batch_size,
+                       models_per_call=models_per_call, predict_args=predict_args, dtype=np.float64)
+    return sums / len(labels)
 
 
 @functools.partial(jax.jit, static_argnums=0)
