@@ -2,6 +2,7 @@
 multi-task reference training, each registered experiment end to end on the synthetic suite,
 the report's keys, and each row against a plain reference computed here."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -297,3 +298,19 @@ def test_fusionbench_without_a_suite_loss_reports_accuracy_only(suite, tmp_path)
     for row in (report["methods"]["task_arithmetic"], report["references"]["pretrained"]):
         assert "average_loss" not in row and all("loss" not in row[t] for t in suite.tasks)
     assert "## Test loss" not in (tmp_path / "report.md").read_text()
+
+
+def test_fusionbench_clip_generalization_splits_hold_out_two_of_the_clip_tasks():
+    """FusionBench's exp1/exp2 CLIP splits (its generalization model pools) name six of the CLIP
+    config's eight tasks each, and their held-out pairs are exp1 {mnist, eurosat}, exp2
+    {resisc45, svhn}."""
+    import yaml
+
+    from bcjax.experiments.generalization import FUSIONBENCH_CLIP_SEEN
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "clip_vit_b32.yaml")) as f:
+        tasks = set(yaml.safe_load(f)["data"]["tasks"])
+    unseen = {k: tasks - set(v) for k, v in FUSIONBENCH_CLIP_SEEN.items()}
+    assert all(len(set(v)) == 6 and set(v) <= tasks for v in FUSIONBENCH_CLIP_SEEN.values())
+    assert unseen == {"exp1": {"mnist", "eurosat"}, "exp2": {"resisc45", "svhn"}}

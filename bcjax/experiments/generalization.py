@@ -4,9 +4,10 @@ ones (their heads exist, their task vectors are not merged). Data-dependent meth
 the seen tasks' data (Grams, Fishers, AdaMerging's unlabeled inputs).
 
 FusionBench's CLIP setting (ViT-B/32, 8 tasks, after AdaMerging's Table 5) merges six tasks and
-holds out two; give that split with ``seen:`` (no preset here: the exact task lists were not
-checked against FusionBench's configs). Default, on any suite: hold out the last ⌊T/3⌋ tasks (at
-least one) — on the embedded quick suite, digits.
+holds out two, in two experiments (its model pools ``clip-vit-base-patch32_generalization_exp1``
+and ``_exp2``): :data:`FUSIONBENCH_CLIP_SEEN` gives their seen tasks in the CLIP pipeline's task
+names (its ``stanford-cars`` is our ``cars``) — pass one as ``seen:`` on the CLIP suite. Default,
+on any suite: hold out the last ⌊T/3⌋ tasks (at least one) — on the embedded quick suite, digits.
 """
 from __future__ import annotations
 
@@ -21,7 +22,14 @@ from bcjax.experiments.rows import labelled, merged_model, row_of_tree, score_ro
 from bcjax.experiments.settings import MethodSpec
 from bcjax.experiments.subsets import DEFAULT_METHODS
 
-__all__ = ["GeneralizationSettings", "generalization_experiment", "default_seen"]
+__all__ = ["GeneralizationSettings", "generalization_experiment", "default_seen", "FUSIONBENCH_CLIP_SEEN"]
+
+#: FusionBench's two CLIP generalization splits: the six merged tasks of each (unseen: exp1 mnist
+#: and eurosat, exp2 resisc45 and svhn), in the task names of ``configs/clip_vit_b32.yaml``.
+FUSIONBENCH_CLIP_SEEN = {
+    "exp1": ["sun397", "cars", "resisc45", "dtd", "svhn", "gtsrb"],
+    "exp2": ["sun397", "cars", "gtsrb", "eurosat", "dtd", "mnist"],
+}
 
 
 @dataclasses.dataclass(frozen=True)
