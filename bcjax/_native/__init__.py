@@ -178,8 +178,19 @@ def _threads() -> int:
 #: it (a miss falls back to an exact full selection); tests set 0 to exercise that path.
 DEFAULT_SIGMAS = 3.5
 
+#: Instruction sets of the selection's streaming pass, by name (``isa`` arguments): "auto" is the
+#: CPU's best; asking for more than the CPU has gives its best. Only speed depends on it (tests
+#: run every one, e.g. the scalar code on a CPU with AVX-512).
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 
-def select_bits(bits: jax.Array, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
+
+def _isa(name: str) -> np.int64:
+    if name not in ISAS:
+        raise ValueError(f"isa must be one of {sorted(ISAS)}, got {name!r}")
+    return np.int64(ISAS[name])
+
+
+def select_bits(bits: jax.Array, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS, isa: str = "auto") -> jax.Array:
     """int32[K]: the ``ranks``-th smallest of the non-negative int32 ``bits`` (flattened).
 
     CPU only; call through :func:`bcjax.order_stats.select_bits`, which picks this kernel
@@ -189,18 +200,19 @@ def select_bits(bits: jax.Array, ranks: jax.Array, *, sigmas: float = DEFAULT_SI
     bits = jnp.ravel(jnp.asarray(bits, jnp.int32))
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
-    return call(bits, ranks, threads=_threads(), sigmas=np.float32(sigmas))
+    return call(bits, ranks, threads=_threads(), sigmas=np.float32(sigmas), isa=_isa(isa))
 
 
 def select_diff_bits_multi(pretrained: jax.Array, finetuned, ranks: jax.Array, *,
-                           sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
+                           sigmas: float = DEFAULT_SIGMAS, isa: str = "auto") -> jax.Array:
     """int32[T, K]: row t holds the ``ranks[t]``-th smallest magnitude bits of
     ``finetuned[t] − pretrained`` (float32), for all T tasks of a leaf in one cache-blocked
     pass that reads θ0 once. CPU only; see :func:`bcjax.order_stats.select_diff_bits_multi`."""
-    return select_diff_bits_leaves([pretrained], [[f] for f in finetuned], ranks, sigmas=sigmas)
+    return select_diff_bits_leaves([pretrained], [[f] for f in finetuned], ranks, sigmas=sigmas, isa=isa)
 
 
-def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
+def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS,
+                            isa: str = "auto") -> jax.Array:
     """int32[T, K]: row t holds the ``ranks[t]``-th smallest of |θt − θ0| (float32 bits of the
     float32 difference; bfloat16 leaves are upcast inside the kernel) over the union of L leaves: ``pretrained`` is θ0's L leaves, ``finetuned[t]`` task t's L leaves
     (same sizes). One cache-blocked pass over all leaves and tasks, reading θ0 once and
@@ -214,10 +226,12 @@ def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: 
     p0, fts = leaves[:len(pretrained)], leaves[len(pretrained):]
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(MULTI_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
-    return call(ranks, *p0, *fts, num_leaves=np.int64(len(p0)), threads=_threads(), sigmas=np.float32(sigmas))
+    return call(ranks, *p0, *fts, num_leaves=np.int64(len(p0)), threads=_threads(), sigmas=np.float32(sigmas),
+                isa=_isa(isa))
 
 
-def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, sigmas: float = DEFAULT_SIGMAS):
+def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, sigmas: float = DEFAULT_SIGMAS,
+                           isa: str = "auto"):
     """:func:`select_diff_bits_leaves` on views: ``pretrained`` is θ0's L ``(padded, offset)``
     pairs and ``finetuned[t]`` task t's, each a float32 1-D buffer holding the leaf's ``sizes[l]``
     elements from element ``offset`` (bcjax.merging.HostView: NumPy memory adopted without a
@@ -227,7 +241,7 @@ def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, si
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(VIEWS_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(ranks, offsets, *(buf for buf, _ in views), sizes=np.asarray(sizes, np.int64), threads=_threads(),
-                sigmas=np.float32(sigmas))
+                sigmas=np.float32(sigmas), isa=_isa(isa))
 
 
 def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None) -> jax.Array:
