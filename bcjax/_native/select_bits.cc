@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -116,16 +117,21 @@ class ScopedFlushDenormals {
 };
 
 // --- scan: per task, counts below lo[k] and the keys inside any bracket [lo[k], lo[k] + span[k]] ---
-// An append-only key buffer: ``data`` is the storage (grown by doubling, never shrunk, so
-// chunked scans don't re-initialise it), ``len`` the keys in use.
+// An append-only key buffer: ``data`` is the storage (uninitialised: grown by copying to a
+// doubled capacity, never shrunk), ``len`` the keys in use.
 struct KeyBuffer {
-  std::vector<int32_t> data;
-  int64_t len = 0;
-  void Reserve(int64_t cap) {
-    if (static_cast<int64_t>(data.size()) < cap) data.resize(std::max<size_t>(cap, data.size() * 2));
+  std::unique_ptr<int32_t[]> data;
+  int64_t cap = 0, len = 0;
+  void Reserve(int64_t want) {
+    if (want <= cap) return;
+    const int64_t grown = std::max(want, 2 * cap);
+    std::unique_ptr<int32_t[]> bigger(new int32_t[grown]);
+    if (len) std::memcpy(bigger.get(), data.get(), len * sizeof(int32_t));
+    data = std::move(bigger);
+    cap = grown;
   }
   void Push(int32_t v) {
-    if (len == static_cast<int64_t>(data.size())) data.resize(std::max<size_t>(64, data.size() * 2));
+    if (len == cap) Reserve(std::max<int64_t>(64, 2 * cap));
     data[len++] = v;
   }
 };
@@ -326,7 +332,7 @@ void Scan(const Rows& rows, int64_t begin, int64_t end, int64_t kk, const ScanBr
       const int64_t c_end = std::min(c + kScanChunk, end);
       for (int64_t t = 0; t < nt; ++t) {
         parts[t].inside.Reserve(parts[t].inside.len + (c_end - c) + 16);
-        lanes[t] = Lane{{0, 0, 0, 0}, parts[t].inside.data.data(), parts[t].inside.len};
+        lanes[t] = Lane{{0, 0, 0, 0}, parts[t].inside.data.get(), parts[t].inside.len};
       }
       int64_t done = c;
       switch (kk) {
@@ -415,39 +421,39 @@ Partial EmptyPartial(const Brackets& br, int64_t kk, int nt) {
   return p;
 }
 
-// The r-th smallest of the keys of v inside [lo, lo + span] (v may also hold keys outside it:
-// a task's union of brackets) into ``answer``; false when the bracket holds r or fewer keys (the
-// sample missed). One histogram pass on the top 11 bits of (key − lo) narrows to one bin (keys
-// beyond the bracket go to an overflow bin or share its last bin, whose keys are filtered
-// exactly), then nth_element on that bin's few keys.
-bool SelectInBracket(const std::vector<int32_t>& v, int64_t r, uint32_t lo, uint32_t span, int32_t* answer) {
-  if (r < 0) return false;
+// The keys of v[0, size) inside [lo, lo + span], in order, into ``out`` (room for ``size``);
+// returns how many. Branch-free: which keys of a task's union fall in which bracket is random.
+int64_t KeysInBracket(const int32_t* v, int64_t size, uint32_t lo, uint32_t span, int32_t* out) {
+  int64_t j = 0;
+  for (int64_t i = 0; i < size; ++i) {
+    out[j] = v[i];
+    j += static_cast<uint32_t>(v[i]) - lo <= span;
+  }
+  return j;
+}
+
+// The r-th smallest of v[0, size), all keys in [lo, lo + span], into ``answer``; false when
+// r is out of range (the sample missed). One histogram pass on the top 10 bits of (key − lo)
+// narrows to one bin, then nth_element on that bin's few keys.
+bool SelectInBracket(const int32_t* v, int64_t size, int64_t r, uint32_t lo, uint32_t span, int32_t* answer) {
+  if (r < 0 || r >= size) return false;
   const int bits = span == 0 ? 0 : 32 - __builtin_clz(span);  // (key − lo) ≤ span < 2^bits
-  const int shift = std::max(0, bits - 11);
-  const uint32_t nbins = (span >> shift) + 1;  // ≤ 2^11; bin nbins: beyond the bracket
-  // four interleaved histograms: runs of keys in one bin (the overflow bin above all) don't
-  // wait on each other's increments
-  const size_t row = nbins + 1;
-  std::vector<int64_t> hist4(4 * row, 0);
-  int64_t count = 0;  // keys inside the bracket
-  const size_t size = v.size();
-  for (size_t i = 0; i < size; ++i) {
-    const uint32_t d = static_cast<uint32_t>(v[i]) - lo;
-    ++hist4[(i & 3) * row + std::min(d >> shift, nbins)];
-    count += d <= span;
+  const int shift = std::max(0, bits - 10);
+  const int64_t nbins = (span >> shift) + 1;  // ≤ 2^10
+  // four interleaved histograms (16 KiB, in L1): keys in one bin don't wait on each other's
+  // increments; counts < 2^32 (size < 2^31 per task and thread, summed in int64 below)
+  std::vector<uint32_t> hist4(4 * nbins, 0);
+  for (int64_t i = 0; i < size; ++i) ++hist4[(i & 3) * nbins + ((static_cast<uint32_t>(v[i]) - lo) >> shift)];
+  int64_t bin = 0, before = 0, in_bin_count = 0;
+  for (;; ++bin) {
+    in_bin_count = int64_t{hist4[bin]} + hist4[nbins + bin] + hist4[2 * nbins + bin] + hist4[3 * nbins + bin];
+    if (before + in_bin_count > r) break;
+    before += in_bin_count;
   }
-  std::vector<int64_t> hist(row);
-  for (size_t j = 0; j < row; ++j) hist[j] = hist4[j] + hist4[row + j] + hist4[2 * row + j] + hist4[3 * row + j];
-  if (r >= count) return false;
-  uint32_t bin = 0;
-  int64_t before = 0;
-  while (before + hist[bin] <= r) before += hist[bin++];
   std::vector<int32_t> in_bin;
-  in_bin.reserve(static_cast<size_t>(hist[bin]));
-  for (const int32_t key : v) {
-    const uint32_t d = static_cast<uint32_t>(key) - lo;
-    if ((d >> shift) == bin && d <= span) in_bin.push_back(key);
-  }
+  in_bin.reserve(static_cast<size_t>(in_bin_count));
+  for (int64_t i = 0; i < size; ++i)
+    if (((static_cast<uint32_t>(v[i]) - lo) >> shift) == static_cast<uint32_t>(bin)) in_bin.push_back(v[i]);
   std::nth_element(in_bin.begin(), in_bin.begin() + (r - before), in_bin.end());
   *answer = in_bin[r - before];
   return true;
@@ -455,21 +461,34 @@ bool SelectInBracket(const std::vector<int32_t>& v, int64_t r, uint32_t lo, uint
 
 // Step 4: select inside the bracket, or exactly from a full copy if the sample missed.
 // ``parts`` are the task's per-thread partial scans (their buffers hold the keys inside any of
-// the K brackets).
+// the K brackets; with K > 1 each rank's bracket is first filtered out of them).
 template <class Keys>
 void Finish(const Keys& keys, int64_t n, const int32_t* ranks, int64_t kk, const Brackets& br,
             const std::vector<Partial*>& parts, int32_t* out) {
-  std::vector<int32_t> inside = std::move(parts[0]->inside.data);
-  inside.resize(static_cast<size_t>(parts[0]->inside.len));
-  for (size_t w = 1; w < parts.size(); ++w) {
-    const KeyBuffer& kb = parts[w]->inside;
-    inside.insert(inside.end(), kb.data.begin(), kb.data.begin() + kb.len);
+  KeyBuffer joined;  // the threads' buffers end to end (the only one's, when one thread scanned)
+  if (parts.size() > 1) {
+    int64_t total = 0;
+    for (const Partial* p : parts) total += p->inside.len;
+    joined.Reserve(total);
+    for (const Partial* p : parts) {
+      std::memcpy(joined.data.get() + joined.len, p->inside.data.get(), p->inside.len * sizeof(int32_t));
+      joined.len += p->inside.len;
+    }
   }
+  const KeyBuffer& inside = parts.size() > 1 ? joined : parts[0]->inside;
+  KeyBuffer in_bracket;
+  if (kk > 1) in_bracket.Reserve(inside.len);
   std::vector<int32_t> all;  // the exact fallback's copy of the keys, made at most once
   for (int64_t k = 0; k < kk; ++k) {
     int64_t below = 0;
     for (const Partial* p : parts) below += p->below[k];
-    if (!SelectInBracket(inside, static_cast<int64_t>(ranks[k]) - below, br.lo[k], br.span[k], out + k)) {
+    const int32_t* v = inside.data.get();
+    int64_t size = inside.len;
+    if (kk > 1) {
+      size = KeysInBracket(v, size, br.lo[k], br.span[k], in_bracket.data.get());
+      v = in_bracket.data.get();
+    }
+    if (!SelectInBracket(v, size, static_cast<int64_t>(ranks[k]) - below, br.lo[k], br.span[k], out + k)) {
       if (all.empty()) all = Materialize(keys, n);
       std::nth_element(all.begin(), all.begin() + ranks[k], all.end());
       out[k] = all[ranks[k]];
