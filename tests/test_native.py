@@ -186,6 +186,26 @@ def test_every_scan_instruction_set_selects_exactly(isa, dtype):
                                   sorted_bits[0][ranks])
 
 
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+def test_threads_split_a_large_union_and_join_their_keys(isa):
+    """Above 2 × 2^21 keys the pass splits over threads (on a machine with 2+ cores); each
+    thread's counts and bracket keys are joined before the selection: same answers as a sort,
+    also for the exact fallback (sigmas=0), with the split falling inside a leaf."""
+    rng = np.random.default_rng(22)
+    sizes = [2**21 + 3, 2**21 + 101]  # one thread boundary lies inside the second leaf
+    n = sum(sizes)
+    p0 = rng.standard_normal(n, dtype=np.float32)
+    fts = [p0 + rng.standard_normal(n, dtype=np.float32) * np.float32(0.01) for _ in range(2)]
+    cut = sizes[0]
+    ranks = np.array([[int(0.9 * n), int(0.99 * n)], [0, n // 2]], np.int32)
+    diff_bits = jax.jit(lambda a, b: order_stats.magnitude_bits(a - b))
+    want = np.stack([np.sort(np.asarray(diff_bits(f, p0)))[r] for f, r in zip(fts, ranks)])
+    for sigmas in (_native.DEFAULT_SIGMAS, 0.0):
+        got = _native.select_diff_bits_leaves([p0[:cut], p0[cut:]], [[f[:cut], f[cut:]] for f in fts], ranks,
+                                              sigmas=sigmas, isa=isa)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"sigmas={sigmas}")
+
+
 def test_unknown_instruction_set_is_refused():
     with pytest.raises(ValueError, match="isa must be one of"):
         _native.select_bits(np.zeros(8, np.int32), np.zeros(1, np.int32), isa="neon")
