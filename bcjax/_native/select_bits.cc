@@ -146,7 +146,7 @@ struct Partial {
 
 // A task's (at most 4) brackets, flat for the vector loops.
 struct ScanBrackets {
-  uint32_t lo[4] = {0, 0, 0, 0}, span[4] = {0, 0, 0, 0};
+  uint32_t lo[4] = {0, 0, 0, 0}, span[4] = {0, 0, 0, 0}, hi[4] = {0, 0, 0, 0};  // hi = lo + span < 2^31
 };
 
 // Rows of keys over one index range, read together: at every index the scan reads θ0 once and
@@ -250,7 +250,7 @@ BCJAX_AVX2 int64_t ScanAvx2(const Rows& rows, int64_t begin, int64_t end, const 
       for (int k = 0; k < K; ++k) {
         const __m256i lt = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(br[t].lo[k])), v);
         lanes[t].below[k] += _mm_popcnt_u32(static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(lt))));
-        const __m256i hi = _mm256_set1_epi32(static_cast<int32_t>(br[t].lo[k] + br[t].span[k]));
+        const __m256i hi = _mm256_set1_epi32(static_cast<int32_t>(br[t].hi[k]));
         outside = _mm256_and_si256(outside, _mm256_or_si256(lt, _mm256_cmpgt_epi32(v, hi)));
       }
       const unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(outside)));
@@ -366,7 +366,7 @@ struct Brackets {
   std::vector<int64_t> expected;
   ScanBrackets flat() const {
     ScanBrackets b;
-    for (size_t k = 0; k < lo.size(); ++k) b.lo[k] = lo[k], b.span[k] = span[k];
+    for (size_t k = 0; k < lo.size(); ++k) b.lo[k] = lo[k], b.span[k] = span[k], b.hi[k] = lo[k] + span[k];
     return b;
   }
 };
