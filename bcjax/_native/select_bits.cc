@@ -58,6 +58,7 @@ inline uint64_t SplitMix64(uint64_t& state) {
 struct BitsKeys {
   const int32_t* x;
   inline uint32_t operator()(int64_t i) const { return static_cast<uint32_t>(x[i]); }
+  void Read(int64_t i, int64_t count, int32_t* out) const { std::memcpy(out, x + i, count * sizeof(int32_t)); }
 };
 
 inline uint32_t FlushedBits(float f) {
@@ -379,7 +380,7 @@ Brackets MakeBrackets(const Keys& keys, int64_t n, const int32_t* ranks, int64_t
   uint64_t state = 0x5eedb1c5ULL ^ static_cast<uint64_t>(n);
   for (int64_t blk = 0; blk < m / kBlock; ++blk) {
     const int64_t start = static_cast<int64_t>(SplitMix64(state) % static_cast<uint64_t>(n - kBlock + 1));
-    for (int64_t j = 0; j < kBlock; ++j) sample[blk * kBlock + j] = static_cast<int32_t>(keys(start + j));
+    keys.Read(start, kBlock, sample.data() + blk * kBlock);
   }
   // Only the sample order statistics at the bracket ends are needed: partial selection,
   // ascending, each nth_element on what is left to the right of the previous one.
@@ -566,6 +567,16 @@ struct SegDiffKeys {
     const auto it = std::upper_bound(start->begin(), start->end(), i);
     const size_t s = static_cast<size_t>(it - start->begin()) - 1;
     return DiffKeysT<T>{(*a)[s], (*b)[s]}(i - (*start)[s]);
+  }
+  // keys i … i + count − 1 (the sample's blocks): one segment search, then straight reads
+  void Read(int64_t i, int64_t count, int32_t* out) const {
+    size_t s = static_cast<size_t>(std::upper_bound(start->begin(), start->end(), i) - start->begin()) - 1;
+    for (int64_t j = 0; j < count; ++s) {
+      const DiffKeysT<T> keys{(*a)[s], (*b)[s]};
+      const int64_t off = i + j - (*start)[s], stop = std::min(count - j, (*start)[s + 1] - (i + j));
+      for (int64_t q = 0; q < stop; ++q) out[j + q] = static_cast<int32_t>(keys(off + q));
+      j += std::max<int64_t>(stop, 0);
+    }
   }
 };
 
