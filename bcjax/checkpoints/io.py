@@ -91,6 +91,14 @@ class Checkpoint(abc.ABC):
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a NumPy array in its stored dtype."""
 
+    def read_blocks(self, name: str, starts, length: int) -> np.ndarray:
+        """Entries ``[s, s + length)`` of the flattened tensor for each s in ``starts``,
+        concatenated (1-D, stored dtype): TIES's threshold sample. This default reads the
+        tensor whole; file formats with random access read only the blocks."""
+        from bcjax.merging import gather_blocks
+
+        return gather_blocks(self.read(name), starts, length)
+
     def files(self) -> list[str]:
         return sorted({f for _, _, f in self._info.values()})
 
@@ -138,6 +146,19 @@ class SafetensorsCheckpoint(Checkpoint):
             if n <= 0:
                 raise CheckpointError(f"{path}: tensor {name!r}: file ends {end - start - got} bytes early")
             got += n
+        return out
+
+    def read_blocks(self, name: str, starts, length: int) -> np.ndarray:
+        shape, dtype, _ = self._info[name]
+        path, start, end = self._where[name]
+        out = np.empty(len(starts) * length, dtype)
+        view = memoryview(out.view(np.uint8))
+        step = length * dtype.itemsize
+        fd = self._fd(path)
+        for j, s in enumerate(starts):
+            at = start + int(s) * dtype.itemsize
+            if at + step > end or os.preadv(fd, [view[j * step:(j + 1) * step]], at) != step:
+                raise CheckpointError(f"{path}: tensor {name!r}: cannot read entries {int(s)}..{int(s) + length}")
         return out
 
     def close(self) -> None:

@@ -9,8 +9,10 @@ registered method itself, called on a one-tensor tree, so every result is bit-id
   the one-tensor tree puts the tensor at that index behind empty placeholders, which every
   method skips;
 - TIES's model-wide trim threshold (SPEC §3) is an order statistic of |τt| over all merged
-  tensors of model t: two extra read passes build the additive coarse and fine histograms
-  (``merging.tau_magnitude_histograms``: one native pass per tensor for all T tasks on CPU,
+  tensors of model t: a sample of small blocks brackets it and ONE extra read pass counts
+  the additive fine histograms of the bracket and the keys above it (two passes more only
+  where a bracket missed: ``merging.ties_thresholds_from_histograms``;
+  ``merging.tau_magnitude_histograms``: one native pass per tensor for all T tasks on CPU,
   int32 counts per chunk summed on the host in int64, so models of more than 2^31 − 1
   merged entries work), then each tensor is merged with ``merging.ties_merge_with_thresholds``.
 
@@ -229,9 +231,10 @@ def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=No
 
 
 def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
-    """Each task's model-wide trim threshold bits (SPEC §3) from two histogram passes,
-    counted per tensor (chunk) in int32 and summed on the host in int64: models of more
-    than 2^31 − 1 merged entries are fine."""
+    """Each task's model-wide trim threshold bits (SPEC §3): a sample of blocks brackets
+    them, one histogram pass counts them exactly (two more passes only where a bracket
+    missed), counted per tensor (chunk) in int32 and summed on the host in int64: models of
+    more than 2^31 − 1 merged entries are fine (merging.ties_thresholds_from_histograms)."""
     todo = [i for i, f in enumerate(m.flags) if f and int(np.prod(m.base.info(m.names[i])[0])) > 0]
     T = len(m.fts)
     total = sum(int(np.prod(m.base.info(m.names[i])[0])) for i in todo)
@@ -244,7 +247,12 @@ def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
             progress(1)
             yield h
 
-    return jnp.asarray(merging.ties_thresholds_from_histograms(histogram_pass, total, T, density), jnp.int32)
+    def read_blocks(j, starts, length):
+        return [ck.read_blocks(m.names[todo[j]], starts, length) for ck in (m.base, *m.fts)]
+
+    sizes = [int(np.prod(m.base.info(m.names[i])[0])) for i in todo]
+    sample = lambda: merging.tau_sample_keys(read_blocks, sizes, T)  # noqa: E731
+    return jnp.asarray(merging.ties_thresholds_from_histograms(histogram_pass, total, T, density, sample), jnp.int32)
 
 
 def _copy_side_files(base_location: str, folder: str) -> list[str]:
@@ -367,7 +375,7 @@ def _run(plan, m: _Merger, entries, out, limit, resume, progress, workers, t0) -
                     thresholds = jnp.asarray(state["ties_thresholds"], jnp.int32)
                 else:
                     n_merged = sum(1 for i, f in enumerate(m.flags) if f)
-                    with tqdm(total=2 * n_merged, unit="tensor", desc="ties thresholds", disable=not progress) as bar:
+                    with tqdm(total=n_merged, unit="tensor", desc="ties thresholds", disable=not progress) as bar:
                         thresholds = _ties_thresholds(m, pool, window, bar.update)
             m.thresholds = thresholds
             _save_state(tmp, fp, thresholds)
