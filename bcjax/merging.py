@@ -1034,8 +1034,10 @@ def _bracket_bins(sample_keys, rank: int, total: int) -> np.ndarray:
             lows.append(0), widths.append(order_stats.N_COARSE)
             continue
         pos = q * m
-        margin = TIES_SIGMAS * (np.sqrt(m * q * (1 - q)) + 2)
-        at = [int(np.clip(np.floor(pos - margin), 0, m - 1)), int(np.clip(round(pos), 0, m - 1)),
+        # binomial spread with the finite-population correction: a sample of every key is exact
+        spread = 1 - m / total
+        margin = TIES_SIGMAS * (np.sqrt(m * q * (1 - q) * spread) + 2) if spread > 0 else 0.0
+        at = [int(np.clip(np.floor(pos - margin), 0, m - 1)), int(np.clip(np.floor(pos), 0, m - 1)),
               int(np.clip(np.ceil(pos + margin), 0, m - 1))]
         part = np.partition(keys, sorted(set(at)))
         lo = 0 if pos - margin < 0 else int(part[at[0]]) >> 15
@@ -1094,8 +1096,13 @@ def ties_thresholds_from_histograms(histogram_pass, total: int, num_tasks: int, 
 
 
 def _sum_pass(histograms, num_tasks: int) -> np.ndarray:
-    """Σ of a pass's per-leaf ``[T, …]`` histograms, int64 on the host."""
-    total = order_stats.accumulate_histograms(None, histograms)
+    """Σ of a pass's per-leaf ``[T, …]`` histograms, int64 on the host (added in place)."""
+    total = None
+    for h in histograms:
+        if total is None:
+            total = np.array(h, np.int64)
+        else:
+            np.add(total, h, out=total)
     return np.zeros((num_tasks, 0), np.int64) if total is None else total
 
 
