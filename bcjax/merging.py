@@ -742,9 +742,9 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
         def array(x):
             return x.array() if isinstance(x, HostView) else x
 
-        def histogram_pass(bins):
+        def histogram_pass(bins):  # HostView leaves are read in place
             for i in merged:
-                yield tau_magnitude_histograms(array(leaves0[i]), [array(m[i]) for m in per_model], bins)
+                yield tau_magnitude_histograms(leaves0[i], [m[i] for m in per_model], bins)
 
         def read_blocks(j, starts, length):
             i = merged[j]
@@ -963,17 +963,44 @@ def _tau_histograms(p0, fts, bins):
     return portable(p0, *fts)
 
 
+@functools.partial(jax.jit, static_argnames=("size",))
+def _tau_histograms_on_views(padded, offsets, bins, size):
+    """:func:`_tau_histograms` (native) of the ``size`` entries of each padded host buffer
+    from its offset: :class:`HostView` leaves (NumPy memory, even a mapped file) read in place."""
+    return _native.diff_histograms(padded[0], padded[1:], bins, offsets=offsets, size=size)
+
+
+def _histograms_on_views(leaves) -> bool:
+    """True when :func:`tau_magnitude_histograms` can read these leaves in place: NumPy arrays
+    or :class:`HostView`, all float32 or all bfloat16, CPU backend, native kernel available."""
+    dtypes = {np.dtype(x.dtype) for x in leaves}
+    return (all(isinstance(x, (np.ndarray, HostView)) for x in leaves) and len(dtypes) == 1
+            and dtypes <= {np.dtype(np.float32), np.dtype(jnp.bfloat16)}
+            and jax.default_backend() == "cpu" and _native.available())
+
+
 def tau_magnitude_histograms(p0, fts, bins=None) -> np.ndarray:
     """One leaf's additive histograms of the float32 bits of |θt − θ0| for every task, NumPy
     int64 on the host: coarse ``[T, 2^16]``, or with ``bins`` (``[T, K]`` coarse bins) fine
     ``[T, K·2^15 + 1]``: the K rows of 2^15 fine counts back to back, then the count of keys
     above every bin of the task. Leaves of more than :data:`HISTOGRAM_CHUNK` entries are
     counted in flat chunks. Summed over leaves they give a model-wide order statistic
-    (:func:`ties_thresholds_from_histograms`)."""
-    flat0, flats = p0.reshape(-1), [f.reshape(-1) for f in fts]  # NumPy: views, chunks used in place
-    n = flat0.size
+    (:func:`ties_thresholds_from_histograms`). NumPy leaves (float32 or bfloat16; memory-mapped
+    ones too) and :class:`HostView` leaves are read in place by the native kernel on CPU."""
+    leaves = [p0, *fts]
+    n = int(p0.size)
     step = n if n <= HISTOGRAM_CHUNK else HISTOGRAM_CHUNK
     bins = None if bins is None else jnp.asarray(np.asarray(bins, np.int32).reshape(len(fts), -1))
+    if n and _histograms_on_views(leaves):
+        leaves = [x if isinstance(x, HostView) else host_view(x) for x in leaves]
+        if all(isinstance(v, HostView) for v in leaves) and max(int(v.offset) for v in leaves) + n < 2**31:
+            offsets = np.array([int(v.offset) for v in leaves], np.int64)
+            padded = tuple(v.padded for v in leaves)
+            return order_stats.accumulate_histograms(None, (
+                _tau_histograms_on_views(padded, jnp.asarray(offsets + s, jnp.int32), bins, size=min(step, n - s))
+                for s in range(0, n, step)))
+    p0, *fts = [x.array() if isinstance(x, HostView) else x for x in leaves]
+    flat0, flats = p0.reshape(-1), [f.reshape(-1) for f in fts]  # NumPy: views, chunks used in place
     return order_stats.accumulate_histograms(None, (
         _tau_histograms(_host_to_device(flat0[s:s + step]), tuple(_host_to_device(f[s:s + step]) for f in flats), bins)
         for s in range(0, n, step)))

@@ -624,34 +624,44 @@ void DiffHistograms(const T* p0, const std::vector<const T*>& fts, int64_t n, co
   }
 }
 
-// Arguments: bins[T, K] (read only when ``fine``), θ0's leaf, then the T tasks' leaves (all
-// float32 or all bfloat16, same size < 2^31). Result int32[T, 2^16] (coarse) or
-// [T, K · 2^15 + 1] (fine: K rows of 2^15, then the count above every bin).
-ffi::Error DiffHistogramsImpl(ffi::Buffer<ffi::S32> bins, ffi::RemainingArgs leaves, ffi::ResultBuffer<ffi::S32> out,
-                              int64_t fine, int64_t threads) {
+// Arguments: bins[T, K] (read only when ``fine``), offsets[T + 1] (int32), θ0's buffer, then
+// the T tasks' buffers (all float32 or all bfloat16). Leaf j is ``size`` elements of buffer
+// j from element offsets[j] (size < 0: whole buffers, offsets 0): host views
+// (bcjax.merging.HostView) hand over NumPy memory, even memory-mapped files, without a copy.
+// Result int32[T, 2^16] (coarse) or [T, K · 2^15 + 1] (fine: K rows of 2^15, then the count
+// above every bin); size < 2^31.
+ffi::Error DiffHistogramsImpl(ffi::Buffer<ffi::S32> bins, ffi::Buffer<ffi::S32> offsets, ffi::RemainingArgs leaves,
+                              ffi::ResultBuffer<ffi::S32> out, int64_t fine, int64_t threads, int64_t size) {
   const int64_t nargs = static_cast<int64_t>(leaves.size());
   const auto bdims = bins.dimensions();
-  if (nargs < 2 || bdims.size() != 2 || bdims[0] != nargs - 1) {
-    return ffi::Error::InvalidArgument("bcjax_diff_histograms: expected bins[T, K], θ0 and T fine-tuned leaves");
+  if (nargs < 2 || bdims.size() != 2 || bdims[0] != nargs - 1 ||
+      static_cast<int64_t>(offsets.element_count()) != nargs) {
+    return ffi::Error::InvalidArgument("bcjax_diff_histograms: expected bins[T, K], offsets[T + 1], θ0 and T "
+                                       "fine-tuned leaves");
   }
   const int64_t num_tasks = nargs - 1, kk = bdims[1];
-  std::vector<const void*> data(nargs);
+  std::vector<const char*> data(nargs);
   ffi::DataType dtype = ffi::DataType::F32;
-  int64_t n = 0;
+  int64_t n = size;
+  const int32_t* off = offsets.typed_data();
   for (int64_t j = 0; j < nargs; ++j) {
     auto buf = leaves.get<ffi::AnyBuffer>(j);
     if (buf.has_error()) return buf.error();
     if (j == 0) {
       dtype = buf->element_type();
-      n = static_cast<int64_t>(buf->element_count());
+      if (size < 0) n = static_cast<int64_t>(buf->element_count());
     }
     if (buf->element_type() != dtype || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
       return ffi::Error::InvalidArgument("bcjax_diff_histograms: leaves must all be float32 or all bfloat16");
     }
-    if (static_cast<int64_t>(buf->element_count()) != n) {
-      return ffi::Error::InvalidArgument("bcjax_diff_histograms: fine-tuned and pretrained sizes differ");
+    const int64_t start = size < 0 ? 0 : off[j];
+    if (size < 0 ? static_cast<int64_t>(buf->element_count()) != n
+                 : start < 0 || start + n > static_cast<int64_t>(buf->element_count())) {
+      return ffi::Error::InvalidArgument(size < 0 ? "bcjax_diff_histograms: fine-tuned and pretrained sizes differ"
+                                                  : "bcjax_diff_histograms: a view runs past its buffer");
     }
-    data[j] = buf->untyped_data();
+    const int64_t itemsize = dtype == ffi::DataType::BF16 ? 2 : 4;
+    data[j] = static_cast<const char*>(buf->untyped_data()) + start * itemsize;
   }
   if (n > 0x7fffffffLL) return ffi::Error::InvalidArgument("bcjax_diff_histograms: more than 2^31 - 1 elements");
   const int64_t want = num_tasks * (fine ? kk * kFineBins + 1 : kCoarseBins);
@@ -662,9 +672,9 @@ ffi::Error DiffHistogramsImpl(ffi::Buffer<ffi::S32> bins, ffi::RemainingArgs lea
   auto run = [&](auto tag) {
     using T = decltype(tag);
     std::vector<const T*> fts(num_tasks);
-    for (int64_t t = 0; t < num_tasks; ++t) fts[t] = static_cast<const T*>(data[t + 1]);
-    DiffHistograms<T>(static_cast<const T*>(data[0]), fts, n, bins.typed_data(), kk, fine != 0, out->typed_data(),
-                      nthreads);
+    for (int64_t t = 0; t < num_tasks; ++t) fts[t] = reinterpret_cast<const T*>(data[t + 1]);
+    DiffHistograms<T>(reinterpret_cast<const T*>(data[0]), fts, n, bins.typed_data(), kk, fine != 0,
+                      out->typed_data(), nthreads);
   };
   if (dtype == ffi::DataType::BF16) run(BFloat16{}); else run(float{});
   return ffi::Error::Success();
@@ -820,10 +830,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectBits, SelectBitsImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxDiffHistograms, DiffHistogramsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("fine")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("size"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectDiffBitsViews, SelectDiffBitsViewsImpl,
                               ffi::Ffi::Bind()
