@@ -164,9 +164,9 @@ class SafetensorsCheckpoint(Checkpoint):
         if os.fstat(fd).st_size < end:  # a shorter file would fault (SIGBUS) when read
             raise CheckpointError(f"{path}: tensor {name!r}: file ends before byte {end}")
         base = start - start % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(fd, end - base, prot=mmap.PROT_READ, offset=base)
-        if hasattr(m, "madvise"):
-            m.madvise(mmap.MADV_SEQUENTIAL)
+        # populated at once (Linux): every page is read anyway, and one call maps them cheaper than faults
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        m = mmap.mmap(fd, end - base, flags=flags, prot=mmap.PROT_READ, offset=base)
         return np.frombuffer(m, dtype, count=(end - start) // dtype.itemsize, offset=start - base).reshape(shape)
 
     def read_blocks(self, name: str, starts, length: int) -> np.ndarray:
