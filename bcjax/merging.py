@@ -25,7 +25,7 @@ import inspect
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -935,9 +935,9 @@ TIES_SAMPLE_BLOCK = 1024
 #: Bracket margin in binomial standard deviations of the sample rank, wide because entries of
 #: a block are correlated. Only speed depends on it: a miss falls back to two full passes.
 TIES_SIGMAS = 8.0
-#: The most coarse bins (2^15 fine counts each) one bracket spans; a wider one is centred on
-#: the sample's estimate (and may miss, then the fallback runs).
-TIES_MAX_BINS = 32
+#: The most coarse bins (2^15 fine counts per task each) one bracket spans; a wider one is
+#: centred on the sample's estimate (and may miss, then the fallback runs).
+TIES_MAX_BINS = 16
 
 
 @jax.jit
@@ -1034,11 +1034,22 @@ def gather_blocks(x, starts: np.ndarray, length: int) -> np.ndarray:
     return np.asarray(jnp.ravel(x)[index])
 
 
-def tau_sample_keys(read_blocks, sizes: Sequence[int], num_tasks: int) -> list[np.ndarray]:
+class TauSample(NamedTuple):
+    """TIES's threshold sample: ``keys[t]`` the sample keys (int32 bits of |τt|) of task t, the
+    blocks back to back in the same order for every task; ``block_leaf`` and ``block_size``
+    each block's leaf and length (the bracket's margin estimates the sample's spread from
+    the blocks, so correlated entries within a block widen it)."""
+    keys: list
+    block_leaf: np.ndarray
+    block_size: np.ndarray
+
+
+def tau_sample_keys(read_blocks, sizes: Sequence[int], num_tasks: int) -> TauSample:
     """Sample keys (float32 bits of |θt − θ0|) of each task for TIES's bracket: ``read_blocks(i,
     starts, length)`` returns θ0's and the T tasks' entries of leaf i in the blocks of
     :func:`ties_sample_blocks` (as :func:`gather_blocks` does), T + 1 1-D arrays."""
     parts = [[] for _ in range(num_tasks)]
+    leaf, size = [], []
     for i, (starts, length) in enumerate(ties_sample_blocks(sizes)):
         if len(starts) == 0 or length == 0:
             continue
@@ -1046,31 +1057,53 @@ def tau_sample_keys(read_blocks, sizes: Sequence[int], num_tasks: int) -> list[n
         p = np.asarray(p, np.float32)
         for t, f in enumerate(fs):
             parts[t].append(np.abs(np.asarray(f, np.float32) - p).view(np.int32))
-    return [np.concatenate(p) if p else np.zeros(0, np.int32) for p in parts]
+        leaf += [i] * len(starts)
+        size += [length] * len(starts)
+    return TauSample([np.concatenate(p) if p else np.zeros(0, np.int32) for p in parts],
+                     np.asarray(leaf, np.int64), np.asarray(size, np.int64))
 
 
-def _bracket_bins(sample_keys, rank: int, total: int) -> np.ndarray:
+def _count_variance(below: np.ndarray, block_leaf: np.ndarray, block_size: np.ndarray) -> float:
+    """Variance of #{sample keys below a value} for a sample stratified by leaf with random
+    blocks in each: Σ_leaf n_l/(n_l − 1) Σ_blocks (c_b − p_l·s_b)², c_b the block's count,
+    p_l the leaf's rate (leaves of one block contribute nothing)."""
+    starts = np.concatenate([[0], np.cumsum(block_size)[:-1]])
+    counts = np.add.reduceat(below.astype(np.int64), starts)
+    rate = np.bincount(block_leaf, weights=counts) / np.maximum(np.bincount(block_leaf, weights=block_size), 1)
+    squares = np.bincount(block_leaf, weights=(counts - rate[block_leaf] * block_size) ** 2)
+    blocks = np.bincount(block_leaf)
+    several = blocks > 1
+    return float(np.sum(squares[several] * blocks[several] / (blocks[several] - 1)))
+
+
+def _bracket_bins(sample, rank: int, total: int) -> np.ndarray:
     """int32 ``[T, K]`` contiguous coarse bins per task (same K for all) that contain the
-    sample's estimate of the rank-th key with a margin of :data:`TIES_SIGMAS` binomial
-    standard deviations (at most :data:`TIES_MAX_BINS` bins)."""
+    sample's estimate of the rank-th key with a margin of :data:`TIES_SIGMAS` standard
+    deviations of the sample rank: binomial, or the blocks' own spread when larger (a
+    :class:`TauSample`; a plain list of key arrays counts as independent keys), with the
+    finite-population correction; at most :data:`TIES_MAX_BINS` bins."""
+    keys_per_task = sample.keys if isinstance(sample, TauSample) else sample
     q = (rank + 0.5) / total
     lows, widths = [], []
-    for keys in sample_keys:
+    for keys in keys_per_task:
         m = keys.size
         if m == 0:
             lows.append(0), widths.append(order_stats.N_COARSE)
             continue
         pos = q * m
-        # binomial spread with the finite-population correction: a sample of every key is exact
-        spread = 1 - m / total
-        margin = TIES_SIGMAS * (np.sqrt(m * q * (1 - q) * spread) + 2) if spread > 0 else 0.0
-        at = [int(np.clip(np.floor(pos - margin), 0, m - 1)), int(np.clip(np.floor(pos), 0, m - 1)),
-              int(np.clip(np.ceil(pos + margin), 0, m - 1))]
+        mid = int(np.clip(np.floor(pos), 0, m - 1))
+        estimate = int(np.partition(keys, mid)[mid])
+        variance = m * q * (1 - q)
+        if isinstance(sample, TauSample) and sample.block_size.sum() == m:  # keys in block order
+            variance = max(variance, _count_variance(keys < estimate, sample.block_leaf, sample.block_size))
+        spread = 1 - m / total  # a sample of every key is exact
+        margin = TIES_SIGMAS * (np.sqrt(variance * spread) + 2) if spread > 0 else 0.0
+        at = [int(np.clip(np.floor(pos - margin), 0, m - 1)), int(np.clip(np.ceil(pos + margin), 0, m - 1))]
         part = np.partition(keys, sorted(set(at)))
         lo = 0 if pos - margin < 0 else int(part[at[0]]) >> 15
-        hi = order_stats.N_COARSE - 1 if pos + margin >= m else int(part[at[2]]) >> 15
+        hi = order_stats.N_COARSE - 1 if pos + margin >= m else int(part[at[1]]) >> 15
         if hi - lo + 1 > TIES_MAX_BINS:  # centred on the estimate
-            lo = max(0, (int(part[at[1]]) >> 15) - TIES_MAX_BINS // 2)
+            lo = max(0, (estimate >> 15) - TIES_MAX_BINS // 2)
             hi = lo + TIES_MAX_BINS - 1
         lows.append(lo), widths.append(hi - lo + 1)
     k = min(max(widths), TIES_MAX_BINS)
@@ -1085,7 +1118,7 @@ def ties_thresholds_from_histograms(histogram_pass, total: int, num_tasks: int, 
 
     ``histogram_pass(bins)`` yields, leaf after leaf, the T histograms of
     :func:`tau_magnitude_histograms` (``bins`` None: coarse; else ``bins[t]`` for task t);
-    ``sample()``, optional, returns T arrays of sample keys (:func:`tau_sample_keys`).
+    ``sample()``, optional, returns the sample keys of the T tasks (:func:`tau_sample_keys`).
 
     With a sample, ONE full pass: the sample brackets each task's rank-r key (r =
     :func:`ties_trim_rank`) within K contiguous coarse bins [b, b + K); the fine pass counts
