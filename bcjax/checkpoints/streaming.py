@@ -16,10 +16,11 @@ registered method itself, called on a one-tensor tree, so every result is bit-id
   int32 counts per chunk summed on the host in int64, so models of more than 2^31 − 1
   merged entries work), then each tensor is merged with ``merging.ties_merge_with_thresholds``.
 
-Memory: safetensors tensors are memory-mapped (``Checkpoint.map``; other formats read) and
-the kernels read them in place as host views (no copy of the page cache); bfloat16 inputs
-reach the selection kernel as they are (no float32 copies), and the elementwise merge is
-fused, so a tensor costs about its T + 1 inputs and
+Memory: safetensors tensors are memory-mapped (``Checkpoint.map``) where the method's
+kernels read NumPy leaves in place as host views (TIES; float32 leaves): no copy of the page
+cache; otherwise they are read into 64-byte-aligned buffers that XLA's CPU client uses in
+place (no device copy); bfloat16 inputs reach the selection kernel as they are (no float32
+copies), and the elementwise merge is fused, so a tensor costs about its T + 1 inputs and
 its output in their own dtype (≈ (T + 2) × its size) plus small temporaries. Tensors in
 flight are bounded by a byte budget (:data:`INFLIGHT_BYTES` of inputs; a larger tensor runs
 alone), so the peak follows the largest tensor, never the model. NaN/Inf: the built-in
@@ -157,11 +158,19 @@ class _Merger:
         d = self.base.info(self.names[i])[1]
         return np.dtype(jnp.dtype(self.plan.dtype)) if self.plan.dtype and _is_float(d) else d
 
+    def in_place(self, i: int) -> bool:
+        """Whether the method reads tensor ``i``'s NumPy leaves in place (host views): TIES's
+        kernels for every dtype, the others' for float32. Otherwise (e.g. bfloat16
+        Breadcrumbs, whose selection reads device buffers) they get aligned buffers."""
+        return self.plan.method == "ties" or self.base.info(self.names[i])[1] == np.float32
+
     def read(self, i: int) -> list[np.ndarray]:
-        """θ0's and every θt's tensor ``i``, memory-mapped where the format allows
-        (``Checkpoint.map``): the kernels read NumPy leaves in place as host views
-        (``merging.host_view``), so the page cache is read without a copy."""
-        arrays = [ck.map(self.names[i]) for ck in (self.base, *self.fts)]
+        """θ0's and every θt's tensor ``i``: memory-mapped where the format allows and the
+        method reads NumPy leaves in place (``Checkpoint.map``; the page cache is read
+        without a copy), else read into 64-byte-aligned buffers that XLA's CPU client
+        adopts without a copy."""
+        name = self.names[i]
+        arrays = [ck.map(name) if self.in_place(i) else ck.read(name) for ck in (self.base, *self.fts)]
         self.bytes_read += sum(a.nbytes for a in arrays)
         return arrays
 
@@ -183,7 +192,7 @@ class _Merger:
         if not merged:
             out = arrays[0]
         else:
-            out = self._merge_leaf(i, arrays)  # NumPy leaves: the methods read them in place (host views)
+            out = self._merge_leaf(i, arrays if self.in_place(i) else [merging._host_to_device(a) for a in arrays])
             if self.fused_check and not all_finite([out]):
                 _check_values(name, arrays, [self.base, *self.fts], self.labels)
         del arrays
