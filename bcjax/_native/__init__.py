@@ -244,19 +244,25 @@ def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, si
                 sigmas=np.float32(sigmas), isa=_isa(isa))
 
 
-def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None) -> jax.Array:
+def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None, *, offsets=None,
+                    size: int = -1) -> jax.Array:
     """int32 additive histograms of the float32 bits of |θt − θ0| for all T tasks of one leaf
-    in one pass reading θ0 once: coarse ``[T, 2^16]`` (``bins`` None) or fine ``[T, K, 2^15]``
-    for ``bins[t]``'s K coarse bins (:func:`bcjax.order_stats.coarse_histogram` /
-    :func:`~bcjax.order_stats.fine_histogram` of each task, identical counts). Leaves all
-    float32 or all bfloat16 (upcast inside the kernel), fewer than 2^31 elements. CPU only;
-    see :func:`bcjax.merging.tau_magnitude_histograms`."""
+    in one pass reading θ0 once: coarse ``[T, 2^16]`` (``bins`` None) or fine
+    ``[T, K · 2^15 + 1]`` for ``bins[t]``'s K coarse bins: the K rows of
+    :func:`bcjax.order_stats.fine_histogram` back to back (identical counts; coarse ones equal
+    :func:`~bcjax.order_stats.coarse_histogram`'s), then the count of keys whose coarse part
+    exceeds every ``bins[t]``. Leaves all
+    float32 or all bfloat16 (upcast inside the kernel), fewer than 2^31 elements. With
+    ``offsets`` (int32, one per leaf) and ``size``, leaf j is ``size`` elements of buffer j
+    from element ``offsets[j]`` (host views: NumPy memory read in place). CPU only; see
+    :func:`bcjax.merging.tau_magnitude_histograms`."""
     from bcjax import order_stats
 
     leaves = [pretrained, *finetuned]
     num_tasks = len(finetuned)
     fine = bins is not None
     bins = jnp.zeros((num_tasks, 1), jnp.int32) if bins is None else jnp.asarray(bins, jnp.int32)
-    shape = (num_tasks, bins.shape[1], order_stats.N_FINE) if fine else (num_tasks, order_stats.N_COARSE)
+    shape = (num_tasks, bins.shape[1] * order_stats.N_FINE + 1) if fine else (num_tasks, order_stats.N_COARSE)
     call = jax.ffi.ffi_call(HISTOGRAM_TARGET, jax.ShapeDtypeStruct(shape, jnp.int32), vmap_method="sequential")
-    return call(bins, *leaves, fine=np.int64(fine), threads=_threads())
+    offsets = jnp.zeros(len(leaves), jnp.int32) if offsets is None else jnp.asarray(offsets, jnp.int32)
+    return call(bins, offsets, *leaves, fine=np.int64(fine), threads=_threads(), size=np.int64(size))

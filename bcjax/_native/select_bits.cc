@@ -227,6 +227,12 @@ BCJAX_AVX2 inline __m256 Load8(const BFloat16* p) {  // 8 bf16 → 8 f32 (exact)
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
+// 8 keys |a − b| of one pair of inputs at index i (the diff-histogram kernel's loads).
+template <class T>
+BCJAX_AVX2 inline __m256i Load8(const DiffKeysT<T>& keys, int64_t i) {
+  const __m256 d = _mm256_sub_ps(Load8(keys.a + i), Load8(keys.b + i));
+  return _mm256_and_si256(_mm256_castps_si256(d), _mm256_set1_epi32(0x7fffffff));
+}
 template <class T>
 BCJAX_AVX2 inline __m256 Base8(const DiffRows<T>& r, int64_t i) { return Load8(r.p0 + i); }
 template <class T>
@@ -307,6 +313,8 @@ Isa BestIsa(int64_t want) {
                                                                                                  : kIsaScalar;
   return want == kIsaAuto ? best : static_cast<Isa>(std::min<int64_t>(want, best));
 }
+
+bool HasAvx2() { return BestIsa(kIsaAuto) >= kIsaAvx2; }
 
 template <int K, class Rows>
 int64_t ScanVector(Isa isa, const Rows& rows, int64_t begin, int64_t end, const ScanBrackets* br, Lane* lanes) {
@@ -653,78 +661,189 @@ void SelectDiffSegments(const std::vector<const T*>& p0, const std::vector<std::
 // --- additive histograms of |θt − θ0| (TIES's model-wide threshold when streaming) ------
 // order_stats' two passes: coarse counts of key >> 15 (2^16 bins), or for K coarse bins per
 // task the fine counts of key & 0x7fff of the keys in that bin (an element lands in the first
-// row whose bin matches). The same counts XLA's scatter-add histograms give, from one pass
-// that reads θ0 once for all T tasks; per-thread counts summed at the end.
+// row whose bin matches), followed by one more count: the keys whose coarse part exceeds
+// every bin of the task ("above"; with contiguous bins b, b + 1, …, b + K − 1 the keys below
+// the bracket follow as n − above − Σ fine counts). The same counts XLA's scatter-add
+// histograms give, from one pass that reads θ0 once for all T tasks: elements in chunks of
+// kHistChunk (θ0's chunk stays in L1 while the tasks stream), keys computed 8 at a time with
+// AVX2 (the selection's Load8, same denormal semantics), per-thread int32 counts (n < 2^31)
+// summed at the end. For contiguous bins (the bracketed fine pass) the vector loop counts
+// "above" in registers and only the few keys inside the bracket leave them.
 constexpr int kFineBits = 15;
 constexpr int64_t kCoarseBins = int64_t{1} << 16, kFineBins = int64_t{1} << kFineBits;
+constexpr int64_t kHistChunk = 4096;
+
+#ifdef BCJAX_X86
+// keys[begin, end) into buf, 8 at a time; returns the first index not done (the < 8 tail).
+template <class T>
+BCJAX_AVX2 int64_t DiffKeysAvx2(const DiffKeysT<T> keys, int64_t begin, int64_t end, uint32_t* buf) {
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(buf + (i - begin)), Load8(keys, i));
+  }
+  return i;
+}
+
+// Fine counts for the contiguous bins [b0, b0 + kk): keys inside go to h, keys above are
+// counted in ``above``; returns the first index not done.
+template <class T>
+BCJAX_AVX2 int64_t FineContiguousAvx2(const DiffKeysT<T> keys, int64_t begin, int64_t end, int32_t b0, int32_t kk,
+                                      int32_t* h, int64_t& above) {
+  const __m256i vb0 = _mm256_set1_epi32(b0), vlast = _mm256_set1_epi32(b0 + kk - 1);
+  __m256i vabove = _mm256_setzero_si256();
+  alignas(32) uint32_t lanes[8];
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    const __m256i v = Load8(keys, i);  // non-negative: signed compares are exact
+    const __m256i c = _mm256_srli_epi32(v, kFineBits);
+    const __m256i gt = _mm256_cmpgt_epi32(c, vlast);
+    vabove = _mm256_sub_epi32(vabove, gt);
+    const __m256i outside = _mm256_or_si256(gt, _mm256_cmpgt_epi32(vb0, c));
+    unsigned in = ~static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(outside))) & 0xffu;
+    if (in) {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+      do {
+        const uint32_t key = lanes[__builtin_ctz(in)];
+        in &= in - 1;
+        ++h[(static_cast<int64_t>(key >> kFineBits) - b0) * kFineBins + (key & (kFineBins - 1))];
+      } while (in);
+    }
+  }
+  alignas(32) int32_t acc[8];  // each lane counts at most (end − begin) / 8 < 2^28 keys
+  _mm256_store_si256(reinterpret_cast<__m256i*>(acc), vabove);
+  for (int j = 0; j < 8; ++j) above += acc[j];
+  return i;
+}
+#endif
+
+// One task's counts over keys[begin, end) into h (coarse: 2^16 bins; fine: K rows of 2^15,
+// then the "above" count at h[K · 2^15]).
+template <class T>
+void HistogramRange(const DiffKeysT<T>& keys, int64_t begin, int64_t end, const int32_t* b, int64_t kk, bool fine,
+                    bool contiguous, int32_t* h, uint32_t* buf) {
+  if (fine && contiguous) {
+    const int32_t b0 = b[0];
+    int64_t above = 0, i = begin;
+#ifdef BCJAX_X86
+    if (HasAvx2()) i = FineContiguousAvx2(keys, begin, end, b0, static_cast<int32_t>(kk), h, above);
+#endif
+    for (; i < end; ++i) {
+      const uint32_t key = keys(i);
+      const int64_t d = static_cast<int64_t>(key >> kFineBits) - b0;
+      if (d >= kk) {
+        ++above;
+      } else if (d >= 0) {
+        ++h[d * kFineBins + (key & (kFineBins - 1))];
+      }
+    }
+    h[kk * kFineBins] += static_cast<int32_t>(above);
+    return;
+  }
+  int64_t i = begin;
+#ifdef BCJAX_X86
+  if (HasAvx2()) i = DiffKeysAvx2(keys, begin, end, buf);
+#endif
+  for (; i < end; ++i) buf[i - begin] = keys(i);
+  const int64_t m = end - begin;
+  if (!fine) {
+    for (int64_t j = 0; j < m; ++j) ++h[buf[j] >> kFineBits];
+    return;
+  }
+  const int32_t top = *std::max_element(b, b + kk);
+  int32_t above = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const uint32_t key = buf[j];
+    const int32_t coarse = static_cast<int32_t>(key >> kFineBits);
+    above += coarse > top;
+    for (int64_t k = 0; k < kk; ++k) {
+      if (coarse == b[k]) {
+        ++h[k * kFineBins + (key & (kFineBins - 1))];
+        break;
+      }
+    }
+  }
+  h[kk * kFineBins] += above;
+}
 
 template <class T>
 void DiffHistograms(const T* p0, const std::vector<const T*>& fts, int64_t n, const int32_t* bins, int64_t kk,
                     bool fine, int32_t* out, int threads) {
   const int64_t num_tasks = static_cast<int64_t>(fts.size());
-  const int64_t row = fine ? kk * kFineBins : kCoarseBins;  // counts per task
+  const int64_t row = fine ? kk * kFineBins + 1 : kCoarseBins;  // counts per task
+  std::vector<char> contiguous(num_tasks, 0);
+  for (int64_t t = 0; t < num_tasks && fine; ++t) {
+    const int32_t* b = bins + t * kk;
+    bool c = b[0] >= 0 && b[0] + kk <= kCoarseBins;
+    for (int64_t k = 1; k < kk && c; ++k) c = b[k] == b[0] + k;
+    contiguous[t] = c;
+  }
   const int nt = static_cast<int>(std::min<int64_t>(threads, std::max<int64_t>(1, n / kThreadChunk)));
-  std::vector<std::vector<int64_t>> part(nt, std::vector<int64_t>(num_tasks * row, 0));
+  std::memset(out, 0, sizeof(int32_t) * num_tasks * row);
+  std::vector<std::vector<int32_t>> part(nt > 1 ? nt : 0);  // thread w > 0 counts privately
   ParallelFor(nt, [&](int w) {
-    int64_t* h = part[w].data();
+    ScopedFlushDenormals flush;  // the vector keys rely on DAZ/FTZ (XLA:CPU's |a − b|)
+    int32_t* h = out;
+    if (w > 0) {
+      part[w].assign(num_tasks * row, 0);
+      h = part[w].data();
+    }
+    std::vector<uint32_t> buf(kHistChunk);
     const int64_t begin = n * w / nt, end = n * (w + 1) / nt;
-    for (int64_t t = 0; t < num_tasks; ++t) {
-      const DiffKeysT<T> keys{fts[t], p0};
-      int64_t* ht = h + t * row;
-      if (!fine) {
-        for (int64_t i = begin; i < end; ++i) ++ht[keys(i) >> kFineBits];
-        continue;
-      }
-      const int32_t* b = bins + t * kk;
-      for (int64_t i = begin; i < end; ++i) {
-        const uint32_t key = keys(i);
-        const int32_t coarse = static_cast<int32_t>(key >> kFineBits);
-        for (int64_t k = 0; k < kk; ++k) {
-          if (coarse == b[k]) {
-            ++ht[k * kFineBins + (key & (kFineBins - 1))];
-            break;
-          }
-        }
+    for (int64_t c = begin; c < end; c += kHistChunk) {
+      const int64_t c_end = std::min(c + kHistChunk, end);
+      for (int64_t t = 0; t < num_tasks; ++t) {
+        HistogramRange(DiffKeysT<T>{fts[t], p0}, c, c_end, bins + t * kk, kk, fine, contiguous[t] != 0, h + t * row,
+                       buf.data());
       }
     }
   });
-  for (int64_t j = 0; j < num_tasks * row; ++j) {
-    int64_t c = 0;
-    for (int w = 0; w < nt; ++w) c += part[w][j];
-    out[j] = static_cast<int32_t>(c);  // n < 2^31: checked by the handler
+  for (int w = 1; w < nt; ++w) {  // totals ≤ n < 2^31: int32 sums cannot overflow
+    const int32_t* p = part[w].data();
+    for (int64_t j = 0; j < num_tasks * row; ++j) out[j] += p[j];
   }
 }
 
-// Arguments: bins[T, K] (read only when ``fine``), θ0's leaf, then the T tasks' leaves (all
-// float32 or all bfloat16, same size < 2^31). Result int32[T, 2^16] (coarse) or [T, K, 2^15].
-ffi::Error DiffHistogramsImpl(ffi::Buffer<ffi::S32> bins, ffi::RemainingArgs leaves, ffi::ResultBuffer<ffi::S32> out,
-                              int64_t fine, int64_t threads) {
+// Arguments: bins[T, K] (read only when ``fine``), offsets[T + 1] (int32), θ0's buffer, then
+// the T tasks' buffers (all float32 or all bfloat16). Leaf j is ``size`` elements of buffer
+// j from element offsets[j] (size < 0: whole buffers, offsets 0): host views
+// (bcjax.merging.HostView) hand over NumPy memory, even memory-mapped files, without a copy.
+// Result int32[T, 2^16] (coarse) or [T, K · 2^15 + 1] (fine: K rows of 2^15, then the count
+// above every bin); size < 2^31.
+ffi::Error DiffHistogramsImpl(ffi::Buffer<ffi::S32> bins, ffi::Buffer<ffi::S32> offsets, ffi::RemainingArgs leaves,
+                              ffi::ResultBuffer<ffi::S32> out, int64_t fine, int64_t threads, int64_t size) {
   const int64_t nargs = static_cast<int64_t>(leaves.size());
   const auto bdims = bins.dimensions();
-  if (nargs < 2 || bdims.size() != 2 || bdims[0] != nargs - 1) {
-    return ffi::Error::InvalidArgument("bcjax_diff_histograms: expected bins[T, K], θ0 and T fine-tuned leaves");
+  if (nargs < 2 || bdims.size() != 2 || bdims[0] != nargs - 1 ||
+      static_cast<int64_t>(offsets.element_count()) != nargs) {
+    return ffi::Error::InvalidArgument("bcjax_diff_histograms: expected bins[T, K], offsets[T + 1], θ0 and T "
+                                       "fine-tuned leaves");
   }
   const int64_t num_tasks = nargs - 1, kk = bdims[1];
-  std::vector<const void*> data(nargs);
+  std::vector<const char*> data(nargs);
   ffi::DataType dtype = ffi::DataType::F32;
-  int64_t n = 0;
+  int64_t n = size;
+  const int32_t* off = offsets.typed_data();
   for (int64_t j = 0; j < nargs; ++j) {
     auto buf = leaves.get<ffi::AnyBuffer>(j);
     if (buf.has_error()) return buf.error();
     if (j == 0) {
       dtype = buf->element_type();
-      n = static_cast<int64_t>(buf->element_count());
+      if (size < 0) n = static_cast<int64_t>(buf->element_count());
     }
     if (buf->element_type() != dtype || (dtype != ffi::DataType::F32 && dtype != ffi::DataType::BF16)) {
       return ffi::Error::InvalidArgument("bcjax_diff_histograms: leaves must all be float32 or all bfloat16");
     }
-    if (static_cast<int64_t>(buf->element_count()) != n) {
-      return ffi::Error::InvalidArgument("bcjax_diff_histograms: fine-tuned and pretrained sizes differ");
+    const int64_t start = size < 0 ? 0 : off[j];
+    if (size < 0 ? static_cast<int64_t>(buf->element_count()) != n
+                 : start < 0 || start + n > static_cast<int64_t>(buf->element_count())) {
+      return ffi::Error::InvalidArgument(size < 0 ? "bcjax_diff_histograms: fine-tuned and pretrained sizes differ"
+                                                  : "bcjax_diff_histograms: a view runs past its buffer");
     }
-    data[j] = buf->untyped_data();
+    const int64_t itemsize = dtype == ffi::DataType::BF16 ? 2 : 4;
+    data[j] = static_cast<const char*>(buf->untyped_data()) + start * itemsize;
   }
   if (n > 0x7fffffffLL) return ffi::Error::InvalidArgument("bcjax_diff_histograms: more than 2^31 - 1 elements");
-  const int64_t want = num_tasks * (fine ? kk * kFineBins : kCoarseBins);
+  const int64_t want = num_tasks * (fine ? kk * kFineBins + 1 : kCoarseBins);
   if (static_cast<int64_t>(out->element_count()) != want) {
     return ffi::Error::InvalidArgument("bcjax_diff_histograms: wrong output size");
   }
@@ -732,9 +851,9 @@ ffi::Error DiffHistogramsImpl(ffi::Buffer<ffi::S32> bins, ffi::RemainingArgs lea
   auto run = [&](auto tag) {
     using T = decltype(tag);
     std::vector<const T*> fts(num_tasks);
-    for (int64_t t = 0; t < num_tasks; ++t) fts[t] = static_cast<const T*>(data[t + 1]);
-    DiffHistograms<T>(static_cast<const T*>(data[0]), fts, n, bins.typed_data(), kk, fine != 0, out->typed_data(),
-                      nthreads);
+    for (int64_t t = 0; t < num_tasks; ++t) fts[t] = reinterpret_cast<const T*>(data[t + 1]);
+    DiffHistograms<T>(reinterpret_cast<const T*>(data[0]), fts, n, bins.typed_data(), kk, fine != 0,
+                      out->typed_data(), nthreads);
   };
   if (dtype == ffi::DataType::BF16) run(BFloat16{}); else run(float{});
   return ffi::Error::Success();
@@ -893,10 +1012,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectBits, SelectBitsImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxDiffHistograms, DiffHistogramsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("fine")
-                                  .Attr<int64_t>("threads"));
+                                  .Attr<int64_t>("threads")
+                                  .Attr<int64_t>("size"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectDiffBitsViews, SelectDiffBitsViewsImpl,
                               ffi::Ffi::Bind()
