@@ -179,15 +179,15 @@ def all_finite(tree: PyTree, *, only: Sequence[bool] | None = None) -> bool:
               if keep and is_floating(x) and np.size(x) > 0]
     if not picked or is_tracing() or any(isinstance(x, jax.core.Tracer) for x in picked):
         return True
-    on_device = [x for x in picked if not _on_host(x)]
+    on_device = [x for x in picked if not on_host(x)]
     # accelerator leaves: every reduction is dispatched first, then one transfer of the flags
     # (one host round trip for the whole tree, not one per leaf)
     if on_device and not all(jax.device_get([_device_finite(x) for x in on_device])):
         return False
-    return all(_host_finite(x) for x in picked if _on_host(x))
+    return all(_host_finite(x) for x in picked if on_host(x))
 
 
-def _on_host(x) -> bool:
+def on_host(x) -> bool:
     """Readable in place by numpy: host arrays, and CPU-backend arrays held entirely by this
     process (an array spanning several processes is reduced where it lives)."""
     return isinstance(x, np.ndarray) or np.isscalar(x) or (

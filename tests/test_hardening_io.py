@@ -1,6 +1,7 @@
 """Issue 11 part B: nothing silently non-finite (overflow rescued or named), validated public
 helpers, complex leaves and device mismatches named, self-healing caches (native kernel,
 fine-tune checkpoints, results store), config keys checked before any work, ``--out`` errors."""
+import contextlib
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 import bcjax
+from bcjax import merging
 from bcjax.errors import (BcjaxError, CacheWarning, ComplexLeafWarning, DeviceMismatchError, HyperparameterError,
                           NonFiniteError, OverflowMergeError)
 
@@ -128,6 +130,65 @@ def test_intermediate_overflow_of_finite_inputs_is_rescued(method, hp, coef):
     ref = np.full(6, float(BIG)) if coef is None else _ref(p0["w"], [ft["w"]], [coef])
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e32)
     assert np.isfinite(out).all()
+
+
+@contextlib.contextmanager
+def _x64(on: bool):
+    """64-bit JAX types process-wide for the block (``jax.enable_x64`` is thread-local, and
+    merges run leaves on a thread pool)."""
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", on or before)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
+def _bits(x):
+    """The bit patterns of an array (NaN payloads included): bit-identity, not equality."""
+    a = np.asarray(x)
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def _ties_always_rescued(p0, fts, alpha, density):
+    """TIES leaf by leaf with the overflow rescue compiled in (the one-program form traced
+    merges use), from the same model-wide thresholds."""
+    flags = (True,) * len(jax.tree.leaves(p0))
+    thresholds = merging.ties_thresholds(p0, fts, flags, density)
+    alphas = jnp.asarray(alpha, jnp.float32)
+    return jax.tree.map(lambda p, *fs: merging._ties_leaf_program(p, fs, thresholds, alphas, rescue=True), p0, *fts)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16, np.float64])
+@pytest.mark.parametrize("alpha", [0.5, [0.25, 1.5, 0.75]])
+def test_ties_rescues_the_leaf_that_overflows_and_only_checks_the_others(dtype, alpha):
+    """A leaf whose τt = θt − θ0 overflows is rescued while the ordinary leaves are merged
+    without the rescue: every leaf bit-identical to the always-rescued kernel, NaN inputs
+    still NaN (validate=False), and the plain kernel really overflows on the big leaf."""
+    with _x64(dtype == np.float64):  # float64 leaves stay float64
+        top = float(jnp.finfo(dtype).max) * 0.9
+        rng = np.random.default_rng(3)
+        p0 = {"big": np.full(5, -top, dtype), "small": rng.standard_normal((7, 3)).astype(dtype),
+              "nan": rng.standard_normal(4).astype(dtype)}
+        fts = [{"big": np.array([top, top, -top, top * 0.5, 1.0], dtype),
+                "small": rng.standard_normal((7, 3)).astype(dtype), "nan": rng.standard_normal(4).astype(dtype)}
+               for _ in range(3)]
+        fts[1]["nan"][2] = np.nan
+        out = bcjax.merge("ties", p0, fts, density=1.0, alpha=alpha, validate=False)
+        want = _ties_always_rescued(p0, fts, alpha, 1.0)
+        for key in p0:
+            np.testing.assert_array_equal(_bits(out[key]), _bits(want[key]), err_msg=key)
+            assert out[key].dtype == jnp.dtype(dtype)
+        assert np.isnan(np.asarray(out["nan"], np.float64)[2]) and np.isfinite(np.asarray(out["small"], np.float64)).all()
+        if dtype in (np.float32, np.float64):  # τt = 1.8·max overflows the compute dtype; θ* is representable
+            thresholds = merging.ties_thresholds(p0, fts, (True,) * 3, 1.0)
+            plain = merging._ties_leaf_program(p0["big"], tuple(f["big"] for f in fts), thresholds,
+                                               jnp.asarray(alpha, jnp.float32), rescue=False)
+            assert not np.isfinite(np.asarray(plain)).all()
+            assert np.isfinite(np.asarray(out["big"])).all()
+        jitted = jax.jit(lambda a, b: bcjax.merge("ties", a, b, density=1.0, alpha=alpha, validate=False))(p0, fts)
+        for key in p0:
+            np.testing.assert_array_equal(_bits(jitted[key]), _bits(want[key]), err_msg=key)
 
 
 def test_fisher_and_gradient_matching_with_huge_fishers_and_values():
