@@ -54,6 +54,8 @@ def main(argv=None) -> dict:
     cells["Breadcrumbs leaf (selection + masked sum)"] = lambda: merging._breadcrumbs_tensor_leaf(
         p0, ft, alphas, n_bot, n_top)
     cells["TIES merge pass (thresholds given)"] = lambda: merging._ties_leaf(p0, ft, thresholds, 1.0)
+    cells["TIES merge pass, overflow rescue compiled in"] = lambda: merging._ties_leaf_program(
+        p0, ft, thresholds, 1.0, rescue=True)
     for fn in cells.values():  # warm-up: compilation
         jax.block_until_ready(fn())
     times = {k: [] for k in cells}
