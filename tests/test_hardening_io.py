@@ -187,8 +187,11 @@ def test_ties_rescues_the_leaf_that_overflows_and_only_checks_the_others(dtype, 
             assert not np.isfinite(np.asarray(plain)).all()
             assert np.isfinite(np.asarray(out["big"])).all()
         jitted = jax.jit(lambda a, b: bcjax.merge("ties", a, b, density=1.0, alpha=alpha, validate=False))(p0, fts)
+        on_device = bcjax.merge("ties", jax.device_put(p0), jax.device_put(fts), density=1.0, alpha=alpha,
+                                validate=False)
         for key in p0:
             np.testing.assert_array_equal(_bits(jitted[key]), _bits(want[key]), err_msg=key)
+            np.testing.assert_array_equal(_bits(on_device[key]), _bits(want[key]), err_msg=key)
 
 
 def test_fisher_and_gradient_matching_with_huge_fishers_and_values():
