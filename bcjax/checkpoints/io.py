@@ -72,6 +72,10 @@ class Checkpoint(abc.ABC):
     numpy dtype, source file) without reading data; ``read(name)`` returns a NumPy array
     (bfloat16 as ``ml_dtypes.bfloat16``)."""
 
+    #: ``read`` returns a new buffer each call, which nothing else keeps (memory is freed
+    #: when the caller drops it); False for readers that hand out arrays they hold.
+    reads_fresh_buffers = False
+
     def __init__(self, location: str):
         self.location = location
         self._info: dict[str, tuple[tuple, np.dtype, str]] = {}
@@ -106,6 +110,8 @@ class Checkpoint(abc.ABC):
 
 class SafetensorsCheckpoint(Checkpoint):
     """One or several ``.safetensors`` files; a tensor is read with one ``preadv``."""
+
+    reads_fresh_buffers = True
 
     def __init__(self, location: str, files: Sequence[str]):
         super().__init__(location)
@@ -197,6 +203,8 @@ def read_safetensors_header(path: str) -> dict[str, tuple[tuple, np.dtype, int, 
 
 class TorchCheckpoint(Checkpoint):
     """PyTorch ``.bin``/``.pt`` state dicts (one file or an index), loaded with mmap."""
+
+    reads_fresh_buffers = True  # copies out of the mapped storage
 
     def __init__(self, location: str, files: Sequence[str]):
         super().__init__(location)

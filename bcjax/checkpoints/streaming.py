@@ -16,10 +16,16 @@ registered method itself, called on a one-tensor tree, so every result is bit-id
 
 Memory: tensors are read into 64-byte-aligned host buffers that XLA's CPU client uses in
 place (no device copy); bfloat16 inputs reach the selection kernel as they are (no float32
-copies), and the elementwise merge is fused, so a tensor costs about its T + 1 inputs and
-its output in their own dtype (≈ (T + 2) × its size) plus small temporaries. Tensors in
-flight are bounded by a byte budget (:data:`INFLIGHT_BYTES` of inputs; a larger tensor runs
-alone), so the peak follows the largest tensor, never the model. NaN/Inf: the built-in
+copies), and the elementwise merge is fused, so a tensor costs its T + 1 inputs and its
+output in their own dtype (≈ (T + 2) × its size; measured: the kernels' temporaries add
+< 2 % on the largest tensor). XLA releases host buffers it used in place through jaxlib's
+deferred-release queue, which only a garbage collection flushes: each merge ends with a
+generation-0 collection (≈ 2 ms), else a tensor's inputs stay resident until the next
+collection, beside the next tensor's. Every tensor's live bytes (inputs and output) count
+against a byte budget (:data:`INFLIGHT_BYTES`) from its read until its output is written; a
+tensor above the budget runs alone (nothing else read, merged or waiting to be written), so
+the peak is ≈ max(budget, (T + 2) × the largest tensor) plus fixed overhead, never the
+model. NaN/Inf: the built-in
 kernels make merged entries NaN where an input is not finite, so the *output* is checked
 and the inputs are scanned (to name file and tensor) only when it is not finite; copied
 tensors are checked directly. Reads, merges and writes overlap on a bounded thread pool
@@ -31,12 +37,14 @@ found while streaming) removes it.
 from __future__ import annotations
 
 import collections
+import gc
 import hashlib
 import json
 import os
 import resource
 import shutil
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -55,7 +63,8 @@ from bcjax.tree import all_finite, make_leaf_filter
 __all__ = ["merge_checkpoints", "validate_checkpoints", "partial_folder"]
 
 _STATE = "bcjax-merge-state.json"
-#: Input bytes (all T + 1 models) of the tensors in flight at once; a larger tensor runs alone.
+#: Live bytes (the T + 1 inputs and the output) of the tensors in flight at once, counted from
+#: a tensor's read until its output is written; a tensor above this runs alone.
 INFLIGHT_BYTES = 256 * 2**20
 
 
@@ -63,6 +72,36 @@ def partial_folder(out: str) -> str:
     """The temporary sibling folder a merge into ``out`` writes to (renamed at the end)."""
     out = os.path.abspath(out)
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.bcjax-partial")
+
+
+def release_host_buffers(buffers: Sequence[weakref.ref] = (), timeout: float = 2.0) -> None:
+    """Free the host buffers XLA has finished using in place (zero-copy NumPy inputs).
+
+    jaxlib queues their release when the computation that read them lets go (on its own
+    thread, possibly just after the output is ready) and flushes the queue from a
+    garbage-collection callback, so without a collection they stay resident. A
+    generation-0 collection runs that callback (≈ 2 ms); given weak references to the
+    buffers, it repeats until they are gone (at most ``timeout`` seconds), so the caller's
+    memory accounting holds when it returns."""
+    gc.collect(0)
+    deadline = time.monotonic() + timeout
+    while any(r() is not None for r in buffers) and time.monotonic() < deadline:
+        time.sleep(0.0005)
+        gc.collect(0)
+
+
+def _owner(a: np.ndarray) -> np.ndarray:
+    """The array that owns ``a``'s memory (the end of its chain of views)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _finite(a: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """:func:`bcjax.tree.all_finite` of one host array, in chunks of ``chunk`` entries (the
+    check's temporaries stay a few MB whatever the tensor's size)."""
+    flat = a.reshape(-1)
+    return all(all_finite(flat[k:k + chunk]) for k in range(0, flat.size, chunk))
 
 
 def _peak_rss_bytes() -> int:
@@ -99,7 +138,7 @@ def validate_checkpoints(base: Checkpoint, finetuned: Sequence[Checkpoint]) -> N
 def _check_values(name: str, arrays: Sequence[np.ndarray], cks: Sequence[Checkpoint], labels: Sequence[str]) -> None:
     for a, ck, label in zip(arrays, cks, labels):
         if np.issubdtype(a.dtype, np.inexact) or a.dtype.name == "bfloat16" or a.dtype.kind == "V":
-            if a.size and not np.isfinite(a).all():
+            if a.size and not _finite(a):
                 raise NonFiniteError(f"{label} ({ck.info(name)[2]}), tensor {name!r}: contains NaN or Inf")
 
 
@@ -146,6 +185,7 @@ class _Merger:
         self.keyed = "key" in merging.get_method(plan.method).hparams
         self.labels = ["pretrained model", *(f"fine-tuned model {t}" for t in range(len(fts)))]
         self.bytes_read = 0
+        self.fresh_reads = all(ck.reads_fresh_buffers for ck in (base, *self.fts))  # freed once dropped
         # kernels that make merged entries NaN where an input is NaN/Inf: check the output, and
         # scan the inputs (to name file and tensor) only when it is not finite (SPEC §1)
         self.fused_check = bool(getattr(merging.get_method(plan.method).fn, "propagates_nonfinite", False))
@@ -176,15 +216,30 @@ class _Merger:
         merged = self.flags[i] and arrays[0].size > 0
         if not (merged and self.fused_check):
             _check_values(name, arrays, [self.base, *self.fts], self.labels)
+        inputs = []
         if not merged:
             out = arrays[0]
         else:
-            out = self._merge_leaf(i, [merging._host_to_device(a) for a in arrays])  # zero-copy on CPU
-            if self.fused_check and not all_finite([out]):
+            out = np.asarray(self._merge_leaf(i, [merging._host_to_device(a) for a in arrays]))  # zero-copy on CPU
+            if self.fused_check and not _finite(out):
                 _check_values(name, arrays, [self.base, *self.fts], self.labels)
+            if self.fresh_reads:
+                inputs = [weakref.ref(_owner(a)) for a in arrays]
         del arrays
         dt = self.out_dtype(i)
-        return np.asarray(out) if out.dtype == dt else np.asarray(jnp.asarray(out).astype(dt))
+        if out.dtype != dt:
+            out = np.asarray(jnp.asarray(out).astype(dt))
+        release_host_buffers(inputs)  # the inputs XLA used in place: freed now, not at a later collection
+        return out
+
+    def live_bytes(self, i: int) -> int:
+        """Bytes tensor ``i`` holds from its read until its output is written: the T + 1
+        inputs and the output (twice when it is converted to another dtype)."""
+        n = int(np.prod(self.base.info(self.names[i])[0], dtype=np.int64))
+        out = n * self.out_dtype(i).itemsize
+        if self.out_dtype(i) != self.base.info(self.names[i])[1]:
+            out += self.base.nbytes(self.names[i])
+        return self.input_bytes(i) + out
 
     def _merge_leaf(self, i: int, arrays: list) -> jax.Array:
         p0, *fts = arrays
@@ -197,14 +252,23 @@ class _Merger:
         return res[-1]
 
     def histogram(self, i: int, bins=None) -> list:
-        p0, *fts = self.read(i)  # aligned host buffers: chunks go to the kernel in place
-        return merging.tau_magnitude_histograms(p0, fts, bins)
+        arrays = self.read(i)  # aligned host buffers: chunks go to the kernel in place
+        hist = merging.tau_magnitude_histograms(arrays[0], arrays[1:], bins)
+        inputs = [weakref.ref(_owner(a)) for a in arrays] if self.fresh_reads else []
+        del arrays
+        release_host_buffers(inputs)
+        return hist
 
 
 def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=None, budget: int | None = None):
     """``map(fn, items)`` on ``pool``, in order, with at most ``window`` items in flight and,
-    given ``cost(item)``, at most ``budget`` of cost in flight (always at least one item):
-    memory stays bounded whatever the tensor sizes."""
+    given ``cost(item)``, at most ``budget`` of cost in flight (always at least one item).
+
+    An item's cost counts from its submission until the consumer has finished with its
+    result (the generator is resumed after the ``yield``; the consumer must drop its own
+    reference by then): results waiting in order, and the one being consumed, are in
+    flight too. An item above ``budget`` therefore runs alone: memory stays bounded
+    whatever the tensor sizes."""
     items = list(items)
     pending = collections.deque()
     nxt, inflight = 0, 0
@@ -221,11 +285,14 @@ def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=No
 
     admit()
     while pending:
-        fut, c = pending.popleft()
+        fut, c = pending[0]
         result = fut.result()
+        pending.popleft()
+        del fut  # the future holds the result too
+        yield result
+        del result
         inflight -= c
         admit()
-        yield result
 
 
 def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
@@ -373,10 +440,13 @@ def _run(plan, m: _Merger, entries, out, limit, resume, progress, workers, t0) -
             _save_state(tmp, fp, thresholds)
             with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge {plan.method}",
                       disable=not progress) as bar:
-                for k, (i, arr) in enumerate(zip(todo, _ordered(pool, m.merge, todo, window, m.input_bytes, m.budget))):
+                merged = _ordered(pool, m.merge, todo, window, m.live_bytes, m.budget)
+                for k, i in enumerate(todo):  # not zip(todo, merged): zip's reused tuple would keep `arr` alive
+                    arr = next(merged)
                     writer.write(i, arr)
                     bar.update(arr.nbytes)
                     bar.set_postfix_str(f"{k + 1}/{len(todo)} tensors", refresh=False)
+                    del arr  # written: its bytes leave the budget when the next tensor is asked for
         writer.write_index()
         summary = {"out": out, "method": plan.method, "tensors": len(entries), "tensors_merged": sum(m.flags),
                    "shards": len(writer.shards), "shards_resumed": resumed, "bytes_read": m.bytes_read,
