@@ -22,10 +22,11 @@ output in their own dtype (≈ (T + 2) × its size; measured: the kernels' tempo
 deferred-release queue, which only a garbage collection flushes: each merge ends with a
 generation-0 collection (≈ 2 ms), else a tensor's inputs stay resident until the next
 collection, beside the next tensor's. Every tensor's live bytes (inputs and output) count
-against a byte budget (:data:`INFLIGHT_BYTES`) from its read until its output is written; a
-tensor above the budget runs alone (nothing else read, merged or waiting to be written), so
-the peak is ≈ max(budget, (T + 2) × the largest tensor) plus fixed overhead, never the
-model. NaN/Inf: the built-in
+against a byte budget from its read until its output is written: the larger of
+:data:`INFLIGHT_BYTES` and the largest tensor's live bytes (≈ (T + 2) × its size), which
+the merge needs anyway, so smaller tensors overlap their reads, merges and writes up to that
+level without raising the peak. The peak is therefore ≈ max(INFLIGHT_BYTES, (T + 2) × the
+largest tensor) plus fixed overhead, never the model. NaN/Inf: the built-in
 kernels make merged entries NaN where an input is not finite, so the *output* is checked
 and the inputs are scanned (to name file and tensor) only when it is not finite; copied
 tensors are checked directly. Reads, merges and writes overlap on a bounded thread pool
@@ -64,7 +65,7 @@ __all__ = ["merge_checkpoints", "validate_checkpoints", "partial_folder"]
 
 _STATE = "bcjax-merge-state.json"
 #: Live bytes (the T + 1 inputs and the output) of the tensors in flight at once, counted from
-#: a tensor's read until its output is written; a tensor above this runs alone.
+#: a tensor's read until its output is written, when the largest tensor needs less.
 INFLIGHT_BYTES = 256 * 2**20
 
 
@@ -423,6 +424,9 @@ def _run(plan, m: _Merger, entries, out, limit, resume, progress, workers, t0) -
     todo_set = set(todo)
     total_bytes = sum(int(np.prod(sh, dtype=np.int64)) * np.dtype(dt).itemsize for i, (_, sh, dt) in
                       enumerate(entries) if i in todo_set)
+    # the largest tensor's inputs and output are live at once in any case: up to that much,
+    # smaller tensors may overlap (reads, merges, writes) without raising the peak
+    m.budget = max([INFLIGHT_BYTES, *(m.live_bytes(i) for i in todo)])
     try:
         from tqdm.auto import tqdm
 
