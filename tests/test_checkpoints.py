@@ -507,6 +507,53 @@ def test_streaming_live_bytes_stay_within_the_budget(toy, tmp_path, monkeypatch,
         np.testing.assert_array_equal(v, ref[k], err_msg=k)
 
 
+@pytest.mark.parametrize("method,hp,dtype", [
+    ("ties", {"density": 0.2, "alpha": 0.7}, np.float32),
+    ("ties", {"density": 0.3, "alpha": [0.5, 1.0, 0.8]}, ml_dtypes.bfloat16),
+    ("task_arithmetic", {"alpha": [0.5, 0.3, 0.2]}, ml_dtypes.bfloat16),
+    ("weighted_average", {"weights": [1.0, 2.0, 0.5]}, np.float32),
+])
+def test_chunked_elementwise_merge_equals_whole_tensor_merge_bitwise(tmp_path, monkeypatch, method, hp, dtype):
+    """Elementwise methods merge large tensors chunk by chunk (the last chunk zero-padded):
+    bit for bit the whole-tensor result, with each tensor's chunks read as byte ranges."""
+    pre, fts = _models(seed=5, dtype=dtype)
+    base, locs = _write(str(tmp_path), pre, fts, shard_bytes=20_000)
+    monkeypatch.setattr(streaming, "CHUNK_ENTRIES", 1000)  # enc.1.weight: 4800 entries → 5 chunks, the last padded
+    calls = []
+    read_flat = ckio.SafetensorsCheckpoint.read_flat
+
+    def spy(self, name, start, stop, pad_to=None):
+        calls.append((name, start, stop, pad_to))
+        return read_flat(self, name, start, stop, pad_to)
+
+    monkeypatch.setattr(ckio.SafetensorsCheckpoint, "read_flat", spy)
+    cfg = {"method": method, "hparams": hp, "pretrained": base, "finetuned": locs}
+    merge_checkpoints(cfg, tmp_path / "out", progress=False, workers=2)
+    got = load_state_dict(str(tmp_path / "out"))
+    ref = _whole(method, hp, None, pre, fts)
+    for k in ref:
+        assert got[k].dtype == pre[k].dtype
+        want = np.asarray(ref[k], pre[k].dtype)  # (bcjax.merge hands int64 position_ids back as int32)
+        np.testing.assert_array_equal(got[k].view(np.uint8), want.view(np.uint8), err_msg=k)  # bits
+    chunks = {(n, a, b, p) for n, a, b, p in calls}
+    assert ("enc.1.weight", 4000, 4800, 1000) in chunks and ("enc.0.weight", 3000, 3072, 1000) in chunks
+    assert not any(n in ("enc.0.bias", "head.weight", "position_ids") for n, *_ in calls)  # small / integer: whole
+    assert len(calls) == (T + 1) * (5 + 4)  # per model: enc.1 (4800 entries), enc.0 (3072); emb (800) whole
+
+
+def test_read_flat_ranges(toy):
+    _, _, base, _ = toy
+    with open_checkpoint(base) as ck:
+        whole = ck.read("enc.1.weight").reshape(-1)
+        part = ck.read_flat("enc.1.weight", 4000, 4800, pad_to=1000)
+        assert part.shape == (1000,) and part.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(part[:800], whole[4000:])
+        assert not part[800:].any()
+        np.testing.assert_array_equal(ckio.Checkpoint.read_flat(ck, "enc.1.weight", 7, 19), whole[7:19])  # generic
+        with pytest.raises(CheckpointError, match="enc.1.weight"):
+            ck.read_flat("enc.1.weight", 4000, 4801)
+
+
 def test_nan_in_an_excluded_tensor_is_still_an_error(tmp_path):
     """SPEC §1: NaN/Inf in any input leaf is an error, as in bcjax.merge."""
     pre, fts = _models(seed=4, tasks=1)

@@ -55,8 +55,8 @@ import numpy as np
 import yaml
 
 from bcjax import merging, order_stats
-from bcjax.checkpoints.io import (WEIGHT_FILE_PATTERNS, Checkpoint, ShardedSafetensorsWriter, open_checkpoint,
-                                  parse_size)
+from bcjax.checkpoints.io import (WEIGHT_FILE_PATTERNS, Checkpoint, ShardedSafetensorsWriter, aligned_empty,
+                                  open_checkpoint, parse_size)
 from bcjax.checkpoints.merge_config import MergePlan, load_merge_config, parse_merge_config
 from bcjax.errors import BcjaxError, CheckpointError, NonFiniteError
 from bcjax.tree import all_finite, make_leaf_filter
@@ -64,6 +64,11 @@ from bcjax.tree import all_finite, make_leaf_filter
 __all__ = ["merge_checkpoints", "validate_checkpoints", "partial_folder"]
 
 _STATE = "bcjax-merge-state.json"
+#: Methods whose merged entry is an expression of the same entry of θ0 and of each θt only
+#: (TIES given its model-wide thresholds): large tensors merge :data:`CHUNK_ENTRIES` at a time.
+ELEMENTWISE_METHODS = frozenset({"task_arithmetic", "simple_average", "weighted_average", "ties"})
+#: Entries per chunk of an elementwise merge (bf16, T = 3: 32 MB of inputs per chunk).
+CHUNK_ENTRIES = 1 << 22
 #: Live bytes (the T + 1 inputs and the output) of the tensors in flight at once, counted from
 #: a tensor's read until its output is written, when the largest tensor needs less.
 INFLIGHT_BYTES = 256 * 2**20
@@ -187,6 +192,7 @@ class _Merger:
         self.labels = ["pretrained model", *(f"fine-tuned model {t}" for t in range(len(fts)))]
         self.bytes_read = 0
         self.fresh_reads = all(ck.reads_fresh_buffers for ck in (base, *self.fts))  # freed once dropped
+        self.ranged_reads = all(ck.ranged_reads for ck in (base, *self.fts))  # a chunk without the whole tensor
         # kernels that make merged entries NaN where an input is NaN/Inf: check the output, and
         # scan the inputs (to name file and tensor) only when it is not finite (SPEC §1)
         self.fused_check = bool(getattr(merging.get_method(plan.method).fn, "propagates_nonfinite", False))
@@ -212,8 +218,45 @@ class _Merger:
         return [np.zeros((0,), np.float32)] * i + [leaf]
 
     def merge(self, i: int) -> np.ndarray:
+        """Tensor ``i`` merged (or copied from θ0), in the output dtype: whole, or chunk by
+        chunk where the method is elementwise (:meth:`chunked`)."""
+        if self.chunked(i):
+            return self._merge_in_chunks(i)
+        return self._merge_arrays(i, self.read(i))
+
+    def chunked(self, i: int) -> bool:
+        """Merge tensor ``i`` in chunks of :data:`CHUNK_ENTRIES`: a merged floating tensor
+        larger than that, an elementwise method (:data:`ELEMENTWISE_METHODS`), and readers
+        that read a byte range without the rest of the tensor."""
         name = self.names[i]
-        arrays = self.read(i)
+        return (self.plan.method in ELEMENTWISE_METHODS and self.flags[i] and self.ranged_reads
+                and _is_float(self.base.info(name)[1]) and self.base.nbytes(name) > 0
+                and self._entries(i) > CHUNK_ENTRIES)
+
+    def _entries(self, i: int) -> int:
+        return int(np.prod(self.base.info(self.names[i])[0], dtype=np.int64))
+
+    def _merge_in_chunks(self, i: int) -> np.ndarray:
+        """Tensor ``i`` merged :data:`CHUNK_ENTRIES` entries (in C order) at a time into one
+        output buffer. Every chunk has the same length (the last one is zero-padded: finite,
+        and cut off), so the kernel compiles once; each output entry is the same elementwise
+        expression of the same input entries as in the whole-tensor kernel, so the result is
+        bit-identical."""
+        name, n, c = self.names[i], self._entries(i), CHUNK_ENTRIES
+        out = aligned_empty(self.base.info(name)[0], self.out_dtype(i))
+        flat = out.reshape(-1)
+        for start in range(0, n, c):
+            stop = min(start + c, n)
+            arrays = [ck.read_flat(name, start, stop, pad_to=c) for ck in (self.base, *self.fts)]
+            self.bytes_read += sum((stop - start) * a.itemsize for a in arrays)
+            flat[start:stop] = self._merge_arrays(i, arrays)[:stop - start]
+        return out
+
+    def _merge_arrays(self, i: int, arrays: list) -> np.ndarray:
+        """θ0's and every θt's ``arrays`` of tensor ``i`` (whole, or one chunk) merged (or θ0's
+        copied), checked for NaN/Inf and in the output dtype. Empties ``arrays``: the inputs
+        are freed before this returns (their memory is the caller's budget)."""
+        name = self.names[i]
         merged = self.flags[i] and arrays[0].size > 0
         if not (merged and self.fused_check):
             _check_values(name, arrays, [self.base, *self.fts], self.labels)
@@ -226,7 +269,7 @@ class _Merger:
                 _check_values(name, arrays, [self.base, *self.fts], self.labels)
             if self.fresh_reads:
                 inputs = [weakref.ref(_owner(a)) for a in arrays]
-        del arrays
+        arrays.clear()  # the caller's list too
         dt = self.out_dtype(i)
         if out.dtype != dt:
             out = np.asarray(jnp.asarray(out).astype(dt))
@@ -235,11 +278,14 @@ class _Merger:
 
     def live_bytes(self, i: int) -> int:
         """Bytes tensor ``i`` holds from its read until its output is written: the T + 1
-        inputs and the output (twice when it is converted to another dtype)."""
-        n = int(np.prod(self.base.info(self.names[i])[0], dtype=np.int64))
+        inputs (one chunk's, when :meth:`chunked`; plus the chunk's kernel output) and the
+        output (twice when it is converted to another dtype)."""
+        n = self._entries(i)
         out = n * self.out_dtype(i).itemsize
         if self.out_dtype(i) != self.base.info(self.names[i])[1]:
             out += self.base.nbytes(self.names[i])
+        if self.chunked(i):
+            return out + (len(self.fts) + 2) * CHUNK_ENTRIES * self.base.info(self.names[i])[1].itemsize
         return self.input_bytes(i) + out
 
     def _merge_leaf(self, i: int, arrays: list) -> jax.Array:
