@@ -116,14 +116,14 @@ def write_config(method: str, locs: list[str], path: str) -> None:
         yaml.safe_dump(cfg, f, sort_keys=False)
 
 
-def run(cmd: list[str], timeout: float | None = None, env=None) -> dict:
+def run(cmd: list[str], timeout: float | None = None, env=None, cwd=None) -> dict:
     """Wall seconds and peak RSS (bytes) of one process (and its children it waited for)."""
     import re
     import tempfile
 
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child never blocks on a full pipe
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=cwd, start_new_session=True)
     timed_out = False
     while True:
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)

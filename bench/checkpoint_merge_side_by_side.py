@@ -39,15 +39,16 @@ def main(argv=None) -> int:
     out = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(), "sources": dict(srcs),
            "load_avg_start": os.getloadavg(),
            "interpreter": run([py, "-c", "import bcjax.checkpoints, jax.numpy as jnp; jnp.zeros(1)"],
-                              env=env(srcs[1][1])),
+                              env=env(srcs[1][1]), cwd=srcs[1][1]),
            "runs": {f"{v}_{m}": [] for v, _ in srcs for m in args.methods.split(",")}}
     for r in range(args.rounds):
         for m in args.methods.split(","):
             for v, src in (srcs if r % 2 == 0 else srcs[::-1]):
                 dst = os.path.join(args.workdir, f"side_by_side_{v}_{m}")
                 shutil.rmtree(dst, ignore_errors=True)
-                x = run([py, "-m", "bcjax.cli", "merge", os.path.join(args.workdir, f"{m}.yaml"), "--out", dst,
-                         "--no-progress"], env=env(src))
+                # cwd = the source tree: `python -m` puts the working directory before PYTHONPATH
+                x = run([py, "-m", "bcjax.cli", "merge", os.path.join(os.path.abspath(args.workdir), f"{m}.yaml"),
+                         "--out", os.path.abspath(dst), "--no-progress"], env=env(src), cwd=src)
                 shutil.rmtree(dst, ignore_errors=True)
                 x["load1"] = os.getloadavg()[0]
                 out["runs"][f"{v}_{m}"].append(x)
