@@ -25,11 +25,16 @@ collection, beside the next tensor's. Every tensor's live bytes (inputs and outp
 against a byte budget from its read until its output is written: the larger of
 :data:`INFLIGHT_BYTES` and the largest tensor's live bytes (≈ (T + 2) × its size), which
 the merge needs anyway, so smaller tensors overlap their reads, merges and writes up to that
-level without raising the peak. The peak is therefore ≈ max(INFLIGHT_BYTES, (T + 2) × the
-largest tensor) plus fixed overhead, never the model. NaN/Inf: the built-in
+level without raising the peak. Elementwise methods (:data:`ELEMENTWISE_METHODS`; TIES once
+its thresholds are known) merge large tensors :data:`CHUNK_ENTRIES` entries at a time, read
+as byte ranges, so such a tensor holds its output and one chunk's inputs. The peak is
+therefore ≈ max(INFLIGHT_BYTES, (T + 2) × the largest tensor) plus fixed overhead (for
+TIES, its histogram passes' T + 1 inputs of the largest tensor), never the model. The page
+cache does not count in RSS: reads are positioned reads into private buffers, not memory
+maps. NaN/Inf: the built-in
 kernels make merged entries NaN where an input is not finite, so the *output* is checked
-and the inputs are scanned (to name file and tensor) only when it is not finite; copied
-tensors are checked directly. Reads, merges and writes overlap on a bounded thread pool
+(in chunks: no whole-tensor temporaries) and the inputs are scanned (to name file and
+tensor) only when it is not finite; copied tensors are checked directly. Reads, merges and writes overlap on a bounded thread pool
 (``workers`` tensors in flight, default 2). The output is written into a temporary sibling
 folder and renamed at the end; a killed merge leaves only that folder, from which
 ``resume=True`` continues after the last finished shard. Any error (including NaN/Inf
