@@ -32,7 +32,7 @@ from jax import lax
 import numpy as np
 
 __all__ = ["HISTOGRAM_TARGET", "MULTI_TARGET", "TARGET", "VIEWS_TARGET", "diff_histograms", "select_diff_bits_multi",
-           "select_diff_bits_leaves", "select_diff_bits_views", "available",
+           "select_diff_bits_leaves", "select_diff_bits_views", "task_sum", "available",
            "library_path", "select_bits", "unavailable_reason"]
 
 TARGET = "bcjax_select_bits"
@@ -40,6 +40,8 @@ MULTI_TARGET = "bcjax_select_diff_bits_multi"
 VIEWS_TARGET = "bcjax_select_diff_bits_views"
 HISTOGRAM_TARGET = "bcjax_diff_histograms"
 _SOURCE = Path(__file__).with_name("select_bits.cc")
+#: Every source of the one shared library (its cache key hashes them all, in this order).
+_SOURCES = (_SOURCE, Path(__file__).with_name("merge_kernels.cc"))
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -61,8 +63,8 @@ def _build(cxx: str) -> Path:
     loading process with SIGBUS, so it is rebuilt with a one-line :class:`CacheWarning`)."""
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(_SOURCE.read_bytes() + include.encode() + jax.__version__.encode()
-                         + version.encode()).hexdigest()[:16]
+    sources = b"".join(src.read_bytes() for src in _SOURCES)
+    key = hashlib.sha256(sources + include.encode() + jax.__version__.encode() + version.encode()).hexdigest()[:16]
     out = _cache_dir() / f"bcjax_select_bits_{key}.so"
     if out.is_file():
         problem = _verified(out)
@@ -74,12 +76,13 @@ def _build(cxx: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}", str(_SOURCE), "-o", tmp,
-           "-pthread"]
+    # -ffp-contract=off: no fused multiply-add, as XLA (merge_kernels.cc must equal it bit for bit)
+    cmd = [cxx, "-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-w", f"-I{include}",
+           *map(str, _SOURCES), "-o", tmp, "-pthread"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"compiling {', '.join(src.name for src in _SOURCES)} failed:\n{proc.stderr[-2000:]}")
         _write_atomic(_sidecar(out), json.dumps(_fingerprint(Path(tmp))))  # sidecar first, then the library
         os.replace(tmp, out)
     finally:
@@ -144,6 +147,9 @@ def _load() -> None:
                                             platform="cpu")
                 jax.ffi.register_ffi_target(HISTOGRAM_TARGET, jax.ffi.pycapsule(lib.BcjaxDiffHistograms),
                                             platform="cpu")
+                lib.bcjax_task_sum.restype = ctypes.c_int
+                lib.bcjax_task_sum.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64,
+                                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
                 _state.update(ok=True, reason=None, path=path, lib=lib)
             except (OSError, RuntimeError, AttributeError) as e:
                 _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
@@ -228,6 +234,29 @@ def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, si
     call = jax.ffi.ffi_call(VIEWS_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(ranks, offsets, *(buf for buf, _ in views), sizes=np.asarray(sizes, np.int64), threads=_threads(),
                 sigmas=np.float32(sigmas))
+
+
+def task_sum(p0, finetuned, out, alphas) -> None:
+    """``out[l] = p0[l] + Σt alphas[t] · (finetuned[t][l] − p0[l])`` for L leaves, computed
+    in place on host memory outside XLA (``merge_kernels.cc``: any sizes, nothing compiled,
+    bit-identical to :func:`bcjax.merging._weighted_task_sum`, overflow rescue included).
+
+    ``p0`` and ``out`` are L C-contiguous NumPy arrays, ``finetuned`` T lists of L, all of one
+    dtype (float32 or float64) and each leaf's size; ``alphas`` the T float32 coefficients.
+    Runs with the GIL released on up to 8 threads. CPU memory only; needs :func:`available`."""
+    _load()
+    dtype = np.dtype(p0[0].dtype) if p0 else np.dtype(np.float32)
+    num_leaves, num_tasks = len(p0), len(finetuned)
+    pointers = lambda arrays: np.array([a.ctypes.data for a in arrays], np.uintp)  # noqa: E731
+    sizes = np.array([a.size for a in p0], np.int64)
+    p0_ptr, ft_ptr = pointers(p0), pointers([a for task in finetuned for a in task])
+    out_ptr = pointers(out)
+    coefficients = np.asarray(alphas, np.float32).astype(np.float64)
+    status = _state["lib"].bcjax_task_sum(num_leaves, sizes.ctypes.data, p0_ptr.ctypes.data, ft_ptr.ctypes.data,
+                                          out_ptr.ctypes.data, num_tasks, coefficients.ctypes.data,
+                                          int(dtype == np.float64), _threads())
+    if status:
+        raise RuntimeError(f"bcjax_task_sum failed ({status}): {num_tasks} tasks, {num_leaves} leaves")
 
 
 def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None) -> jax.Array:
