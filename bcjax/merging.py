@@ -371,13 +371,14 @@ def _host_readable(leaves: Sequence) -> tuple[list[np.ndarray], Any] | None:
     another backend, sharded or multi-process arrays, tracers, dtypes other than float32
     (float64 with x64 enabled), or leaves of different dtypes. NumPy leaves that are strided
     or misaligned for their dtype are copied (same values)."""
-    dtype = np.result_type(leaves[0]) if hasattr(leaves[0], "dtype") else None
-    allowed = (np.float32, np.float64) if jax.config.jax_enable_x64 else (np.float32,)
+    dtype = np.dtype(leaves[0].dtype) if hasattr(leaves[0], "dtype") else None
+    allowed = (np.float32, np.float64) if jax.dtypes.canonicalize_dtype(np.float64) == np.float64 else (np.float32,)
     if dtype not in allowed:
         return None
     arrays, device = [], None
     for x in leaves:
-        if isinstance(x, np.ndarray):
+        if isinstance(x, (np.ndarray, np.generic)):
+            x = np.asarray(x)
             if x.dtype != dtype or not x.dtype.isnative or jax.default_backend() != "cpu":
                 return None
             arrays.append(x if x.flags.c_contiguous and x.flags.aligned else np.ascontiguousarray(x))
@@ -578,10 +579,12 @@ def _upcast(x, like):
 
 
 def _per_task(value, num_tasks: int, name: str):
-    """A scalar or one value per task, as a float32 array of shape (T,)."""
+    """A scalar or one value per task, as a float32 array of shape (T,): NumPy when concrete
+    (no XLA program of its own: a process's first merge compiles nothing for it), traced otherwise."""
+    xp = jnp if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(value)) else np
     if is_scalar_like(value):
-        return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (num_tasks,))
-    arr = jnp.asarray(value, jnp.float32)
+        return xp.broadcast_to(xp.asarray(value, xp.float32), (num_tasks,))
+    arr = xp.asarray(value, xp.float32)
     if arr.shape != (num_tasks,):
         raise HyperparameterError(f"{name} must be a scalar or have one value per task ({num_tasks}), got shape {arr.shape}")
     return arr

@@ -13,7 +13,8 @@
 // the kernel compiled for FMA hardware and chosen at run time, the plain form elsewhere.
 // Entries whose result is not finite are recomputed from inputs scaled by s = 2^-32 and
 // multiplied by 2^32 (bcjax.merging._finite_or_rescaled, the overflow rescue); non-finite
-// inputs propagate as they do in XLA (τ = NaN/Inf makes the sum non-finite).
+// inputs propagate as they do in XLA (τ = NaN/Inf makes the sum non-finite); denormals are
+// flushed to zero, as XLA:CPU does.
 //
 // Plain C ABI (ctypes), called with the GIL released; work is split into chunks over threads.
 #ifndef BCJAX_MERGE_KERNEL_BODY
@@ -23,8 +24,33 @@
 #include <cstdint>
 #include <thread>
 #include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 namespace {
+
+// Denormal inputs read as zero and denormal results flushed to zero while a kernel runs, as
+// XLA:CPU's threads compute (tsl::port::ScopedFlushDenormal); the caller's mode is restored.
+class ScopedFlushDenormal {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  ScopedFlushDenormal() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040); }  // FTZ | DAZ
+  ~ScopedFlushDenormal() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#elif defined(__aarch64__)
+  ScopedFlushDenormal() {
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(saved_));
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_ | (1ull << 24)));  // FZ
+  }
+  ~ScopedFlushDenormal() { __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_)); }
+
+ private:
+  unsigned long long saved_;
+#endif
+};
 
 constexpr int64_t kBlock = 1024;     // elements per inner block (accumulator in L1)
 constexpr int64_t kChunk = 1 << 16;  // elements per unit of work handed to a thread
@@ -148,6 +174,7 @@ int TaskSum(int64_t num_leaves, const int64_t* sizes, const void* const* p0, con
   }
   std::atomic<int64_t> next{0};
   auto work = [&]() {
+    ScopedFlushDenormal flush;
     std::vector<const C*> fs(num_tasks);
     for (int64_t u; (u = next.fetch_add(1)) < static_cast<int64_t>(units.size());) {
       const Unit& w = units[u];
