@@ -76,13 +76,15 @@ def _build(cxx: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    # -ffp-contract=off: no fused multiply-add, as XLA (merge_kernels.cc must equal it bit for bit)
+    # -ffp-contract=off: the compiler fuses no multiply-add by itself (merge_kernels.cc writes out
+    # exactly the fused ones XLA:CPU forms, to equal it bit for bit)
     cmd = [cxx, "-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-w", f"-I{include}",
            *map(str, _SOURCES), "-o", tmp, "-pthread"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {', '.join(src.name for src in _SOURCES)} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"compiling {_SOURCE.name} failed (one library with "
+                               f"{', '.join(src.name for src in _SOURCES[1:])}):\n{proc.stderr[-2000:]}")
         _write_atomic(_sidecar(out), json.dumps(_fingerprint(Path(tmp))))  # sidecar first, then the library
         os.replace(tmp, out)
     finally:
