@@ -32,7 +32,7 @@ from jax import lax
 import numpy as np
 
 __all__ = ["HISTOGRAM_TARGET", "MULTI_TARGET", "TARGET", "VIEWS_TARGET", "diff_histograms", "select_diff_bits_multi",
-           "select_diff_bits_leaves", "select_diff_bits_views", "task_sum", "available",
+           "select_diff_bits_leaves", "select_diff_bits_views", "task_sum", "ties_merge", "available",
            "library_path", "select_bits", "unavailable_reason"]
 
 TARGET = "bcjax_select_bits"
@@ -78,8 +78,8 @@ def _build(cxx: str) -> Path:
     os.close(fd)
     # -ffp-contract=off: the compiler fuses no multiply-add by itself (merge_kernels.cc writes out
     # exactly the fused ones XLA:CPU forms, to equal it bit for bit)
-    cmd = [cxx, "-O3", "-std=c++17", "-ffp-contract=off", "-shared", "-fPIC", "-w", f"-I{include}",
-           *map(str, _SOURCES), "-o", tmp, "-pthread"]
+    cmd = [cxx, "-O3", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC",
+           "-w", f"-I{include}", *map(str, _SOURCES), "-o", tmp, "-pthread"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -149,9 +149,10 @@ def _load() -> None:
                                             platform="cpu")
                 jax.ffi.register_ffi_target(HISTOGRAM_TARGET, jax.ffi.pycapsule(lib.BcjaxDiffHistograms),
                                             platform="cpu")
-                lib.bcjax_task_sum.restype = ctypes.c_int
-                lib.bcjax_task_sum.argtypes = [ctypes.c_int64, *[ctypes.c_void_p] * 4, ctypes.c_int64,
-                                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+                lib.bcjax_task_sum.restype = lib.bcjax_ties_merge.restype = ctypes.c_int
+                i64, ptr = ctypes.c_int64, ctypes.c_void_p
+                lib.bcjax_task_sum.argtypes = [i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64]
+                lib.bcjax_ties_merge.argtypes = [i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64]
                 _state.update(ok=True, reason=None, path=path, lib=lib)
             except (OSError, RuntimeError, AttributeError) as e:
                 _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
@@ -238,6 +239,21 @@ def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, si
                 sigmas=np.float32(sigmas))
 
 
+def _leaf_pointers(p0, finetuned, out) -> tuple:
+    """(L, sizes, θ0, θt task-major, out) as the C kernels of ``merge_kernels.cc`` take them."""
+    pointers = lambda arrays: np.array([a.ctypes.data for a in arrays], np.uintp)  # noqa: E731
+    sizes = np.array([a.size for a in p0], np.int64)
+    return (len(p0), sizes, pointers(p0), pointers([a for task in finetuned for a in task]), pointers(out))
+
+
+def _call(name: str, *args) -> None:
+    """Call a ``merge_kernels.cc`` entry point (NumPy arguments by address; GIL released)."""
+    _load()
+    status = getattr(_state["lib"], name)(*(a.ctypes.data if isinstance(a, np.ndarray) else a for a in args))
+    if status:
+        raise RuntimeError(f"{name} failed ({status})")
+
+
 def task_sum(p0, finetuned, out, alphas) -> None:
     """``out[l] = p0[l] + Σt alphas[t] · (finetuned[t][l] − p0[l])`` for L leaves, computed
     in place on host memory outside XLA (``merge_kernels.cc``: any sizes, nothing compiled,
@@ -246,19 +262,20 @@ def task_sum(p0, finetuned, out, alphas) -> None:
     ``p0`` and ``out`` are L C-contiguous NumPy arrays, ``finetuned`` T lists of L, all of one
     dtype (float32 or float64) and each leaf's size; ``alphas`` the T float32 coefficients.
     Runs with the GIL released on up to 8 threads. CPU memory only; needs :func:`available`."""
-    _load()
-    dtype = np.dtype(p0[0].dtype) if p0 else np.dtype(np.float32)
-    num_leaves, num_tasks = len(p0), len(finetuned)
-    pointers = lambda arrays: np.array([a.ctypes.data for a in arrays], np.uintp)  # noqa: E731
-    sizes = np.array([a.size for a in p0], np.int64)
-    p0_ptr, ft_ptr = pointers(p0), pointers([a for task in finetuned for a in task])
-    out_ptr = pointers(out)
-    coefficients = np.asarray(alphas, np.float32).astype(np.float64)
-    status = _state["lib"].bcjax_task_sum(num_leaves, sizes.ctypes.data, p0_ptr.ctypes.data, ft_ptr.ctypes.data,
-                                          out_ptr.ctypes.data, num_tasks, coefficients.ctypes.data,
-                                          int(dtype == np.float64), _threads())
-    if status:
-        raise RuntimeError(f"bcjax_task_sum failed ({status}): {num_tasks} tasks, {num_leaves} leaves")
+    double = int(bool(p0) and np.dtype(p0[0].dtype) == np.float64)
+    _call("bcjax_task_sum", *_leaf_pointers(p0, finetuned, out), len(finetuned),
+          np.asarray(alphas, np.float32).astype(np.float64), double, _threads())
+
+
+def ties_merge(p0, finetuned, out, thresholds, alpha) -> None:
+    """TIES's trim, elect and disjoint mean given each task's threshold bits (``thresholds``,
+    int32 (T,)) on float32 host leaves laid out as for :func:`task_sum`, outside XLA;
+    bit-identical to :func:`bcjax.merging._ties_leaf` (overflow rescue, NaN where an input is
+    not finite). ``alpha``: a scalar λ or T values λt (float32)."""
+    alpha = np.asarray(alpha, np.float32)
+    _call("bcjax_ties_merge", *_leaf_pointers(p0, finetuned, out), len(finetuned),
+          np.ascontiguousarray(thresholds, np.int32), np.atleast_1d(alpha).astype(np.float64), int(alpha.ndim == 1),
+          _threads())
 
 
 def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None) -> jax.Array:
