@@ -34,6 +34,10 @@ the last run; ``merge_overhead_in_models`` = (peak − RSS before merging) / one
     python bench/merge_speed.py --model vit_b_32 --tasks 8 --out bench/results
     python bench/merge_speed.py --model vit_b_32 --tasks 8 --scale 0.1 --repeats 1   # quick
     python bench/merge_speed.py --smoke          # tiny shapes, seconds; used by the tests
+    python bench/merge_speed.py --side-by-side --model vit_b_32 --tasks 8 \
+        --impls bcjax_task_arithmetic,bcjax_breadcrumbs,bcjax_ties --repeats 3 --first-call-rounds 2
+        # issue 16's three user-path ratios in one command: fresh processes (first call ÷ warm call in
+        # the same process) first, then validate=False / default / NumPy cells interleaved in one process
 
 Writes ``{model}_{tasks}.json`` and ``.md`` to --out; bench/report.py turns the results
 into BENCHMARKS.md's tables; bench/run_all.sh runs everything.
@@ -167,9 +171,9 @@ def build(impl: str, shapes, tasks: int, folder: str, validate: bool = False, on
 
         import bcjax
 
-        def load(i):  # leaf by leaf onto the device; the numpy buffer is freed after
-            m = read_model(shapes, folder, i)
-            return {k: jax.device_put(v) for k, v in m.items()} if on_device else m
+        def load(i):  # leaf by leaf onto the device (transfers finished: not the merge's time); the
+            m = read_model(shapes, folder, i)  # numpy buffer is freed after
+            return jax.block_until_ready({k: jax.device_put(v) for k, v in m.items()}) if on_device else m
 
         pre, fts = load(0), [load(i + 1) for i in range(tasks)]
         method, hp = BCJAX_CALLS[impl]

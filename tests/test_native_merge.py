@@ -63,7 +63,7 @@ def _with_specials(rng, dtype, n, num_tasks):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("num_tasks", [1, 2, 3, 8])
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 8, 17])  # 17: past the unrolled task counts
 @pytest.mark.parametrize("n", [1, 5, 1023, 1025, 70_001])
 def test_native_task_sum_is_bit_identical_to_the_xla_kernel(dtype, num_tasks, n):
     rng = np.random.default_rng(n * 10 + num_tasks)
