@@ -27,7 +27,9 @@ def _bits(x):
 
 
 def _xla(p0, fts, alpha):
-    """The XLA kernel itself, leaf by leaf (what the native kernel must equal bit for bit)."""
+    """The XLA kernel itself, leaf by leaf (what the native kernel must equal bit for bit), with
+    α read as ``merge`` reads it (e.g. −0.0 is the decimal 0)."""
+    alpha = bcjax.get_method("task_arithmetic").normalize({"alpha": alpha}, len(fts))["alpha"]
     alphas = jnp.asarray(merging._per_task(alpha, len(fts), "alpha"))
     return {k: merging._weighted_task_sum(jnp.asarray(p0[k]), tuple(jnp.asarray(f[k]) for f in fts), None, alphas)
             if np.size(p0[k]) else p0[k] for k in p0}
