@@ -377,6 +377,8 @@ def _host_readable(leaves: Sequence) -> tuple[list[np.ndarray], Any] | None:
         return None
     arrays, device = [], None
     for x in leaves:
+        if isinstance(x, HostView):  # NumPy memory already wrapped (TIES): the leaf itself, in place
+            x = np.asarray(x.padded)[int(x.offset):int(x.offset) + x.size].reshape(x.shape)
         if isinstance(x, (np.ndarray, np.generic)):
             x = np.asarray(x)
             if x.dtype != dtype or not x.dtype.isnative or jax.default_backend() != "cpu":
@@ -1087,5 +1089,21 @@ def ties_merge_with_thresholds(pretrained, finetuned, flags, *, thresholds, alph
     when the thresholds are those of the whole model. ``alpha``: a scalar or one per task."""
     alpha = hp_specs.normalize("ties", {"alpha": ALPHA}, {"alpha": alpha}, num_tasks=len(finetuned))["alpha"]
     thresholds = jnp.asarray(thresholds, jnp.int32)
+    native = None if _is_traced((thresholds, alpha)) else functools.partial(_native_ties_merges, thresholds, alpha)
     return map_merged_leaves(lambda i, p0, fts: _ties_leaf(p0, tuple(fts), thresholds, alpha),
-                             pretrained, finetuned, flags, host=host_view)
+                             pretrained, finetuned, flags, host=host_view, native=native)
+
+
+def _native_ties_merges(thresholds, alpha, p0s, ftss, device) -> list | None:
+    """:func:`_ties_leaf` for concrete float32 host leaves in one native call
+    (``merge_kernels.cc``: bit-identical, no XLA program per leaf shape); see
+    :func:`map_merged_leaves`. None (the XLA kernel) for other dtypes or without the kernel."""
+    if p0s[0].dtype != np.float32 or len(ftss) > _NATIVE_MAX_TASKS or not _native.available():
+        return None
+    out = _aligned_empty([p.shape for p in p0s], np.float32)
+    _native.ties_merge(p0s, ftss, out, np.asarray(thresholds, np.int32), np.asarray(alpha, np.float32))
+    return _adopt_host_arrays(out, device)
+
+
+#: Most tasks the native TIES kernel takes (its per-entry scratch); more use the XLA kernel.
+_NATIVE_MAX_TASKS = 1024

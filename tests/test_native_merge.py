@@ -252,3 +252,63 @@ def test_first_task_arithmetic_merge_in_a_fresh_process_compiles_no_xla_program(
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[0] == "0", res.stdout
+
+
+# --------------------------------------------------------------------------- TIES's merge pass
+def _ties_inputs(rng, num_tasks, n):
+    p = rng.standard_normal(n).astype(np.float32)
+    fts = [(p + rng.standard_t(3, n).astype(np.float32) * np.float32(1e-2)).astype(np.float32)
+           for _ in range(num_tasks)]
+    big = np.finfo(np.float32).max
+    if n >= 13:
+        p[0], fts[0][0] = -0.0, -0.0
+        p[1] = -big * np.float32(0.9)
+        for f in fts:
+            f[1] = big * np.float32(0.9)  # τ overflows: the rescue
+        p[2] = np.nan
+        fts[-1][3] = np.inf
+        fts[0][4] = -np.inf
+        p[5:8] = np.float32(1e-40)  # denormals
+        fts[0][6] = np.float32(3e-40)
+        fts[0][9] = p[9]  # τ = 0
+        if num_tasks > 1:  # opposite signs: the election
+            fts[1][10], fts[0][10] = p[10] + 0.5, p[10] - 0.5
+    with np.errstate(over="ignore", invalid="ignore"):
+        bits = [np.asarray(merging.order_stats.magnitude_bits(jnp.asarray(f - p))) for f in fts]
+    thresholds = np.array([np.quantile(b, 0.7) for b in bits], np.int32)
+    return p, fts, thresholds
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 8, 17])  # 17: past the unrolled task counts
+@pytest.mark.parametrize("n", [1, 13, 1025, 70_001])
+def test_native_ties_merge_is_bit_identical_to_the_xla_kernel(num_tasks, n):
+    rng = np.random.default_rng(n + num_tasks)
+    for alpha in (1.0, 0.7, [float(a) for a in rng.uniform(-2, 2, num_tasks)]):
+        p, fts, thresholds = _ties_inputs(rng, num_tasks, n)
+        alphas = np.asarray(alpha, np.float32) if isinstance(alpha, list) else alpha
+        want = merging._ties_leaf(p, tuple(fts), jnp.asarray(thresholds), alphas)
+        got = np.empty_like(p)
+        _native.ties_merge([p], [[f] for f in fts], [got], thresholds, alphas)
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("inputs", ["numpy", "device"])
+def test_ties_uses_the_native_merge_pass_for_concrete_cpu_inputs(inputs, monkeypatch):
+    rng = np.random.default_rng(8)
+    p0, fts = _models(rng, {"w": (40, 30), "b": (30,), "s": ()}, 3)
+    if inputs == "device":
+        p0, fts = jax.device_put((p0, fts))
+    thresholds = merging.ties_thresholds(p0, fts, [True] * 3, 0.2)
+    want = {k: merging._ties_leaf(jnp.asarray(p0[k]), tuple(jnp.asarray(f[k]) for f in fts), thresholds, 1.0)
+            for k in p0}
+    calls = []
+    real = _native.ties_merge
+    monkeypatch.setattr(_native, "ties_merge", lambda *a: calls.append(len(a[0])) or real(*a))
+    got = bcjax.merge("ties", p0, fts, density=0.2)
+    assert calls == [3]
+    for k in p0:
+        np.testing.assert_array_equal(_bits(got[k]), _bits(want[k]))
+    monkeypatch.setattr(_native, "ties_merge", lambda *a: pytest.fail("a traced merge reached the native kernel"))
+    jitted = jax.jit(lambda p, f: bcjax.merge("ties", p, f, density=0.2))(p0, fts)
+    for k in p0:
+        np.testing.assert_array_equal(_bits(jitted[k]), _bits(want[k]))

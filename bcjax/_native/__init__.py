@@ -32,7 +32,7 @@ from jax import lax
 import numpy as np
 
 __all__ = ["HISTOGRAM_TARGET", "MULTI_TARGET", "TARGET", "VIEWS_TARGET", "diff_histograms", "select_diff_bits_multi",
-           "select_diff_bits_leaves", "select_diff_bits_views", "task_sum", "available",
+           "select_diff_bits_leaves", "select_diff_bits_views", "task_sum", "ties_merge", "available",
            "library_path", "select_bits", "unavailable_reason"]
 
 TARGET = "bcjax_select_bits"
@@ -149,9 +149,10 @@ def _load() -> None:
                                             platform="cpu")
                 jax.ffi.register_ffi_target(HISTOGRAM_TARGET, jax.ffi.pycapsule(lib.BcjaxDiffHistograms),
                                             platform="cpu")
-                lib.bcjax_task_sum.restype = ctypes.c_int
+                lib.bcjax_task_sum.restype = lib.bcjax_ties_merge.restype = ctypes.c_int
                 i64, ptr = ctypes.c_int64, ctypes.c_void_p
                 lib.bcjax_task_sum.argtypes = [i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64]
+                lib.bcjax_ties_merge.argtypes = [i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64]
                 _state.update(ok=True, reason=None, path=path, lib=lib)
             except (OSError, RuntimeError, AttributeError) as e:
                 _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
@@ -264,6 +265,17 @@ def task_sum(p0, finetuned, out, alphas) -> None:
     double = int(bool(p0) and np.dtype(p0[0].dtype) == np.float64)
     _call("bcjax_task_sum", *_leaf_pointers(p0, finetuned, out), len(finetuned),
           np.asarray(alphas, np.float32).astype(np.float64), double, _threads())
+
+
+def ties_merge(p0, finetuned, out, thresholds, alpha) -> None:
+    """TIES's trim, elect and disjoint mean given each task's threshold bits (``thresholds``,
+    int32 (T,)) on float32 host leaves laid out as for :func:`task_sum`, outside XLA;
+    bit-identical to :func:`bcjax.merging._ties_leaf` (overflow rescue, NaN where an input is
+    not finite). ``alpha``: a scalar λ or T values λt (float32)."""
+    alpha = np.asarray(alpha, np.float32)
+    _call("bcjax_ties_merge", *_leaf_pointers(p0, finetuned, out), len(finetuned),
+          np.ascontiguousarray(thresholds, np.int32), np.atleast_1d(alpha).astype(np.float64), int(alpha.ndim == 1),
+          _threads())
 
 
 def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None) -> jax.Array:

@@ -22,7 +22,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <thread>
+#include <utility>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -54,6 +56,7 @@ class ScopedFlushDenormal {
 
 constexpr int64_t kBlock = 1024;     // elements per inner block (accumulator in L1)
 constexpr int64_t kChunk = 1 << 16;  // elements per unit of work handed to a thread
+constexpr int64_t kMaxTasks = 1024;  // TIES's per-entry scratch (more tasks: the XLA kernel)
 
 struct Unit {
   int64_t leaf, begin, end;
@@ -105,6 +108,17 @@ int bcjax_task_sum(int64_t num_leaves, const int64_t* sizes, const void* const* 
   }
   return double_precision ? plain::TaskSum<double>(num_leaves, sizes, p0, fts, out, num_tasks, alphas, th)
                           : plain::TaskSum<float>(num_leaves, sizes, p0, fts, out, num_tasks, alphas, th);
+}
+
+// TIES's merge given each task's trim threshold bits (bcjax.merging.ties_merge_with_thresholds)
+// for L float32 leaves, laid out as for bcjax_task_sum; ``alphas`` holds λ (per_task == 0) or
+// the T values λt (per_task == 1) as doubles of their float32 values. Returns 0 on success.
+int bcjax_ties_merge(int64_t num_leaves, const int64_t* sizes, const void* const* p0, const void* const* fts,
+                     void* const* out, int64_t num_tasks, const int32_t* thresholds, const double* alphas,
+                     int64_t per_task, int64_t threads) {
+  const int th = static_cast<int>(threads);
+  return HostHasFma() ? fused::TiesMerge(num_leaves, sizes, p0, fts, out, num_tasks, thresholds, alphas, per_task, th)
+                      : plain::TiesMerge(num_leaves, sizes, p0, fts, out, num_tasks, thresholds, alphas, per_task, th);
 }
 
 }  // extern "C"
@@ -243,6 +257,199 @@ int TaskSum(int64_t num_leaves, const int64_t* sizes, const void* const* p0, con
       for (int64_t t = 0; t < num_tasks; ++t) fs[t] = static_cast<const C*>(fts[t * num_leaves + l]) + b;
       TaskSumBlock<C>(static_cast<const C*>(p0[l]) + b, fs.data(), num_tasks, alphas.data(),
                       static_cast<C*>(out[l]) + b, std::min(kBlock, end - b));
+    }
+  });
+  return 0;
+}
+
+// TIES's trim, elect and disjoint mean (bcjax.merging._ties_leaf) on float32, as XLA computes
+// it (sums start from their first term, zeros + x folded):
+//   keep_t = bits(|τt|) >= thr_t (from the unscaled τ),  tr_t = keep_t ? τt : 0
+//   sign = Σ tr >= 0 ? 1 : −1,  e_t = (sign(tr_t) == sign && tr_t != 0) ? tr_t : 0,  cnt = Σ [e_t != 0]
+//   scalar λ:   out = fma(λ, cnt > 0 ? Σ e / max(cnt, 1) : 0, θ0)
+//   per-task λ: out = θ0 + (cnt > 0 ? num / max(cnt, 1) : 0),  num = fma(λ0, e0, λ1 e1), fma(λt, et, num)
+// then the overflow rescue (inputs · s, τt = fma(θt, s, −θ0 s), result · 2^32) and NaN where an
+// input is NaN/Inf (bcjax.merging._nan_where_nonfinite).
+inline bool TiesKeep(float tau, int32_t threshold) {
+  return static_cast<int32_t>(__builtin_bit_cast(uint32_t, tau) & 0x7fffffffu) >= threshold;
+}
+
+// max(cnt, 1) for a count (never NaN), as a select the vectoriser takes (std::max's reference is not).
+inline float AtLeastOne(float cnt) { return cnt > 1.0f ? cnt : 1.0f; }
+
+// jnp.sign(tr) == sign for the elected sign ±1: false for ±0 and NaN (whose sign is ±0/NaN);
+// written without branches so that the entry loops vectorise.
+inline bool Agrees(float tr, float sign) { return tr * sign > 0.0f; }  // sign = ±1: exact; ±0, NaN: false
+
+// The combine for one entry (the rescue's path; the block below is the same, vectorised).
+inline float TiesEntry(float p, const float* const* fs, int64_t j, int64_t t_count, const int32_t* thr,
+                       const float* alphas, bool per_task, bool scaled) {
+  const float s = RescueScale<float>();
+  const float ps = scaled ? p * s : p;
+  float tr[kMaxTasks];
+  float sum = 0.0f;
+  for (int64_t t = 0; t < t_count; ++t) {
+    const float tau = scaled ? MulAdd(fs[t][j], s, -ps) : fs[t][j] - ps;
+    tr[t] = TiesKeep(fs[t][j] - p, thr[t]) ? tau : 0.0f;
+    sum = t == 0 ? tr[0] : sum + tr[t];
+  }
+  const float sign = sum >= 0.0f ? 1.0f : -1.0f;
+  float cnt = 0.0f, total = 0.0f, num = 0.0f;
+  for (int64_t t = 0; t < t_count; ++t) {
+    const float e = Agrees(tr[t], sign) ? tr[t] : 0.0f;
+    const float c = e != 0.0f ? 1.0f : 0.0f;
+    cnt = t == 0 ? c : cnt + c;
+    total = t == 0 ? e : total + e;
+    if (per_task) num = t == 0 ? e : t == 1 ? MulAdd(alphas[0], num, alphas[1] * e) : MulAdd(alphas[t], e, num);
+  }
+  if (per_task && t_count == 1) num = alphas[0] * num;
+  const float denom = AtLeastOne(cnt);
+  if (per_task) return ps + (cnt > 0.0f ? num / denom : 0.0f);
+  return MulAdd(alphas[0], cnt > 0.0f ? total / denom : 0.0f, ps);
+}
+
+// The block's rare cases: the overflow rescue where the result is not finite, then NaN where
+// an input is NaN/Inf (``emax``: the inputs' largest exponent field).
+void TiesFinish(const float* p, const float* const* fs, int64_t t_count, const int32_t* thr, const float* alphas,
+                bool per_task, float* out, int64_t n, uint32_t emax) {
+  if (emax != 0x7f800000u && AllFinite(out, n)) return;
+  for (int64_t j = 0; j < n; ++j) {
+    if (!std::isfinite(out[j])) {
+      out[j] = TiesEntry(p[j], fs, j, t_count, thr, alphas, per_task, true) * RescueInverse<float>();
+    }
+    bool ok = std::isfinite(p[j]);
+    for (int64_t t = 0; t < t_count; ++t) ok &= std::isfinite(fs[t][j]);
+    if (!ok) out[j] = std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
+// TiesEntry (unscaled) for a fixed task count, entry by entry with the task loops unrolled,
+// so that the entry loop vectorises reading all T + 1 streams side by side. Returns the
+// inputs' largest exponent field (NaN/Inf: all ones).
+template <int T, bool kPerTask, size_t... I>
+uint32_t TiesUnrolledImpl(std::index_sequence<I...>, const float* p, const float* const* fs, const int32_t* thr,
+                          const float* alphas, float* out, int64_t n) {
+  const float* f[T] = {fs[I]...};
+  const int32_t th[T] = {thr[I]...};
+  const float a[T] = {alphas[kPerTask ? I : 0]...};
+  uint32_t emax = ExponentMax(p, n);
+  for (int64_t j = 0; j < n; ++j) {  // straight-line code per entry (fold expressions over the tasks)
+    const float pj = p[j];
+    const float fj[T] = {f[I][j]...};
+    ((emax = std::max(emax, __builtin_bit_cast(uint32_t, fj[I]) & 0x7f800000u)), ...);
+    const float tau[T] = {(fj[I] - pj)...};
+    const float tr[T] = {(TiesKeep(tau[I], th[I]) ? tau[I] : 0.0f)...};
+    float sum = tr[0];
+    ((sum = I == 0 ? sum : sum + tr[I]), ...);
+    const float sign = sum >= 0.0f ? 1.0f : -1.0f;
+    const float e[T] = {(Agrees(tr[I], sign) ? tr[I] : 0.0f)...};
+    float cnt = e[0] != 0.0f ? 1.0f : 0.0f, total = e[0];
+    ((cnt = I == 0 ? cnt : cnt + (e[I] != 0.0f ? 1.0f : 0.0f)), ...);
+    ((total = I == 0 ? total : total + e[I]), ...);
+    if constexpr (kPerTask) {
+      float num = T == 1 ? a[0] * e[0] : MulAdd(a[0], e[0], a[T > 1 ? 1 : 0] * e[T > 1 ? 1 : 0]);
+      ((num = I < 2 ? num : MulAdd(a[I], e[I], num)), ...);
+      const float q = num / AtLeastOne(cnt);
+      out[j] = pj + (cnt > 0.0f ? q : 0.0f);
+    } else {
+      const float q = total / AtLeastOne(cnt);
+      out[j] = MulAdd(a[0], cnt > 0.0f ? q : 0.0f, pj);
+    }
+  }
+  return emax;
+}
+
+template <int T, bool kPerTask>
+uint32_t TiesUnrolled(const float* p, const float* const* fs, const int32_t* thr, const float* alphas, float* out,
+                      int64_t n) {
+  return TiesUnrolledImpl<T, kPerTask>(std::make_index_sequence<T>(), p, fs, thr, alphas, out, n);
+}
+
+template <int T = 1>
+uint32_t FixedTies(int64_t t_count, bool per_task, const float* p, const float* const* fs, const int32_t* thr,
+                   const float* alphas, float* out, int64_t n) {
+  if constexpr (T <= kUnrolledTasks) {
+    if (t_count == T) {
+      return per_task ? TiesUnrolled<T, true>(p, fs, thr, alphas, out, n)
+                      : TiesUnrolled<T, false>(p, fs, thr, alphas, out, n);
+    }
+    return FixedTies<T + 1>(t_count, per_task, p, fs, thr, alphas, out, n);
+  }
+  return 0;
+}
+
+void TiesBlock(const float* p, const float* const* fs, int64_t t_count, const int32_t* thr, const float* alphas,
+               bool per_task, float* out, int64_t n, float* scratch /* t_count * kBlock */) {
+  if (t_count <= kUnrolledTasks) {
+    const uint32_t emax = FixedTies(t_count, per_task, p, fs, thr, alphas, out, n);
+    return TiesFinish(p, fs, t_count, thr, alphas, per_task, out, n, emax);
+  }
+  float sum[kBlock], cnt[kBlock], total[kBlock], num[kBlock];
+  uint32_t emax = ExponentMax(p, n);  // NaN/Inf among the inputs: the all-ones exponent
+  for (int64_t t = 0; t < t_count; ++t) {
+    float* tr = scratch + t * kBlock;
+    const float* f = fs[t];
+    const int32_t th = thr[t];
+    for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(f + kBlock + j);  // the next block: the next page
+    for (int64_t j = 0; j < n; ++j) {
+      const float tau = f[j] - p[j];
+      uint32_t u;
+      __builtin_memcpy(&u, f + j, 4);
+      emax = std::max(emax, u & 0x7f800000u);
+      tr[j] = TiesKeep(tau, th) ? tau : 0.0f;
+    }
+    if (t == 0) {
+      for (int64_t j = 0; j < n; ++j) sum[j] = tr[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) sum[j] = sum[j] + tr[j];
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) sum[j] = sum[j] >= 0.0f ? 1.0f : -1.0f;  // the elected sign
+  for (int64_t t = 0; t < t_count; ++t) {
+    const float* tr = scratch + t * kBlock;
+    const float a = alphas[per_task ? t : 0], a0 = alphas[0];
+    for (int64_t j = 0; j < n; ++j) {  // e_t, elected: the sign's agreement, in place of τ's trimmed value
+      const float e = Agrees(tr[j], sum[j]) ? tr[j] : 0.0f;
+      const float c = e != 0.0f ? 1.0f : 0.0f;
+      if (t == 0) {
+        cnt[j] = c;
+        total[j] = e;
+      } else {
+        cnt[j] = cnt[j] + c;
+        total[j] = total[j] + e;
+      }
+      if (per_task) num[j] = t == 0 ? e : t == 1 ? MulAdd(a0, num[j], a * e) : MulAdd(a, e, num[j]);
+    }
+  }
+  if (per_task) {
+    const float a0 = t_count == 1 ? alphas[0] : 1.0f;
+    for (int64_t j = 0; j < n; ++j) {
+      const float q = (t_count == 1 ? a0 * num[j] : num[j]) / AtLeastOne(cnt[j]);  // unconditional: vectorises
+      out[j] = p[j] + (cnt[j] > 0.0f ? q : 0.0f);
+    }
+  } else {
+    const float a = alphas[0];
+    for (int64_t j = 0; j < n; ++j) {
+      const float q = total[j] / AtLeastOne(cnt[j]);
+      out[j] = MulAdd(a, cnt[j] > 0.0f ? q : 0.0f, p[j]);
+    }
+  }
+  TiesFinish(p, fs, t_count, thr, alphas, per_task, out, n, emax);
+}
+
+int TiesMerge(int64_t num_leaves, const int64_t* sizes, const void* const* p0, const void* const* fts,
+              void* const* out, int64_t num_tasks, const int32_t* thresholds, const double* alphas_in,
+              bool per_task, int threads) {
+  if (num_tasks < 1 || num_tasks > kMaxTasks || num_leaves < 0) return 1;
+  std::vector<float> alphas(per_task ? num_tasks : 1);
+  for (size_t t = 0; t < alphas.size(); ++t) alphas[t] = static_cast<float>(alphas_in[t]);
+  ForEachUnit(num_leaves, sizes, threads, [&](int64_t l, int64_t begin, int64_t end) {
+    std::vector<const float*> fs(num_tasks);
+    std::vector<float> scratch(num_tasks * kBlock);
+    for (int64_t b = begin; b < end; b += kBlock) {
+      for (int64_t t = 0; t < num_tasks; ++t) fs[t] = static_cast<const float*>(fts[t * num_leaves + l]) + b;
+      TiesBlock(static_cast<const float*>(p0[l]) + b, fs.data(), num_tasks, thresholds, alphas.data(), per_task,
+                static_cast<float*>(out[l]) + b, std::min(kBlock, end - b), scratch.data());
     }
   });
   return 0;
