@@ -1,11 +1,12 @@
-// Task arithmetic's merge (SPEC §3) on concrete host memory, outside XLA: one call over all
-// merged leaves of a model, any leaf sizes (no program per leaf shape, nothing to compile on
-// a process's first merge), NumPy buffers and CPU jax.Arrays read in place.
+// Merge kernels (SPEC §3) on concrete host memory, outside XLA: one call over all merged
+// leaves of a model, any leaf sizes (no program per leaf shape, nothing to compile on a
+// process's first merge), NumPy buffers and CPU jax.Arrays read in place.
 //
-//   out = θ0 + Σt αt (θt − θ0)        per entry, in the leaf's dtype (float32 or float64)
+//   task arithmetic:  out = θ0 + Σt αt (θt − θ0)   per entry, float32 or float64
+//   TIES (merge pass, thresholds given): trim, elect, disjoint mean (TiesEntry), float32
 //
-// with exactly the roundings of bcjax.merging._weighted_task_sum's XLA kernel, so results are
-// bit-identical. IEEE add/sub/mul/fma are correctly rounded and the build passes
+// with exactly the roundings of the XLA kernels they replace (bcjax.merging._weighted_task_sum,
+// _ties_leaf), so results are bit-identical. IEEE add/sub/mul/fma are correctly rounded and the build passes
 // -ffp-contract=off (no -ffast-math), so the only freedom is where products are fused:
 // XLA:CPU's LLVM backend always allows contraction, and on FMA hardware every single-use
 // product feeding an add or subtract becomes one fused multiply-add. Those fusions are
