@@ -15,7 +15,7 @@ py="${PYTHON:-python3}"
 # The core test files: they need only jax, numpy and the test-core extra (pytest, hypothesis).
 CORE_TESTS=(tests/test_merging.py tests/test_native.py tests/test_properties.py tests/test_sharding.py
             tests/test_grids.py tests/test_sweeps.py tests/test_install.py tests/test_multiprocess.py
-            tests/test_large_counts.py tests/test_hparams.py)
+            tests/test_large_counts.py tests/test_ties_threshold_protocol.py tests/test_hparams.py)
 
 # `bash run.sh test` without arguments runs the suite as a few separate pytest processes, so the
 # memory one group's models, data and compiled programs hold is returned to the system before the

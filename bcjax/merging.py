@@ -25,7 +25,7 @@ import inspect
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -848,11 +848,17 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
         def array(x):
             return x.array() if isinstance(x, HostView) else x
 
-        def histogram_pass(bins):
+        def histogram_pass(bins):  # HostView leaves are read in place
             for i in merged:
-                yield tau_magnitude_histograms(array(leaves0[i]), [array(m[i]) for m in per_model], bins)
+                yield tau_magnitude_histograms(leaves0[i], [m[i] for m in per_model], bins)
 
-        return jnp.asarray(ties_thresholds_from_histograms(histogram_pass, total, len(finetuned), density))
+        def read_blocks(j, starts, length):
+            i = merged[j]
+            return [gather_blocks(array(x[i]), starts, length) for x in (leaves0, *per_model)]
+
+        sizes = [int(np.size(leaves0[i])) for i in merged]
+        sample = lambda: tau_sample_keys(read_blocks, sizes, len(finetuned))  # noqa: E731
+        return jnp.asarray(ties_thresholds_from_histograms(histogram_pass, total, len(finetuned), density, sample))
     rank = jnp.asarray(ties_trim_rank(density, total), jnp.int32)
     p0, fts = [leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model]
     ranks = jnp.broadcast_to(rank, (len(finetuned), 1))
@@ -1012,8 +1018,10 @@ def gradient_matching(pretrained, finetuned, flags, *, fishers=None, alpha=1.0, 
 
 # --------------------------------------------------------------------------- streaming hooks
 # Public pieces of TIES for merges that see one leaf at a time (bcjax.checkpoints streams
-# checkpoints from disk): the model-wide threshold is an additive histogram over leaves
-# (two passes), then each leaf is merged with the same kernel as :func:`ties`.
+# checkpoints from disk, and models of more than 2^31 − 1 merged entries in memory): the
+# model-wide threshold is an order statistic of additive histograms over leaves (a sample
+# brackets it, one counting pass resolves it), then each leaf is merged with the same kernel
+# as :func:`ties`.
 def ties_trim_rank(density, total: int):
     """Ascending 0-based rank of TIES's trim threshold among a model's N = ``total`` merged
     magnitudes |τ|: N − max(1, ⌊density·N + 1e-6⌋) (SPEC §3; ties at the threshold kept); a
@@ -1026,19 +1034,33 @@ def ties_trim_rank(density, total: int):
 #: Elements per device histogram of :func:`tau_magnitude_histogram`: larger leaves are
 #: counted in flat chunks (bounded temporaries, int32 counts per chunk, int64 on the host).
 HISTOGRAM_CHUNK = 1 << 24
+#: Sample keys per task that bracket TIES's threshold (:func:`ties_thresholds_from_histograms`),
+#: drawn as contiguous blocks of :data:`TIES_SAMPLE_BLOCK` entries (one read each).
+TIES_SAMPLE = 1 << 20
+TIES_SAMPLE_BLOCK = 1024
+#: Bracket margin in binomial standard deviations of the sample rank, wide because entries of
+#: a block are correlated. Only speed depends on it: a miss falls back to two full passes.
+TIES_SIGMAS = 8.0
+#: The most coarse bins (2^15 fine counts per task each) one bracket spans; a wider one is
+#: centred on the sample's estimate (and may miss, then the fallback runs).
+TIES_MAX_BINS = 16
 
 
 @jax.jit
 def _tau_histograms(p0, fts, bins):
     """int32 histograms of |θt − θ0|'s float32 bits for every task of one leaf (chunk):
-    ``[T, 2^16]`` coarse (``bins`` None) or ``[T, K, 2^15]`` fine. The native kernel on CPU
-    (one pass, θ0 read once, bfloat16 read as it is); XLA's scatter-add elsewhere."""
+    ``[T, 2^16]`` coarse (``bins`` None) or ``[T, K·2^15 + 1]`` fine (the K rows of
+    ``order_stats.fine_histogram`` for ``bins[t]``, then the count of keys whose coarse part
+    exceeds every ``bins[t]``). The native kernel on CPU (one pass, θ0 read once, bfloat16
+    read as it is); XLA's scatter-add elsewhere."""
     def portable(p0, *fts):
         p = _upcast(p0, p0)
         keys = [order_stats.magnitude_bits(_upcast(f, p0) - p) for f in fts]
         if bins is None:
             return jnp.stack([order_stats.coarse_histogram(k) for k in keys])
-        return jnp.stack([order_stats.fine_histogram(k, bins[t]) for t, k in enumerate(keys)])
+        return jnp.stack([jnp.concatenate([order_stats.fine_histogram(k, bins[t]).reshape(-1),
+                                           jnp.sum(jnp.ravel(k) >> 15 > jnp.max(bins[t]), dtype=jnp.int32)[None]])
+                          for t, k in enumerate(keys)])
 
     dtypes = {jnp.dtype(x.dtype) for x in (p0, *fts)}
     if len(dtypes) == 1 and dtypes <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)} and _native.available():
@@ -1047,40 +1069,207 @@ def _tau_histograms(p0, fts, bins):
     return portable(p0, *fts)
 
 
+@functools.partial(jax.jit, static_argnames=("size",))
+def _tau_histograms_on_views(padded, offsets, bins, size):
+    """:func:`_tau_histograms` (native) of the ``size`` entries of each padded host buffer
+    from its offset: :class:`HostView` leaves (NumPy memory, even a mapped file) read in place."""
+    return _native.diff_histograms(padded[0], padded[1:], bins, offsets=offsets, size=size)
+
+
+def _histograms_on_views(leaves) -> bool:
+    """True when :func:`tau_magnitude_histograms` can read these leaves in place: NumPy arrays
+    or :class:`HostView`, all float32 or all bfloat16, CPU backend, native kernel available."""
+    dtypes = {np.dtype(x.dtype) for x in leaves}
+    return (all(isinstance(x, (np.ndarray, HostView)) for x in leaves) and len(dtypes) == 1
+            and dtypes <= {np.dtype(np.float32), np.dtype(jnp.bfloat16)}
+            and jax.default_backend() == "cpu" and _native.available())
+
+
 def tau_magnitude_histograms(p0, fts, bins=None) -> np.ndarray:
     """One leaf's additive histograms of the float32 bits of |θt − θ0| for every task, NumPy
-    int64 on the host: coarse ``[T, 2^16]``, or with ``bins`` (``[T, K]`` coarse bins) the
-    fine rows ``[T, K, 2^15]``. Leaves of more than :data:`HISTOGRAM_CHUNK` entries are
-    counted in flat chunks. Summed over leaves and resolved with
-    ``order_stats.locate_coarse`` / ``resolve_fine`` they give a model-wide order statistic
-    (:func:`ties_thresholds_from_histograms`)."""
-    flat0, flats = p0.reshape(-1), [f.reshape(-1) for f in fts]  # NumPy: views, chunks used in place
-    n = flat0.size
+    int64 on the host: coarse ``[T, 2^16]``, or with ``bins`` (``[T, K]`` coarse bins) fine
+    ``[T, K·2^15 + 1]``: the K rows of 2^15 fine counts back to back, then the count of keys
+    above every bin of the task. Leaves of more than :data:`HISTOGRAM_CHUNK` entries are
+    counted in flat chunks. Summed over leaves they give a model-wide order statistic
+    (:func:`ties_thresholds_from_histograms`). NumPy leaves (float32 or bfloat16; memory-mapped
+    ones too) and :class:`HostView` leaves are read in place by the native kernel on CPU."""
+    leaves = [p0, *fts]
+    n = int(p0.size)
     step = n if n <= HISTOGRAM_CHUNK else HISTOGRAM_CHUNK
     bins = None if bins is None else jnp.asarray(np.asarray(bins, np.int32).reshape(len(fts), -1))
+    if n and _histograms_on_views(leaves):
+        leaves = [x if isinstance(x, HostView) else host_view(x) for x in leaves]
+        if all(isinstance(v, HostView) for v in leaves) and max(int(v.offset) for v in leaves) + n < 2**31:
+            offsets = np.array([int(v.offset) for v in leaves], np.int64)
+            padded = tuple(v.padded for v in leaves)
+            return order_stats.accumulate_histograms(None, (
+                _tau_histograms_on_views(padded, jnp.asarray(offsets + s, jnp.int32), bins, size=min(step, n - s))
+                for s in range(0, n, step)))
+    p0, *fts = [x.array() if isinstance(x, HostView) else x for x in leaves]
+    flat0, flats = p0.reshape(-1), [f.reshape(-1) for f in fts]  # NumPy: views, chunks used in place
     return order_stats.accumulate_histograms(None, (
         _tau_histograms(_host_to_device(flat0[s:s + step]), tuple(_host_to_device(f[s:s + step]) for f in flats), bins)
         for s in range(0, n, step)))
 
 
-def ties_thresholds_from_histograms(histogram_pass, total: int, num_tasks: int, density) -> np.ndarray:
-    """TIES's model-wide trim threshold bits (SPEC §3), int32 shape (T,), from two passes of
-    additive histograms summed on the host in int64 (no limit of 2^31 − 1 entries).
+def ties_sample_blocks(sizes: Sequence[int]) -> list[tuple[np.ndarray, int]]:
+    """Per leaf of ``sizes`` entries, ``(starts, length)``: the contiguous sample blocks
+    ``[s, s + length)`` of :func:`tau_sample_keys`, about :data:`TIES_SAMPLE` entries in all,
+    each leaf sampled at the same rate (whole leaves when the model is smaller). Deterministic
+    (fixed seed): only the speed of :func:`ties_thresholds_from_histograms` depends on it."""
+    total = int(sum(sizes))
+    rate = TIES_SAMPLE / max(total, 1)
+    rng = np.random.default_rng(0x5EEDB1C5)
+    plan = []
+    for n in map(int, sizes):
+        if n == 0 or rate >= 1:
+            plan.append((np.zeros(1 if n else 0, np.int64), n))
+            continue
+        length = min(TIES_SAMPLE_BLOCK, n)
+        expected = n * rate / length
+        count = int(expected) + int(rng.random() < expected - int(expected))
+        plan.append((np.sort(rng.integers(0, n - length + 1, count)), length))
+    return plan
+
+
+def gather_blocks(x, starts: np.ndarray, length: int) -> np.ndarray:
+    """Entries ``[s, s + length)`` of the flattened leaf ``x`` for each s in ``starts``, concatenated (NumPy)."""
+    index = (np.asarray(starts, np.int64)[:, None] + np.arange(length)).reshape(-1)
+    if isinstance(x, np.ndarray):
+        return x.reshape(-1)[index]
+    return np.asarray(jnp.ravel(x)[index])
+
+
+class TauSample(NamedTuple):
+    """TIES's threshold sample: ``keys[t]`` the sample keys (int32 bits of |τt|) of task t, the
+    blocks back to back in the same order for every task; ``block_leaf`` and ``block_size``
+    each block's leaf and length (the bracket's margin estimates the sample's spread from
+    the blocks, so correlated entries within a block widen it)."""
+    keys: list
+    block_leaf: np.ndarray
+    block_size: np.ndarray
+
+
+def tau_sample_keys(read_blocks, sizes: Sequence[int], num_tasks: int) -> TauSample:
+    """Sample keys (float32 bits of |θt − θ0|) of each task for TIES's bracket: ``read_blocks(i,
+    starts, length)`` returns θ0's and the T tasks' entries of leaf i in the blocks of
+    :func:`ties_sample_blocks` (as :func:`gather_blocks` does), T + 1 1-D arrays."""
+    parts = [[] for _ in range(num_tasks)]
+    leaf, size = [], []
+    for i, (starts, length) in enumerate(ties_sample_blocks(sizes)):
+        if len(starts) == 0 or length == 0:
+            continue
+        p, *fs = read_blocks(i, starts, length)
+        p = np.asarray(p, np.float32)
+        for t, f in enumerate(fs):
+            parts[t].append(np.abs(np.asarray(f, np.float32) - p).view(np.int32))
+        leaf += [i] * len(starts)
+        size += [length] * len(starts)
+    return TauSample([np.concatenate(p) if p else np.zeros(0, np.int32) for p in parts],
+                     np.asarray(leaf, np.int64), np.asarray(size, np.int64))
+
+
+def _count_variance(below: np.ndarray, block_leaf: np.ndarray, block_size: np.ndarray) -> float:
+    """Variance of #{sample keys below a value} for a sample stratified by leaf with random
+    blocks in each: Σ_leaf n_l/(n_l − 1) Σ_blocks (c_b − p_l·s_b)², c_b the block's count,
+    p_l the leaf's rate (leaves of one block contribute nothing)."""
+    starts = np.concatenate([[0], np.cumsum(block_size)[:-1]])
+    counts = np.add.reduceat(below.astype(np.int64), starts)
+    rate = np.bincount(block_leaf, weights=counts) / np.maximum(np.bincount(block_leaf, weights=block_size), 1)
+    squares = np.bincount(block_leaf, weights=(counts - rate[block_leaf] * block_size) ** 2)
+    blocks = np.bincount(block_leaf)
+    several = blocks > 1
+    return float(np.sum(squares[several] * blocks[several] / (blocks[several] - 1)))
+
+
+def _bracket_bins(sample, rank: int, total: int) -> np.ndarray:
+    """int32 ``[T, K]`` contiguous coarse bins per task (same K for all) that contain the
+    sample's estimate of the rank-th key with a margin of :data:`TIES_SIGMAS` standard
+    deviations of the sample rank: binomial, or the blocks' own spread when larger (a
+    :class:`TauSample`; a plain list of key arrays counts as independent keys), with the
+    finite-population correction; at most :data:`TIES_MAX_BINS` bins."""
+    keys_per_task = sample.keys if isinstance(sample, TauSample) else sample
+    q = (rank + 0.5) / total
+    lows, widths = [], []
+    for keys in keys_per_task:
+        m = keys.size
+        if m == 0:
+            lows.append(0), widths.append(order_stats.N_COARSE)
+            continue
+        pos = q * m
+        mid = int(np.clip(np.floor(pos), 0, m - 1))
+        estimate = int(np.partition(keys, mid)[mid])
+        variance = m * q * (1 - q)
+        if isinstance(sample, TauSample) and sample.block_size.sum() == m:  # keys in block order
+            variance = max(variance, _count_variance(keys < estimate, sample.block_leaf, sample.block_size))
+        spread = 1 - m / total  # a sample of every key is exact
+        margin = TIES_SIGMAS * (np.sqrt(variance * spread) + 2) if spread > 0 else 0.0
+        at = [int(np.clip(np.floor(pos - margin), 0, m - 1)), int(np.clip(np.ceil(pos + margin), 0, m - 1))]
+        part = np.partition(keys, sorted(set(at)))
+        lo = 0 if pos - margin < 0 else int(part[at[0]]) >> 15
+        hi = order_stats.N_COARSE - 1 if pos + margin >= m else int(part[at[1]]) >> 15
+        if hi - lo + 1 > TIES_MAX_BINS:  # centred on the estimate
+            lo = max(0, (estimate >> 15) - TIES_MAX_BINS // 2)
+            hi = lo + TIES_MAX_BINS - 1
+        lows.append(lo), widths.append(hi - lo + 1)
+    k = min(max(widths), TIES_MAX_BINS)
+    lows = np.minimum(np.asarray(lows, np.int64), order_stats.N_COARSE - k)
+    return (lows[:, None] + np.arange(k)).astype(np.int32)
+
+
+def ties_thresholds_from_histograms(histogram_pass, total: int, num_tasks: int, density, sample=None) -> np.ndarray:
+    """TIES's model-wide trim threshold bits (SPEC §3), int32 shape (T,), from additive
+    histograms summed on the host in int64 (no limit of 2^31 − 1 entries): the one protocol
+    for models seen leaf by leaf (streamed from disk, or beyond int32 counts in memory).
 
     ``histogram_pass(bins)`` yields, leaf after leaf, the T histograms of
-    :func:`tau_magnitude_histograms` (``bins`` None: coarse; else ``bins[t]`` for task t).
-    Equals :func:`ties_thresholds` (which selects in one pass when the model is in memory)."""
-    ranks = np.full((num_tasks, 1), ties_trim_rank(density, total), np.int64)
-    hist1 = [None] * num_tasks
-    for per_task in histogram_pass(None):
-        hist1 = [order_stats.accumulate_histograms(h, [x]) for h, x in zip(hist1, per_task)]
+    :func:`tau_magnitude_histograms` (``bins`` None: coarse; else ``bins[t]`` for task t);
+    ``sample()``, optional, returns the sample keys of the T tasks (:func:`tau_sample_keys`).
+
+    With a sample, ONE full pass: the sample brackets each task's rank-r key (r =
+    :func:`ties_trim_rank`) within K contiguous coarse bins [b, b + K); the fine pass counts
+    the keys inside per fine bin and those above; with below = N − above − inside, the
+    threshold is (b·2^15 + j) for the first j whose cumulative count exceeds r − below — when
+    below ≤ r < below + inside. A task whose bracket missed (or no sample) takes the
+    coarse + fine passes (order_stats.locate_coarse / resolve_fine). Exact either way;
+    equals :func:`ties_thresholds` (which selects in one pass when the model is in memory)."""
+    rank = ties_trim_rank(density, total)
+    out = np.zeros(num_tasks, np.int32)
+    missed = list(range(num_tasks))
+    if sample is not None:
+        bins = _bracket_bins(sample(), rank, total)
+        width = bins.shape[1] * order_stats.N_FINE
+        hist = _sum_pass(histogram_pass(bins), num_tasks)
+        missed = []
+        for t in range(num_tasks):
+            above, inside = int(hist[t, width]), int(hist[t, :width].sum())
+            j = rank - (total - above - inside)
+            if 0 <= j < inside:
+                idx = int(np.searchsorted(np.cumsum(hist[t, :width]), j, side="right"))
+                out[t] = (int(bins[t, 0]) << 15) + idx
+            else:
+                missed.append(t)
+        if not missed:
+            return out
+    ranks = np.full((num_tasks, 1), rank, np.int64)
+    hist1 = _sum_pass(histogram_pass(None), num_tasks)
     located = [order_stats.locate_coarse(hist1[t], ranks[t]) for t in range(num_tasks)]
-    bins = [loc[0] for loc in located]
-    hist2 = [None] * num_tasks
-    for per_task in histogram_pass(bins):
-        hist2 = [order_stats.accumulate_histograms(h, [x]) for h, x in zip(hist2, per_task)]
-    return np.array([order_stats.resolve_fine(hist2[t], *located[t], ranks[t])[0] for t in range(num_tasks)],
-                    np.int32)
+    bins = np.stack([loc[0] for loc in located])
+    hist2 = _sum_pass(histogram_pass(bins), num_tasks)[:, :order_stats.N_FINE]
+    for t in missed:
+        out[t] = order_stats.resolve_fine(hist2[t][None], *located[t], ranks[t])[0]
+    return out
+
+
+def _sum_pass(histograms, num_tasks: int) -> np.ndarray:
+    """Σ of a pass's per-leaf ``[T, …]`` histograms, int64 on the host (added in place)."""
+    total = None
+    for h in histograms:
+        if total is None:
+            total = np.array(h, np.int64)
+        else:
+            np.add(total, h, out=total)
+    return np.zeros((num_tasks, 0), np.int64) if total is None else total
 
 
 def ties_merge_with_thresholds(pretrained, finetuned, flags, *, thresholds, alpha=1.0):

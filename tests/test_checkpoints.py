@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import bcjax
+from bcjax import merging
 from bcjax.checkpoints import load_state_dict, merge_checkpoints, open_checkpoint, parse_merge_config, save_safetensors
 from bcjax.checkpoints import io as ckio
 from bcjax.checkpoints import streaming
@@ -120,6 +121,32 @@ def test_ties_streamed_threshold_is_model_wide(toy, tmp_path):
     assert any(not np.array_equal(per_tensor[k], whole[k]) for k in per_tensor)
     for k in whole:
         np.testing.assert_array_equal(got[k], whole[k])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("bracket", ["sampled", "missed"])
+def test_ties_streamed_threshold_from_a_sample_is_exact(tmp_path, monkeypatch, dtype, bracket):
+    """The streamed threshold from a partial block sample (one counting pass) and from a
+    bracket forced to miss (the coarse + fine fallback) both give the whole-model merge."""
+    pre, fts = _models(seed=2, dtype=dtype)
+    base, ft_locs = _write(str(tmp_path), pre, fts, shard_bytes=9000)
+    monkeypatch.setattr(merging, "TIES_SAMPLE", 4096)  # about half of the 8.7 k entries
+    monkeypatch.setattr(merging, "TIES_SAMPLE_BLOCK", 16)
+    monkeypatch.setattr(merging, "TIES_SIGMAS", 3.0 if bracket == "sampled" else 0.0)
+    monkeypatch.setattr(merging, "TIES_MAX_BINS", 64 if bracket == "sampled" else 1)
+    passes = []
+    real = merging.tau_magnitude_histograms
+    monkeypatch.setattr(merging, "tau_magnitude_histograms", lambda p, f, bins=None: passes.append(bins is None)
+                        or real(p, f, bins))
+    merge_checkpoints({"method": "ties", "hparams": {"density": 0.2}, "pretrained": base, "finetuned": ft_locs},
+                      tmp_path / "o", progress=False)
+    got = load_state_dict(str(tmp_path / "o"))
+    whole = _whole("ties", {"density": 0.2}, None, pre, fts)
+    for k in whole:
+        np.testing.assert_array_equal(got[k], whole[k], err_msg=k)
+    merged = sum(1 for v in pre.values() if v.dtype != np.int64)
+    assert len(passes) == (merged if bracket == "sampled" else 3 * merged)  # the coarse pass only on a miss
+    assert any(passes) == (bracket == "missed")
 
 
 def test_bf16_inputs_keep_dtype_and_match(tmp_path):

@@ -101,11 +101,17 @@ def test_tau_histograms_equal_the_portable_ones(dtype, native, monkeypatch):
         merging._tau_histograms.clear_cache()
     coarse = merging.tau_magnitude_histograms(p0, fts)
     np.testing.assert_array_equal(coarse, np.stack([np.asarray(order_stats.coarse_histogram(k)) for k in keys]))
-    bins = np.array([[int(np.asarray(k).ravel()[j]) >> 15 for j in (0, 7, 7000)] for k in keys], np.int32)
-    fine = merging.tau_magnitude_histograms(p0, fts, bins)
-    want = np.stack([np.asarray(order_stats.fine_histogram(k, jnp.asarray(b))) for k, b in zip(keys, bins)])
-    np.testing.assert_array_equal(fine, want)
-    assert fine.sum() > 0 and coarse.dtype == np.int64
+    scattered = np.array([[int(np.asarray(k).ravel()[j]) >> 15 for j in (0, 7, 7000)] for k in keys], np.int32)
+    median = [int(np.median(np.asarray(k))) >> 15 for k in keys]
+    contiguous = np.array([[b - 1 + j for j in range(3)] for b in median], np.int32)  # a bracket
+    for bins in (scattered, contiguous):
+        fine = merging.tau_magnitude_histograms(p0, fts, bins)
+        want = np.stack([np.asarray(order_stats.fine_histogram(k, jnp.asarray(b))) for k, b in zip(keys, bins)])
+        np.testing.assert_array_equal(fine[:, :-1].reshape(want.shape), want)
+        above = [int(np.sum(np.asarray(k) >> 15 > b.max())) for k, b in zip(keys, bins)]
+        np.testing.assert_array_equal(fine[:, -1], above)
+        assert fine[:, :-1].sum() > 0 and fine.dtype == np.int64 and min(above) > 0
+    assert coarse.dtype == np.int64
     merging._tau_histograms.clear_cache()
 
 

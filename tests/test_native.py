@@ -146,6 +146,71 @@ def test_native_bfloat16_leaves_select_the_float32_difference(n, sigmas):
     np.testing.assert_array_equal(np.asarray(split), want)
 
 
+@pytest.mark.parametrize("isa", sorted(_native.ISAS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_scan_instruction_set_selects_exactly(isa, dtype):
+    """Each instruction set of the streaming pass (scalar, AVX2's 8 lanes, AVX-512's 16, and
+    "auto"; asking for one the CPU lacks runs its best) gives the sorted answer: leaves whose
+    sizes straddle the vector widths and the 2^16-key scan chunks, joined into one union, 1–4
+    brackets per task (one union buffer per task holds all of them), ranks whose brackets
+    overlap, all keys equal (every key inside every bracket), and brackets that all miss."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(16)
+    sizes = [1, 7, 9, 15, 17, 31, 65_536 + 13, 4_099]  # one union of 8 leaves, n = 69_715
+    n = sum(sizes)
+    p0 = _values(rng, n, "normal")
+    fts = [p0 + _values(rng, n, kind) * np.float32(0.01) for kind in ("normal", "ties", "denormal")]
+    fts.append(p0 + np.float32(0.25))  # every |τ| equal: all keys inside every bracket
+    if dtype == "bfloat16":
+        bf = np.dtype(ml_dtypes.bfloat16)
+        p0, fts = p0.astype(bf), [f.astype(bf) for f in fts]
+    cuts = np.cumsum(sizes)[:-1]
+    leaves = lambda x: np.split(x, cuts)  # noqa: E731
+    diff_bits = jax.jit(lambda a, b: order_stats.magnitude_bits(a.astype(jnp.float32) - b.astype(jnp.float32)))
+    sorted_bits = [np.sort(np.asarray(diff_bits(f, p0))) for f in fts]
+    all_ranks = np.array([[int(0.9 * n), n - 1 - int(0.01 * n), int(0.9 * n) + 3, 0],
+                          [0, n - 1, n // 2, n // 2 + 1],
+                          [n // 3, 5, n - 7, int(0.99 * n)],
+                          [17, n - 1, n // 2, 1]], np.int32)
+    for sigmas in (_native.DEFAULT_SIGMAS, 0.0):
+        for k in (1, 2, 4):
+            ranks = all_ranks[:, :k]
+            want = np.stack([sb[r] for sb, r in zip(sorted_bits, ranks)])
+            got = _native.select_diff_bits_leaves(leaves(p0), [leaves(f) for f in fts], ranks, sigmas=sigmas, isa=isa)
+            np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"sigmas={sigmas}, K={k}")
+    bits = np.asarray(diff_bits(fts[0], p0))  # keys given: select_bits' scan
+    ranks = all_ranks[0, :3]
+    np.testing.assert_array_equal(np.asarray(_native.select_bits(bits, ranks, isa=isa)), sorted_bits[0][ranks])
+    np.testing.assert_array_equal(np.asarray(_native.select_bits(bits, ranks, sigmas=0.0, isa=isa)),
+                                  sorted_bits[0][ranks])
+
+
+@pytest.mark.parametrize("isa", ["auto", "scalar"])
+def test_threads_split_a_large_union_and_join_their_keys(isa):
+    """Above 2 × 2^21 keys the pass splits over threads (on a machine with 2+ cores); each
+    thread's counts and bracket keys are joined before the selection: same answers as a sort,
+    also for the exact fallback (sigmas=0), with the split falling inside a leaf."""
+    rng = np.random.default_rng(22)
+    sizes = [2**21 + 3, 2**21 + 101]  # one thread boundary lies inside the second leaf
+    n = sum(sizes)
+    p0 = rng.standard_normal(n, dtype=np.float32)
+    fts = [p0 + rng.standard_normal(n, dtype=np.float32) * np.float32(0.01) for _ in range(2)]
+    cut = sizes[0]
+    ranks = np.array([[int(0.9 * n), int(0.99 * n)], [0, n // 2]], np.int32)
+    diff_bits = jax.jit(lambda a, b: order_stats.magnitude_bits(a - b))
+    want = np.stack([np.sort(np.asarray(diff_bits(f, p0)))[r] for f, r in zip(fts, ranks)])
+    for sigmas in (_native.DEFAULT_SIGMAS, 0.0):
+        got = _native.select_diff_bits_leaves([p0[:cut], p0[cut:]], [[f[:cut], f[cut:]] for f in fts], ranks,
+                                              sigmas=sigmas, isa=isa)
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"sigmas={sigmas}")
+
+
+def test_unknown_instruction_set_is_refused():
+    with pytest.raises(ValueError, match="isa must be one of"):
+        _native.select_bits(np.zeros(8, np.int32), np.zeros(1, np.int32), isa="neon")
+
+
 def test_bfloat16_breadcrumbs_feeds_the_kernel_bfloat16():
     """The Breadcrumbs leaf kernel hands its bfloat16 leaves to the selection as they are:
     no float32 copies of the T + 1 leaves (memory of streaming merges, SPEC §7)."""

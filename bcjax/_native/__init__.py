@@ -187,8 +187,19 @@ def _threads() -> int:
 #: it (a miss falls back to an exact full selection); tests set 0 to exercise that path.
 DEFAULT_SIGMAS = 3.5
 
+#: Instruction sets of the selection's streaming pass, by name (``isa`` arguments): "auto" is the
+#: CPU's best; asking for more than the CPU has gives its best. Only speed depends on it (tests
+#: run every one, e.g. the scalar code on a CPU with AVX-512).
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 
-def select_bits(bits: jax.Array, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
+
+def _isa(name: str) -> np.int64:
+    if name not in ISAS:
+        raise ValueError(f"isa must be one of {sorted(ISAS)}, got {name!r}")
+    return np.int64(ISAS[name])
+
+
+def select_bits(bits: jax.Array, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS, isa: str = "auto") -> jax.Array:
     """int32[K]: the ``ranks``-th smallest of the non-negative int32 ``bits`` (flattened).
 
     CPU only; call through :func:`bcjax.order_stats.select_bits`, which picks this kernel
@@ -198,18 +209,19 @@ def select_bits(bits: jax.Array, ranks: jax.Array, *, sigmas: float = DEFAULT_SI
     bits = jnp.ravel(jnp.asarray(bits, jnp.int32))
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
-    return call(bits, ranks, threads=_threads(), sigmas=np.float32(sigmas))
+    return call(bits, ranks, threads=_threads(), sigmas=np.float32(sigmas), isa=_isa(isa))
 
 
 def select_diff_bits_multi(pretrained: jax.Array, finetuned, ranks: jax.Array, *,
-                           sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
+                           sigmas: float = DEFAULT_SIGMAS, isa: str = "auto") -> jax.Array:
     """int32[T, K]: row t holds the ``ranks[t]``-th smallest magnitude bits of
     ``finetuned[t] − pretrained`` (float32), for all T tasks of a leaf in one cache-blocked
     pass that reads θ0 once. CPU only; see :func:`bcjax.order_stats.select_diff_bits_multi`."""
-    return select_diff_bits_leaves([pretrained], [[f] for f in finetuned], ranks, sigmas=sigmas)
+    return select_diff_bits_leaves([pretrained], [[f] for f in finetuned], ranks, sigmas=sigmas, isa=isa)
 
 
-def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS) -> jax.Array:
+def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: float = DEFAULT_SIGMAS,
+                            isa: str = "auto") -> jax.Array:
     """int32[T, K]: row t holds the ``ranks[t]``-th smallest of |θt − θ0| (float32 bits of the
     float32 difference; bfloat16 leaves are upcast inside the kernel) over the union of L leaves: ``pretrained`` is θ0's L leaves, ``finetuned[t]`` task t's L leaves
     (same sizes). One cache-blocked pass over all leaves and tasks, reading θ0 once and
@@ -223,10 +235,12 @@ def select_diff_bits_leaves(pretrained, finetuned, ranks: jax.Array, *, sigmas: 
     p0, fts = leaves[:len(pretrained)], leaves[len(pretrained):]
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(MULTI_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
-    return call(ranks, *p0, *fts, num_leaves=np.int64(len(p0)), threads=_threads(), sigmas=np.float32(sigmas))
+    return call(ranks, *p0, *fts, num_leaves=np.int64(len(p0)), threads=_threads(), sigmas=np.float32(sigmas),
+                isa=_isa(isa))
 
 
-def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, sigmas: float = DEFAULT_SIGMAS):
+def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, sigmas: float = DEFAULT_SIGMAS,
+                           isa: str = "auto"):
     """:func:`select_diff_bits_leaves` on views: ``pretrained`` is θ0's L ``(padded, offset)``
     pairs and ``finetuned[t]`` task t's, each a float32 1-D buffer holding the leaf's ``sizes[l]``
     elements from element ``offset`` (bcjax.merging.HostView: NumPy memory adopted without a
@@ -236,7 +250,7 @@ def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, si
     ranks = jnp.asarray(ranks, jnp.int32)
     call = jax.ffi.ffi_call(VIEWS_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(ranks, offsets, *(buf for buf, _ in views), sizes=np.asarray(sizes, np.int64), threads=_threads(),
-                sigmas=np.float32(sigmas))
+                sigmas=np.float32(sigmas), isa=_isa(isa))
 
 
 def _leaf_pointers(p0, finetuned, out) -> tuple:
@@ -278,19 +292,25 @@ def ties_merge(p0, finetuned, out, thresholds, alpha) -> None:
           _threads())
 
 
-def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None) -> jax.Array:
+def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None, *, offsets=None,
+                    size: int = -1) -> jax.Array:
     """int32 additive histograms of the float32 bits of |θt − θ0| for all T tasks of one leaf
-    in one pass reading θ0 once: coarse ``[T, 2^16]`` (``bins`` None) or fine ``[T, K, 2^15]``
-    for ``bins[t]``'s K coarse bins (:func:`bcjax.order_stats.coarse_histogram` /
-    :func:`~bcjax.order_stats.fine_histogram` of each task, identical counts). Leaves all
-    float32 or all bfloat16 (upcast inside the kernel), fewer than 2^31 elements. CPU only;
-    see :func:`bcjax.merging.tau_magnitude_histograms`."""
+    in one pass reading θ0 once: coarse ``[T, 2^16]`` (``bins`` None) or fine
+    ``[T, K · 2^15 + 1]`` for ``bins[t]``'s K coarse bins: the K rows of
+    :func:`bcjax.order_stats.fine_histogram` back to back (identical counts; coarse ones equal
+    :func:`~bcjax.order_stats.coarse_histogram`'s), then the count of keys whose coarse part
+    exceeds every ``bins[t]``. Leaves all
+    float32 or all bfloat16 (upcast inside the kernel), fewer than 2^31 elements. With
+    ``offsets`` (int32, one per leaf) and ``size``, leaf j is ``size`` elements of buffer j
+    from element ``offsets[j]`` (host views: NumPy memory read in place). CPU only; see
+    :func:`bcjax.merging.tau_magnitude_histograms`."""
     from bcjax import order_stats
 
     leaves = [pretrained, *finetuned]
     num_tasks = len(finetuned)
     fine = bins is not None
     bins = jnp.zeros((num_tasks, 1), jnp.int32) if bins is None else jnp.asarray(bins, jnp.int32)
-    shape = (num_tasks, bins.shape[1], order_stats.N_FINE) if fine else (num_tasks, order_stats.N_COARSE)
+    shape = (num_tasks, bins.shape[1] * order_stats.N_FINE + 1) if fine else (num_tasks, order_stats.N_COARSE)
     call = jax.ffi.ffi_call(HISTOGRAM_TARGET, jax.ShapeDtypeStruct(shape, jnp.int32), vmap_method="sequential")
-    return call(bins, *leaves, fine=np.int64(fine), threads=_threads())
+    offsets = jnp.zeros(len(leaves), jnp.int32) if offsets is None else jnp.asarray(offsets, jnp.int32)
+    return call(bins, offsets, *leaves, fine=np.int64(fine), threads=_threads(), size=np.int64(size))

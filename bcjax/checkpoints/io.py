@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import json
+import mmap
 import os
 import struct
 from typing import Iterable, Sequence
@@ -91,6 +92,20 @@ class Checkpoint(abc.ABC):
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a NumPy array in its stored dtype."""
 
+    def map(self, name: str) -> np.ndarray:
+        """The tensor ``name`` read-only and, where the format allows, memory-mapped (no
+        copy: kernels that read NumPy memory in place read the page cache). The mapping lives
+        as long as the array; this default reads the tensor."""
+        return self.read(name)
+
+    def read_blocks(self, name: str, starts, length: int) -> np.ndarray:
+        """Entries ``[s, s + length)`` of the flattened tensor for each s in ``starts``,
+        concatenated (1-D, stored dtype): TIES's threshold sample. This default reads the
+        tensor whole; file formats with random access read only the blocks."""
+        from bcjax.merging import gather_blocks
+
+        return gather_blocks(self.read(name), starts, length)
+
     def files(self) -> list[str]:
         return sorted({f for _, _, f in self._info.values()})
 
@@ -138,6 +153,33 @@ class SafetensorsCheckpoint(Checkpoint):
             if n <= 0:
                 raise CheckpointError(f"{path}: tensor {name!r}: file ends {end - start - got} bytes early")
             got += n
+        return out
+
+    def map(self, name: str) -> np.ndarray:
+        shape, dtype, _ = self._info[name]
+        path, start, end = self._where[name]
+        if end <= start:
+            return np.empty(shape, dtype)
+        fd = self._fd(path)
+        if os.fstat(fd).st_size < end:  # a shorter file would fault (SIGBUS) when read
+            raise CheckpointError(f"{path}: tensor {name!r}: file ends before byte {end}")
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        # populated at once (Linux): every page is read anyway, and one call maps them cheaper than faults
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        m = mmap.mmap(fd, end - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+        return np.frombuffer(m, dtype, count=(end - start) // dtype.itemsize, offset=start - base).reshape(shape)
+
+    def read_blocks(self, name: str, starts, length: int) -> np.ndarray:
+        shape, dtype, _ = self._info[name]
+        path, start, end = self._where[name]
+        out = np.empty(len(starts) * length, dtype)
+        view = memoryview(out.view(np.uint8))
+        step = length * dtype.itemsize
+        fd = self._fd(path)
+        for j, s in enumerate(starts):
+            at = start + int(s) * dtype.itemsize
+            if at + step > end or os.preadv(fd, [view[j * step:(j + 1) * step]], at) != step:
+                raise CheckpointError(f"{path}: tensor {name!r}: cannot read entries {int(s)}..{int(s) + length}")
         return out
 
     def close(self) -> None:

@@ -9,12 +9,16 @@ registered method itself, called on a one-tensor tree, so every result is bit-id
   the one-tensor tree puts the tensor at that index behind empty placeholders, which every
   method skips;
 - TIES's model-wide trim threshold (SPEC §3) is an order statistic of |τt| over all merged
-  tensors of model t: two extra read passes build the additive coarse and fine histograms
-  (``merging.tau_magnitude_histograms``: one native pass per tensor for all T tasks on CPU,
+  tensors of model t: a sample of small blocks brackets it and ONE extra read pass counts
+  the additive fine histograms of the bracket and the keys above it (two passes more only
+  where a bracket missed: ``merging.ties_thresholds_from_histograms``;
+  ``merging.tau_magnitude_histograms``: one native pass per tensor for all T tasks on CPU,
   int32 counts per chunk summed on the host in int64, so models of more than 2^31 − 1
   merged entries work), then each tensor is merged with ``merging.ties_merge_with_thresholds``.
 
-Memory: tensors are read into 64-byte-aligned host buffers that XLA's CPU client uses in
+Memory: safetensors tensors are memory-mapped (``Checkpoint.map``) where the method's
+kernels read NumPy leaves in place as host views (TIES; float32 leaves): no copy of the page
+cache; otherwise they are read into 64-byte-aligned buffers that XLA's CPU client uses in
 place (no device copy); bfloat16 inputs reach the selection kernel as they are (no float32
 copies), and the elementwise merge is fused, so a tensor costs about its T + 1 inputs and
 its output in their own dtype (≈ (T + 2) × its size) plus small temporaries. Tensors in
@@ -154,10 +158,19 @@ class _Merger:
         d = self.base.info(self.names[i])[1]
         return np.dtype(jnp.dtype(self.plan.dtype)) if self.plan.dtype and _is_float(d) else d
 
+    def in_place(self, i: int) -> bool:
+        """Whether the method reads tensor ``i``'s NumPy leaves in place (host views): TIES's
+        kernels for every dtype, the others' for float32. Otherwise (e.g. bfloat16
+        Breadcrumbs, whose selection reads device buffers) they get aligned buffers."""
+        return self.plan.method == "ties" or self.base.info(self.names[i])[1] == np.float32
+
     def read(self, i: int) -> list[np.ndarray]:
-        """θ0's and every θt's tensor ``i`` (aligned host buffers: the CPU device uses them
-        without a copy)."""
-        arrays = [ck.read(self.names[i]) for ck in (self.base, *self.fts)]
+        """θ0's and every θt's tensor ``i``: memory-mapped where the format allows and the
+        method reads NumPy leaves in place (``Checkpoint.map``; the page cache is read
+        without a copy), else read into 64-byte-aligned buffers that XLA's CPU client
+        adopts without a copy."""
+        name = self.names[i]
+        arrays = [ck.map(name) if self.in_place(i) else ck.read(name) for ck in (self.base, *self.fts)]
         self.bytes_read += sum(a.nbytes for a in arrays)
         return arrays
 
@@ -179,7 +192,7 @@ class _Merger:
         if not merged:
             out = arrays[0]
         else:
-            out = self._merge_leaf(i, [merging._host_to_device(a) for a in arrays])  # zero-copy on CPU
+            out = self._merge_leaf(i, arrays if self.in_place(i) else [merging._host_to_device(a) for a in arrays])
             if self.fused_check and not all_finite([out]):
                 _check_values(name, arrays, [self.base, *self.fts], self.labels)
         del arrays
@@ -197,7 +210,7 @@ class _Merger:
         return res[-1]
 
     def histogram(self, i: int, bins=None) -> list:
-        p0, *fts = self.read(i)  # aligned host buffers: chunks go to the kernel in place
+        p0, *fts = self.read(i)  # mapped: the kernel reads the page cache in place
         return merging.tau_magnitude_histograms(p0, fts, bins)
 
 
@@ -229,9 +242,10 @@ def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=No
 
 
 def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
-    """Each task's model-wide trim threshold bits (SPEC §3) from two histogram passes,
-    counted per tensor (chunk) in int32 and summed on the host in int64: models of more
-    than 2^31 − 1 merged entries are fine."""
+    """Each task's model-wide trim threshold bits (SPEC §3): a sample of blocks brackets
+    them, one histogram pass counts them exactly (two more passes only where a bracket
+    missed), counted per tensor (chunk) in int32 and summed on the host in int64: models of
+    more than 2^31 − 1 merged entries are fine (merging.ties_thresholds_from_histograms)."""
     todo = [i for i, f in enumerate(m.flags) if f and int(np.prod(m.base.info(m.names[i])[0])) > 0]
     T = len(m.fts)
     total = sum(int(np.prod(m.base.info(m.names[i])[0])) for i in todo)
@@ -244,7 +258,12 @@ def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
             progress(1)
             yield h
 
-    return jnp.asarray(merging.ties_thresholds_from_histograms(histogram_pass, total, T, density), jnp.int32)
+    def read_blocks(j, starts, length):
+        return [ck.read_blocks(m.names[todo[j]], starts, length) for ck in (m.base, *m.fts)]
+
+    sizes = [int(np.prod(m.base.info(m.names[i])[0])) for i in todo]
+    sample = lambda: merging.tau_sample_keys(read_blocks, sizes, T)  # noqa: E731
+    return jnp.asarray(merging.ties_thresholds_from_histograms(histogram_pass, total, T, density, sample), jnp.int32)
 
 
 def _copy_side_files(base_location: str, folder: str) -> list[str]:
@@ -367,7 +386,7 @@ def _run(plan, m: _Merger, entries, out, limit, resume, progress, workers, t0) -
                     thresholds = jnp.asarray(state["ties_thresholds"], jnp.int32)
                 else:
                     n_merged = sum(1 for i, f in enumerate(m.flags) if f)
-                    with tqdm(total=2 * n_merged, unit="tensor", desc="ties thresholds", disable=not progress) as bar:
+                    with tqdm(total=n_merged, unit="tensor", desc="ties thresholds", disable=not progress) as bar:
                         thresholds = _ties_thresholds(m, pool, window, bar.update)
             m.thresholds = thresholds
             _save_state(tmp, fp, thresholds)
