@@ -155,6 +155,17 @@ def run(cmd: list[str], timeout: float | None = None, env=None, cwd=None) -> dic
     return out
 
 
+def drop_page_cache() -> None:
+    """Write dirty pages back and drop the kernel's page cache (Linux, needs root), so the next
+    run reads its inputs from disk, as a first merge of freshly downloaded checkpoints does."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise SystemExit(f"--cold needs root on Linux to write /proc/sys/vm/drop_caches: {e}") from None
+
+
 def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
@@ -166,6 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="results JSON")
     ap.add_argument("--methods", default="breadcrumbs,ties")
     ap.add_argument("--repeats", type=int, default=1, help="bcjax and cp repeats (median reported)")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every timed run (Linux, root): "
+                    "inputs come from disk, as on a first merge; default: whatever the page cache holds")
     ap.add_argument("--mergekit", default=os.path.join(ROOT, ".venv-bench", "bin", "mergekit-yaml"))
     ap.add_argument("--mergekit-timeout", type=float, default=None, help="seconds; a cut run is a lower bound")
     ap.add_argument("--no-mergekit", action="store_true")
@@ -206,11 +219,18 @@ def main(argv=None) -> int:
         results["bytes_per_model"] = folder_bytes(locs[0])
         results["params"] = int(sum(np.prod(s) for s in llama_shapes(**case).values()))
         py = sys.executable
+        results["cold_page_cache"] = args.cold
+
+        def cold():
+            if args.cold:
+                drop_page_cache()
+        cold()
         results["runs"]["interpreter"] = run([py, "-c", "import bcjax.checkpoints, jax.numpy as jnp; jnp.zeros(1)"],
                                              env=env)
         cps = []
         for r in range(args.repeats if "cp_base" not in skip else 0):
             dst = os.path.join(args.workdir, "cp_out")
+            cold()
             cps.append(run(["cp", "-r", locs[0], dst]))
             shutil.rmtree(dst, ignore_errors=True)
         if cps:
@@ -219,11 +239,13 @@ def main(argv=None) -> int:
         for r in range(args.repeats if "cp_all_inputs" not in skip else 0):
             dst = os.path.join(args.workdir, "cp_all")
             os.makedirs(dst, exist_ok=True)
+            cold()
             cps.append(run(["cp", "-r", *locs, dst]))
             shutil.rmtree(dst, ignore_errors=True)
         if cps:
             results["runs"]["cp_all_inputs"] = _median(cps)
         if "read_all_inputs" not in skip:
+            cold()
             results["runs"]["read_all_inputs"] = run(["sh", "-c", "cat " + " ".join(
                 os.path.join(d, f) for d in locs for f in os.listdir(d) if f.endswith(".safetensors")) + " > /dev/null"])
         for method in args.methods.split(","):
@@ -232,11 +254,13 @@ def main(argv=None) -> int:
             rs = []
             for r in range(args.repeats):
                 dst = os.path.join(args.workdir, f"bcjax_{method}")
+                cold()
                 rs.append(run([py, "-m", "bcjax.cli", "merge", cfg, "--out", dst, "--no-progress"], env=env))
                 shutil.rmtree(dst, ignore_errors=True)
             results["runs"][f"bcjax_{method}"] = _median(rs)
             if not args.no_mergekit and "mergekit" not in skip and os.path.exists(args.mergekit):
                 dst = os.path.join(args.workdir, f"mergekit_{method}")
+                cold()
                 results["runs"][f"mergekit_{method}"] = run([args.mergekit, cfg, dst, "--no-copy-tokenizer"],
                                                             timeout=args.mergekit_timeout)
                 shutil.rmtree(dst, ignore_errors=True)
