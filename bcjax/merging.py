@@ -314,14 +314,21 @@ def parallel_map(fn: Callable, items: Sequence, *, traced: bool = False) -> list
 
 
 def map_merged_leaves(leaf_fn: Callable, pretrained: PyTree, finetuned: Sequence[PyTree],
-                      flags: Sequence[bool], *extra: Sequence[PyTree], host: Callable | None = None) -> PyTree:
+                      flags: Sequence[bool], *extra: Sequence[PyTree], host: Callable | None = None,
+                      native: Callable | None = None) -> PyTree:
     """Rebuild ``pretrained`` with ``leaf_fn(i, p0, [θt leaf], *[[extra leaf] ...])`` on
     merged leaves (index ``i`` among all leaves) and θ0's leaf elsewhere.
 
     ``host`` (optional) converts θ0's and each θt's leaf just before ``leaf_fn`` sees it, one
     leaf at a time as the merge streams through the model: :func:`host_view` (kernels that
     read every input through :func:`_upcast`; NumPy leaves without a copy) or
-    :func:`_host_to_device` (NumPy leaves copied aligned, then adopted by XLA)."""
+    :func:`_host_to_device` (NumPy leaves copied aligned, then adopted by XLA).
+
+    ``native`` (optional, concrete values only) is ``native(p0s, ftss, device) -> leaves | None``
+    merging in one call the leaves that :func:`_host_readable` can read in place (θ0's list,
+    then each task's list, as C-contiguous NumPy arrays of one dtype): the same values as
+    ``leaf_fn`` bit for bit, without an XLA program per leaf shape (:func:`_native_task_sums`);
+    the other leaves (and all of them when it returns None) go through ``leaf_fn``."""
     leaves0, treedef = jax.tree.flatten(pretrained, is_leaf=lambda x: isinstance(x, HostView))
     per_model = [_leaves(t) for t in finetuned]
     per_extra = [[jax.tree.leaves(t) for t in group] for group in extra]
@@ -334,9 +341,87 @@ def map_merged_leaves(leaf_fn: Callable, pretrained: PyTree, finetuned: Sequence
 
     out = list(leaves0)
     traced = _is_traced((pretrained, finetuned, extra))
+    if native is not None and not traced and todo:
+        readable = {i: _host_readable([leaves0[i], *(m[i] for m in per_model)]) for i in todo}
+        groups: dict = {}  # one native call per (device, dtype)
+        done: set[int] = set()
+        for i, found in readable.items():
+            if found is not None:
+                groups.setdefault((found[1], found[0][0].dtype), []).append(i)
+        for (device, _), group in groups.items():
+            arrays = [readable[i][0] for i in group]
+            merged = native([a[0] for a in arrays], [[a[1 + t] for a in arrays] for t in range(len(per_model))],
+                            device)
+            if merged is None:  # no native kernel for these: the leaves stay with leaf_fn
+                continue
+            for i, leaf in zip(group, merged):
+                out[i] = leaf
+            done.update(group)
+        todo = [i for i in todo if i not in done]
     for i, leaf in zip(todo, parallel_map(one, todo, traced=traced)):
         out[i] = leaf
     return jax.tree.unflatten(treedef, out)
+
+
+def _host_readable(leaves: Sequence) -> tuple[list[np.ndarray], Any] | None:
+    """``leaves`` (θ0's leaf and each θt's, concrete) as C-contiguous NumPy arrays read in
+    place, and where the merged leaf belongs — ``(arrays, device)`` with ``device`` None for
+    JAX's default device (uncommitted, as a jitted kernel's output would be) or the CPU device
+    the committed inputs sit on — or None when a native host kernel must not take them:
+    another backend, sharded or multi-process arrays, tracers, dtypes other than float32
+    (float64 with x64 enabled), or leaves of different dtypes. NumPy leaves that are strided
+    or misaligned for their dtype are copied (same values)."""
+    dtype = np.dtype(leaves[0].dtype) if hasattr(leaves[0], "dtype") else None
+    allowed = (np.float32, np.float64) if jax.dtypes.canonicalize_dtype(np.float64) == np.float64 else (np.float32,)
+    if dtype not in allowed:
+        return None
+    arrays, device = [], None
+    for x in leaves:
+        if isinstance(x, HostView):  # NumPy memory already wrapped (TIES): the leaf itself, in place
+            x = np.asarray(x.padded)[int(x.offset):int(x.offset) + x.size].reshape(x.shape)
+        if isinstance(x, (np.ndarray, np.generic)):
+            x = np.asarray(x)
+            if x.dtype != dtype or not x.dtype.isnative or jax.default_backend() != "cpu":
+                return None
+            arrays.append(x if x.flags.c_contiguous and x.flags.aligned else np.ascontiguousarray(x))
+        elif isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            if x.dtype != dtype or not x.is_fully_addressable or len(x.sharding.device_set) != 1:
+                return None
+            (d,) = x.sharding.device_set
+            if d.platform != "cpu":
+                return None
+            if x.committed:
+                if device not in (None, d):
+                    return None
+                device = d
+            elif d != _default_device():
+                return None
+            arrays.append(np.asarray(x))  # CPU: the buffer itself, read-only (waits until it is ready)
+        else:
+            return None
+    return arrays, device
+
+
+def _default_device():
+    return jax.config.jax_default_device or jax.devices()[0]
+
+
+def _adopt_host_arrays(arrays: Sequence[np.ndarray], device) -> list:
+    """NumPy arrays written by a native kernel as jax.Arrays without a copy (their buffers are
+    64-byte aligned, :func:`_aligned_empty`): on ``device`` (committed) or, for None, JAX's
+    default device (uncommitted)."""
+    return jax.device_put(list(arrays), device) if device is not None else jax.device_put(list(arrays))
+
+
+def _aligned_empty(shapes: Sequence[tuple[int, ...]], dtype) -> list[np.ndarray]:
+    """Uninitialised arrays of ``shapes`` in one allocation, each starting on a
+    :data:`_ZERO_COPY_ALIGNMENT`-byte boundary (so XLA:CPU adopts them without a copy)."""
+    dtype = np.dtype(dtype)
+    line = _ZERO_COPY_ALIGNMENT // dtype.itemsize
+    counts = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    starts = np.cumsum([0, *(-(-c // line) * line for c in counts)])
+    slab = _aligned_empty_1d(int(starts[-1]), dtype)
+    return [slab[a:a + c].reshape(s) for a, c, s in zip(starts, counts, shapes)]
 
 
 def propagates_nonfinite(fn: Callable) -> Callable:
@@ -388,13 +473,19 @@ def _aligned_host_buffer(x: np.ndarray, count: int) -> np.ndarray:
     """A fresh 1-D buffer of ``count`` elements starting on a :data:`_ZERO_COPY_ALIGNMENT`-byte
     boundary, holding ``x``'s elements (C order) first (numpy's memcpy: several times faster than
     XLA's own copy of an unaligned buffer)."""
-    pad = _ZERO_COPY_ALIGNMENT // x.itemsize
-    buf = np.empty(count + pad, x.dtype)
-    start = (-buf.ctypes.data % _ZERO_COPY_ALIGNMENT) // x.itemsize
-    out = buf[start:start + count]
+    out = _aligned_empty_1d(count, x.dtype)
     out[:x.size] = x.reshape(-1)
     out[x.size:] = 0
     return out
+
+
+def _aligned_empty_1d(count: int, dtype) -> np.ndarray:
+    """An uninitialised 1-D buffer of ``count`` elements starting on a
+    :data:`_ZERO_COPY_ALIGNMENT`-byte boundary."""
+    dtype = np.dtype(dtype)
+    buf = np.empty(count + _ZERO_COPY_ALIGNMENT // dtype.itemsize, dtype)
+    start = (-buf.ctypes.data % _ZERO_COPY_ALIGNMENT) // dtype.itemsize
+    return buf[start:start + count]
 
 
 def _host_to_device(x):
@@ -490,10 +581,12 @@ def _upcast(x, like):
 
 
 def _per_task(value, num_tasks: int, name: str):
-    """A scalar or one value per task, as a float32 array of shape (T,)."""
+    """A scalar or one value per task, as a float32 array of shape (T,): NumPy when concrete
+    (no XLA program of its own: a process's first merge compiles nothing for it), traced otherwise."""
+    xp = jnp if any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(value)) else np
     if is_scalar_like(value):
-        return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (num_tasks,))
-    arr = jnp.asarray(value, jnp.float32)
+        return xp.broadcast_to(xp.asarray(value, xp.float32), (num_tasks,))
+    arr = xp.asarray(value, xp.float32)
     if arr.shape != (num_tasks,):
         raise HyperparameterError(f"{name} must be a scalar or have one value per task ({num_tasks}), got shape {arr.shape}")
     return arr
@@ -535,8 +628,21 @@ def _weighted_task_sum(p0, fts, scales, alphas):
 def task_arithmetic(pretrained, finetuned, flags, *, alpha=1.0):
     """Task arithmetic (Ilharco et al.): θ* = θ0 + α Σt τt (α scalar or one per task)."""
     alphas = _per_task(alpha, len(finetuned), "alpha")
+    native = None if isinstance(alphas, jax.core.Tracer) else functools.partial(_native_task_sums, alphas)
     return map_merged_leaves(lambda i, p0, fts: _weighted_task_sum(p0, tuple(fts), None, alphas),
-                             pretrained, finetuned, flags, host=host_view)
+                             pretrained, finetuned, flags, host=host_view, native=native)
+
+
+def _native_task_sums(alphas, p0s, ftss, device) -> list | None:
+    """:func:`_weighted_task_sum` (no scales) for concrete host leaves, in one call of the
+    native kernel over all of them (``bcjax/_native/merge_kernels.cc``: bit-identical, overflow
+    rescue included; no XLA program per leaf shape, so a process's first merge compiles
+    nothing), outputs adopted by XLA without a copy. See :func:`map_merged_leaves`."""
+    if not _native.available():
+        return None
+    out = _aligned_empty([p.shape for p in p0s], p0s[0].dtype)
+    _native.task_sum(p0s, ftss, out, np.asarray(alphas, np.float32))
+    return _adopt_host_arrays(out, device)
 
 
 @jax.jit
@@ -1196,5 +1302,21 @@ def ties_merge_with_thresholds(pretrained, finetuned, flags, *, thresholds, alph
     when the thresholds are those of the whole model. ``alpha``: a scalar or one per task."""
     alpha = hp_specs.normalize("ties", {"alpha": ALPHA}, {"alpha": alpha}, num_tasks=len(finetuned))["alpha"]
     thresholds = jnp.asarray(thresholds, jnp.int32)
+    native = None if _is_traced((thresholds, alpha)) else functools.partial(_native_ties_merges, thresholds, alpha)
     return map_merged_leaves(lambda i, p0, fts: _ties_leaf(p0, tuple(fts), thresholds, alpha),
-                             pretrained, finetuned, flags, host=host_view)
+                             pretrained, finetuned, flags, host=host_view, native=native)
+
+
+def _native_ties_merges(thresholds, alpha, p0s, ftss, device) -> list | None:
+    """:func:`_ties_leaf` for concrete float32 host leaves in one native call
+    (``merge_kernels.cc``: bit-identical, no XLA program per leaf shape); see
+    :func:`map_merged_leaves`. None (the XLA kernel) for other dtypes or without the kernel."""
+    if p0s[0].dtype != np.float32 or len(ftss) > _NATIVE_MAX_TASKS or not _native.available():
+        return None
+    out = _aligned_empty([p.shape for p in p0s], np.float32)
+    _native.ties_merge(p0s, ftss, out, np.asarray(thresholds, np.int32), np.asarray(alpha, np.float32))
+    return _adopt_host_arrays(out, device)
+
+
+#: Most tasks the native TIES kernel takes (its per-entry scratch); more use the XLA kernel.
+_NATIVE_MAX_TASKS = 1024

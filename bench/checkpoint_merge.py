@@ -116,14 +116,14 @@ def write_config(method: str, locs: list[str], path: str) -> None:
         yaml.safe_dump(cfg, f, sort_keys=False)
 
 
-def run(cmd: list[str], timeout: float | None = None, env=None) -> dict:
+def run(cmd: list[str], timeout: float | None = None, env=None, cwd=None) -> dict:
     """Wall seconds and peak RSS (bytes) of one process (and its children it waited for)."""
     import re
     import tempfile
 
     log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child never blocks on a full pipe
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=cwd, start_new_session=True)
     timed_out = False
     while True:
         pid, status, ru = os.wait4(p.pid, os.WNOHANG)
@@ -155,6 +155,17 @@ def run(cmd: list[str], timeout: float | None = None, env=None) -> dict:
     return out
 
 
+def drop_page_cache() -> None:
+    """Write dirty pages back and drop the kernel's page cache (Linux, needs root), so the next
+    run reads its inputs from disk, as a first merge of freshly downloaded checkpoints does."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as e:
+        raise SystemExit(f"--cold needs root on Linux to write /proc/sys/vm/drop_caches: {e}") from None
+
+
 def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
@@ -166,10 +177,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="results JSON")
     ap.add_argument("--methods", default="breadcrumbs,ties")
     ap.add_argument("--repeats", type=int, default=1, help="bcjax and cp repeats (median reported)")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every timed run (Linux, root): "
+                    "inputs come from disk, as on a first merge; default: whatever the page cache holds")
     ap.add_argument("--mergekit", default=os.path.join(ROOT, ".venv-bench", "bin", "mergekit-yaml"))
     ap.add_argument("--mergekit-timeout", type=float, default=None, help="seconds; a cut run is a lower bound")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the model files")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse the models a previous --keep run left in WORKDIR/models (written once; implies --keep)")
+    ap.add_argument("--skip", default="", help="comma-separated runs to leave out, e.g. cp_all_inputs (it needs "
+                    "as much free disk as all inputs), mergekit")
     ap.add_argument("--write-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     case = CASES[args.case]
@@ -183,49 +200,73 @@ def main(argv=None) -> int:
                            "mem_total_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                            "load_avg_start": os.getloadavg()},
                "runs": {}}
+    skip = set(filter(None, args.skip.split(",")))
+    keep = args.keep or args.reuse
+    marker = os.path.join(args.workdir, "models", f"complete-{args.case}.json")
     try:
         t0 = time.perf_counter()
-        locs = json.loads(subprocess.run([sys.executable, os.path.abspath(__file__), "--case", args.case, "--workdir",
-                                          args.workdir, "--out", args.out, "--write-only"], check=True,
-                                         capture_output=True, text=True).stdout.strip().splitlines()[-1])
-        results["write_seconds"] = round(time.perf_counter() - t0, 1)
+        if args.reuse and os.path.isfile(marker):
+            with open(marker) as f:
+                locs = json.load(f)
+        else:
+            locs = json.loads(subprocess.run([sys.executable, os.path.abspath(__file__), "--case", args.case,
+                                              "--workdir", args.workdir, "--out", args.out, "--write-only"],
+                                             check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            if keep:
+                with open(marker, "w") as f:
+                    json.dump(locs, f)
+            results["write_seconds"] = round(time.perf_counter() - t0, 1)
         results["bytes_per_model"] = folder_bytes(locs[0])
         results["params"] = int(sum(np.prod(s) for s in llama_shapes(**case).values()))
         py = sys.executable
+        results["cold_page_cache"] = args.cold
+
+        def cold():
+            if args.cold:
+                drop_page_cache()
+        cold()
         results["runs"]["interpreter"] = run([py, "-c", "import bcjax.checkpoints, jax.numpy as jnp; jnp.zeros(1)"],
                                              env=env)
         cps = []
-        for r in range(args.repeats):
+        for r in range(args.repeats if "cp_base" not in skip else 0):
             dst = os.path.join(args.workdir, "cp_out")
+            cold()
             cps.append(run(["cp", "-r", locs[0], dst]))
             shutil.rmtree(dst, ignore_errors=True)
-        results["runs"]["cp_base"] = _median(cps)
+        if cps:
+            results["runs"]["cp_base"] = _median(cps)
         cps = []  # the bytes a merge reads: every input folder
-        for r in range(args.repeats):
+        for r in range(args.repeats if "cp_all_inputs" not in skip else 0):
             dst = os.path.join(args.workdir, "cp_all")
             os.makedirs(dst, exist_ok=True)
+            cold()
             cps.append(run(["cp", "-r", *locs, dst]))
             shutil.rmtree(dst, ignore_errors=True)
-        results["runs"]["cp_all_inputs"] = _median(cps)
-        results["runs"]["read_all_inputs"] = run(["sh", "-c", "cat " + " ".join(
-            os.path.join(d, f) for d in locs for f in os.listdir(d) if f.endswith(".safetensors")) + " > /dev/null"])
+        if cps:
+            results["runs"]["cp_all_inputs"] = _median(cps)
+        if "read_all_inputs" not in skip:
+            cold()
+            results["runs"]["read_all_inputs"] = run(["sh", "-c", "cat " + " ".join(
+                os.path.join(d, f) for d in locs for f in os.listdir(d) if f.endswith(".safetensors")) + " > /dev/null"])
         for method in args.methods.split(","):
             cfg = os.path.join(args.workdir, f"{method}.yaml")
             write_config(method, locs, cfg)
             rs = []
             for r in range(args.repeats):
                 dst = os.path.join(args.workdir, f"bcjax_{method}")
+                cold()
                 rs.append(run([py, "-m", "bcjax.cli", "merge", cfg, "--out", dst, "--no-progress"], env=env))
                 shutil.rmtree(dst, ignore_errors=True)
             results["runs"][f"bcjax_{method}"] = _median(rs)
-            if not args.no_mergekit and os.path.exists(args.mergekit):
+            if not args.no_mergekit and "mergekit" not in skip and os.path.exists(args.mergekit):
                 dst = os.path.join(args.workdir, f"mergekit_{method}")
+                cold()
                 results["runs"][f"mergekit_{method}"] = run([args.mergekit, cfg, dst, "--no-copy-tokenizer"],
                                                             timeout=args.mergekit_timeout)
                 shutil.rmtree(dst, ignore_errors=True)
         _ratios(results)
     finally:
-        if not args.keep:
+        if not keep:
             shutil.rmtree(os.path.join(args.workdir, "models"), ignore_errors=True)
     results["machine"]["load_avg_end"] = os.getloadavg()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -248,7 +289,8 @@ def _ratios(results: dict) -> None:
         if key.startswith("bcjax_"):
             m = key[len("bcjax_"):]
             r[key]["rss_above_interpreter_bytes"] = r[key]["peak_rss_bytes"] - base_rss
-            r[key]["vs_cp_base"] = round(r[key]["seconds"] / r["cp_base"]["seconds"], 2)
+            if "cp_base" in r:
+                r[key]["vs_cp_base"] = round(r[key]["seconds"] / r["cp_base"]["seconds"], 2)
             if "cp_all_inputs" in r:
                 r[key]["vs_cp_all_inputs"] = round(r[key]["seconds"] / r["cp_all_inputs"]["seconds"], 2)
             mk = r.get(f"mergekit_{m}")

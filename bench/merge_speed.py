@@ -34,6 +34,10 @@ the last run; ``merge_overhead_in_models`` = (peak − RSS before merging) / one
     python bench/merge_speed.py --model vit_b_32 --tasks 8 --out bench/results
     python bench/merge_speed.py --model vit_b_32 --tasks 8 --scale 0.1 --repeats 1   # quick
     python bench/merge_speed.py --smoke          # tiny shapes, seconds; used by the tests
+    python bench/merge_speed.py --side-by-side --model vit_b_32 --tasks 8 \
+        --impls bcjax_task_arithmetic,bcjax_breadcrumbs,bcjax_ties --repeats 3 --first-call-rounds 2
+        # issue 16's three user-path ratios in one command: fresh processes (first call ÷ warm call in
+        # the same process) first, then validate=False / default / NumPy cells interleaved in one process
 
 Writes ``{model}_{tasks}.json`` and ``.md`` to --out; bench/report.py turns the results
 into BENCHMARKS.md's tables; bench/run_all.sh runs everything.
@@ -167,9 +171,9 @@ def build(impl: str, shapes, tasks: int, folder: str, validate: bool = False, on
 
         import bcjax
 
-        def load(i):  # leaf by leaf onto the device; the numpy buffer is freed after
-            m = read_model(shapes, folder, i)
-            return {k: jax.device_put(v) for k, v in m.items()} if on_device else m
+        def load(i):  # leaf by leaf onto the device (transfers finished: not the merge's time); the
+            m = read_model(shapes, folder, i)  # numpy buffer is freed after
+            return jax.block_until_ready({k: jax.device_put(v) for k, v in m.items()}) if on_device else m
 
         pre, fts = load(0), [load(i + 1) for i in range(tasks)]
         method, hp = BCJAX_CALLS[impl]
@@ -225,6 +229,9 @@ def run_user_path(impl: str, shapes, tasks: int, folder: str, repeats: int, budg
     first = time.perf_counter() - t0
     if phase == "first":
         return {"first_call_s": first}
+    if phase == "first_warm":  # the same call warm in the same process: a ratio immune to other jobs' load
+        warm = _timed(fn, repeats, budget_s)
+        return {"first_call_s": first, "warm_median_s": float(np.median(warm)), "warm_times_s": warm}
     times = _timed(fn, repeats, budget_s)
     return {"numpy_median_s": float(np.median(times)), "numpy_times_s": times}
 
@@ -400,6 +407,24 @@ def markdown_table(rows, title: str) -> str:
     return "\n".join(lines)
 
 
+def first_calls(model: str, scale: float, tasks: int, folder: str, impls, rounds: int, repeats: int) -> dict:
+    """Per impl, ``rounds`` fresh processes (interleaved over impls), each timing the first
+    ``bcjax.merge`` with the defaults on device-resident inputs (native kernel built before,
+    compilation included) and then the same call warm (median of ``repeats``), so the ratio
+    first ÷ warm comes from one process. Returns the times and the median ratios."""
+    out = {impl: {"first_call_s": [], "warm_median_s": [], "first/warm": []} for impl in impls}
+    for _ in range(rounds):
+        for impl in impls:
+            cmd = [sys.executable, os.path.abspath(__file__), "--model", model, "--scale", str(scale), "--tasks",
+                   str(tasks), "--repeats", str(repeats), "--budget-s", "60", "--data-dir", folder, "--_child", impl,
+                   "--_phase", "first_warm"]
+            r = _child_json(cmd, impl)
+            out[impl]["first_call_s"].append(r["first_call_s"])
+            out[impl]["warm_median_s"].append(r["warm_median_s"])
+            out[impl]["first/warm"].append(r["first_call_s"] / r["warm_median_s"])
+    return {impl: {**v, "median_first/warm": float(np.median(v["first/warm"]))} for impl, v in out.items()}
+
+
 def side_by_side(shapes, tasks: int, folder: str, impls, rounds: int) -> dict:
     """bcjax's methods × {validate=False, default path, NumPy inputs} in ONE process,
     interleaved round by round (each round times every cell once after a warm-up of all
@@ -455,6 +480,17 @@ def side_by_side_table(res: dict) -> str:
         lines.append(f"| {impl.removeprefix('bcjax_')} | {med[impl + '/validate_off']:.3f} | "
                      f"{r.get('validate_off/TA', float('nan')):.2f} | {med[impl + '/default']:.3f} | "
                      f"{r['default/validate_off']:.2f} | {med[impl + '/numpy']:.3f} | {r['numpy/default']:.2f} |")
+    first = res.get("first_calls")
+    if first:
+        n = len(next(iter(first.values()))["first/warm"])
+        lines += ["", f"First call in a fresh process (native kernel built before), {n} process(es) per method "
+                  "interleaved; the warm call timed in the same process after it (median of per-process ratios; "
+                  "1-min load average before the rounds "
+                  f"{res.get('loadavg_1m_first_calls', float('nan')):.1f}):", "",
+                  "| bcjax | first call (s) | warm, same process (s) | first ÷ warm |", "|---|---:|---:|---:|"]
+        for impl, v in first.items():
+            lines.append(f"| {impl.removeprefix('bcjax_')} | {np.median(v['first_call_s']):.3f} | "
+                         f"{np.median(v['warm_median_s']):.3f} | {v['median_first/warm']:.2f} |")
     return "\n".join(lines)
 
 
@@ -527,7 +563,11 @@ def main(argv=None):
     ap.add_argument("--_phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--side-by-side", action="store_true",
                     help="bcjax only: all methods × {validate=False, default, NumPy} in one process, "
-                         "interleaved --repeats rounds; writes {model}_{tasks}_side_by_side.json")
+                         "interleaved --repeats rounds, after --first-call-rounds fresh processes per method "
+                         "(first call ÷ warm call); writes {model}_{tasks}_side_by_side.json")
+    ap.add_argument("--first-call-rounds", type=int, default=1,
+                    help="--side-by-side: fresh processes per method timing the first call and then the warm "
+                         "call (0: none)")
     ap.add_argument("--no-user-path", action="store_true",
                     help="bcjax: skip the NumPy-input and persistent-cache first-call processes")
     args = ap.parse_args(argv)
@@ -553,7 +593,13 @@ def main(argv=None):
         folder = tempfile.mkdtemp(prefix="bcjax_bench_", dir=args.data_dir)
         try:
             write_inputs(shapes, args.tasks, folder)
+            load_first = os.getloadavg()[0]
+            # fresh processes first, before this one holds the inputs (memory: one copy at a time)
+            first = first_calls(args.model, args.scale, args.tasks, folder, impls, args.first_call_rounds,
+                                args.repeats) if args.first_call_rounds else None
             res = side_by_side(shapes, args.tasks, folder, impls, args.repeats)
+            if first:
+                res.update(first_calls=first, loadavg_1m_first_calls=load_first)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         res.update(model=args.model, scale=args.scale, tasks=args.tasks, machine=machine_info(),

@@ -32,7 +32,7 @@ from jax import lax
 import numpy as np
 
 __all__ = ["HISTOGRAM_TARGET", "MULTI_TARGET", "TARGET", "VIEWS_TARGET", "diff_histograms", "select_diff_bits_multi",
-           "select_diff_bits_leaves", "select_diff_bits_views", "available",
+           "select_diff_bits_leaves", "select_diff_bits_views", "task_sum", "ties_merge", "available",
            "library_path", "select_bits", "unavailable_reason"]
 
 TARGET = "bcjax_select_bits"
@@ -40,6 +40,8 @@ MULTI_TARGET = "bcjax_select_diff_bits_multi"
 VIEWS_TARGET = "bcjax_select_diff_bits_views"
 HISTOGRAM_TARGET = "bcjax_diff_histograms"
 _SOURCE = Path(__file__).with_name("select_bits.cc")
+#: Every source of the one shared library (its cache key hashes them all, in this order).
+_SOURCES = (_SOURCE, Path(__file__).with_name("merge_kernels.cc"))
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -61,8 +63,8 @@ def _build(cxx: str) -> Path:
     loading process with SIGBUS, so it is rebuilt with a one-line :class:`CacheWarning`)."""
     include = jax.ffi.include_dir()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(_SOURCE.read_bytes() + include.encode() + jax.__version__.encode()
-                         + version.encode()).hexdigest()[:16]
+    sources = b"".join(src.read_bytes() for src in _SOURCES)
+    key = hashlib.sha256(sources + include.encode() + jax.__version__.encode() + version.encode()).hexdigest()[:16]
     out = _cache_dir() / f"bcjax_select_bits_{key}.so"
     if out.is_file():
         problem = _verified(out)
@@ -74,12 +76,15 @@ def _build(cxx: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-w", f"-I{include}", str(_SOURCE), "-o", tmp,
-           "-pthread"]
+    # -ffp-contract=off: the compiler fuses no multiply-add by itself (merge_kernels.cc writes out
+    # exactly the fused ones XLA:CPU forms, to equal it bit for bit)
+    cmd = [cxx, "-O3", "-std=c++17", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp-simd", "-shared", "-fPIC",
+           "-w", f"-I{include}", *map(str, _SOURCES), "-o", tmp, "-pthread"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise RuntimeError(f"compiling {_SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"compiling {_SOURCE.name} failed (one library with "
+                               f"{', '.join(src.name for src in _SOURCES[1:])}):\n{proc.stderr[-2000:]}")
         _write_atomic(_sidecar(out), json.dumps(_fingerprint(Path(tmp))))  # sidecar first, then the library
         os.replace(tmp, out)
     finally:
@@ -144,6 +149,10 @@ def _load() -> None:
                                             platform="cpu")
                 jax.ffi.register_ffi_target(HISTOGRAM_TARGET, jax.ffi.pycapsule(lib.BcjaxDiffHistograms),
                                             platform="cpu")
+                lib.bcjax_task_sum.restype = lib.bcjax_ties_merge.restype = ctypes.c_int
+                i64, ptr = ctypes.c_int64, ctypes.c_void_p
+                lib.bcjax_task_sum.argtypes = [i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64]
+                lib.bcjax_ties_merge.argtypes = [i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64]
                 _state.update(ok=True, reason=None, path=path, lib=lib)
             except (OSError, RuntimeError, AttributeError) as e:
                 _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
@@ -242,6 +251,45 @@ def select_diff_bits_views(pretrained, finetuned, ranks: jax.Array, *, sizes, si
     call = jax.ffi.ffi_call(VIEWS_TARGET, jax.ShapeDtypeStruct(ranks.shape, jnp.int32), vmap_method="sequential")
     return call(ranks, offsets, *(buf for buf, _ in views), sizes=np.asarray(sizes, np.int64), threads=_threads(),
                 sigmas=np.float32(sigmas), isa=_isa(isa))
+
+
+def _leaf_pointers(p0, finetuned, out) -> tuple:
+    """(L, sizes, θ0, θt task-major, out) as the C kernels of ``merge_kernels.cc`` take them."""
+    pointers = lambda arrays: np.array([a.ctypes.data for a in arrays], np.uintp)  # noqa: E731
+    sizes = np.array([a.size for a in p0], np.int64)
+    return (len(p0), sizes, pointers(p0), pointers([a for task in finetuned for a in task]), pointers(out))
+
+
+def _call(name: str, *args) -> None:
+    """Call a ``merge_kernels.cc`` entry point (NumPy arguments by address; GIL released)."""
+    _load()
+    status = getattr(_state["lib"], name)(*(a.ctypes.data if isinstance(a, np.ndarray) else a for a in args))
+    if status:
+        raise RuntimeError(f"{name} failed ({status})")
+
+
+def task_sum(p0, finetuned, out, alphas) -> None:
+    """``out[l] = p0[l] + Σt alphas[t] · (finetuned[t][l] − p0[l])`` for L leaves, computed
+    in place on host memory outside XLA (``merge_kernels.cc``: any sizes, nothing compiled,
+    bit-identical to :func:`bcjax.merging._weighted_task_sum`, overflow rescue included).
+
+    ``p0`` and ``out`` are L C-contiguous NumPy arrays, ``finetuned`` T lists of L, all of one
+    dtype (float32 or float64) and each leaf's size; ``alphas`` the T float32 coefficients.
+    Runs with the GIL released on up to 8 threads. CPU memory only; needs :func:`available`."""
+    double = int(bool(p0) and np.dtype(p0[0].dtype) == np.float64)
+    _call("bcjax_task_sum", *_leaf_pointers(p0, finetuned, out), len(finetuned),
+          np.asarray(alphas, np.float32).astype(np.float64), double, _threads())
+
+
+def ties_merge(p0, finetuned, out, thresholds, alpha) -> None:
+    """TIES's trim, elect and disjoint mean given each task's threshold bits (``thresholds``,
+    int32 (T,)) on float32 host leaves laid out as for :func:`task_sum`, outside XLA;
+    bit-identical to :func:`bcjax.merging._ties_leaf` (overflow rescue, NaN where an input is
+    not finite). ``alpha``: a scalar λ or T values λt (float32)."""
+    alpha = np.asarray(alpha, np.float32)
+    _call("bcjax_ties_merge", *_leaf_pointers(p0, finetuned, out), len(finetuned),
+          np.ascontiguousarray(thresholds, np.int32), np.atleast_1d(alpha).astype(np.float64), int(alpha.ndim == 1),
+          _threads())
 
 
 def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None, *, offsets=None,

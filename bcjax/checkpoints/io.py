@@ -73,6 +73,12 @@ class Checkpoint(abc.ABC):
     numpy dtype, source file) without reading data; ``read(name)`` returns a NumPy array
     (bfloat16 as ``ml_dtypes.bfloat16``)."""
 
+    #: ``read`` returns a new buffer each call, which nothing else keeps (memory is freed
+    #: when the caller drops it); False for readers that hand out arrays they hold.
+    reads_fresh_buffers = False
+    #: ``read_flat`` reads only the entries asked for (not the whole tensor).
+    ranged_reads = False
+
     def __init__(self, location: str):
         self.location = location
         self._info: dict[str, tuple[tuple, np.dtype, str]] = {}
@@ -91,6 +97,13 @@ class Checkpoint(abc.ABC):
     @abc.abstractmethod
     def read(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a NumPy array in its stored dtype."""
+
+    def read_flat(self, name: str, start: int, stop: int, pad_to: int | None = None) -> np.ndarray:
+        """Entries ``start:stop`` of the tensor ``name`` flattened in C order, as a fresh
+        64-byte-aligned 1-D array, zero-padded to ``pad_to`` entries when that is longer."""
+        out = _padded_flat(name, self._info[name], start, stop, pad_to)
+        out[:stop - start] = self.read(name).reshape(-1)[start:stop]
+        return out
 
     def map(self, name: str) -> np.ndarray:
         """The tensor ``name`` read-only and, where the format allows, memory-mapped (no
@@ -120,7 +133,11 @@ class Checkpoint(abc.ABC):
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """One or several ``.safetensors`` files; a tensor is read with one ``preadv``."""
+    """One or several ``.safetensors`` files; a tensor (or a range of its entries) is read
+    with one ``preadv``."""
+
+    reads_fresh_buffers = True
+    ranged_reads = True
 
     def __init__(self, location: str, files: Sequence[str]):
         super().__init__(location)
@@ -144,16 +161,26 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def read(self, name: str) -> np.ndarray:
         shape, dtype, _ = self._info[name]
-        path, start, end = self._where[name]
         out = aligned_empty(shape, dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
-        got = 0
-        while got < end - start:
-            n = os.preadv(self._fd(path), [view[got:]], start + got)
-            if n <= 0:
-                raise CheckpointError(f"{path}: tensor {name!r}: file ends {end - start - got} bytes early")
-            got += n
+        self._pread(name, out.reshape(-1), 0)
         return out
+
+    def read_flat(self, name: str, start: int, stop: int, pad_to: int | None = None) -> np.ndarray:
+        out = _padded_flat(name, self._info[name], start, stop, pad_to)
+        self._pread(name, out[:stop - start], start)
+        return out
+
+    def _pread(self, name: str, dest: np.ndarray, first: int) -> None:
+        """Fill the 1-D ``dest`` with the tensor's entries from ``first`` on (positioned reads)."""
+        path, start, end = self._where[name]
+        view = memoryview(dest.view(np.uint8)) if dest.size else memoryview(b"")
+        offset = start + first * dest.itemsize
+        got = 0
+        while got < len(view):
+            n = os.preadv(self._fd(path), [view[got:]], offset + got)
+            if n <= 0:
+                raise CheckpointError(f"{path}: tensor {name!r}: file ends {end - offset - got} bytes early")
+            got += n
 
     def map(self, name: str) -> np.ndarray:
         shape, dtype, _ = self._info[name]
@@ -202,6 +229,17 @@ def aligned_empty(shape, dtype, alignment: int = ALIGNMENT) -> np.ndarray:
     return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
+def _padded_flat(name: str, info, start: int, stop: int, pad_to: int | None) -> np.ndarray:
+    """An aligned 1-D buffer for entries ``start:stop`` of a tensor of ``info`` = (shape, dtype,
+    file), zeros from ``stop - start`` to ``pad_to``."""
+    shape, dtype, path = info
+    if not 0 <= start <= stop <= int(np.prod(shape, dtype=np.int64)):
+        raise CheckpointError(f"{path}: tensor {name!r} of shape {shape}: invalid entry range {start}:{stop}")
+    out = aligned_empty((max(stop - start, pad_to or 0),), dtype)
+    out[stop - start:] = 0
+    return out
+
+
 def read_safetensors_header(path: str) -> dict[str, tuple[tuple, np.dtype, int, int]]:
     """name → (shape, dtype, absolute start, absolute end) from a safetensors file's header,
     with the checks safetensors makes (sizes agree with shapes, data inside the file)."""
@@ -239,6 +277,8 @@ def read_safetensors_header(path: str) -> dict[str, tuple[tuple, np.dtype, int, 
 
 class TorchCheckpoint(Checkpoint):
     """PyTorch ``.bin``/``.pt`` state dicts (one file or an index), loaded with mmap."""
+
+    reads_fresh_buffers = True  # copies out of the mapped storage
 
     def __init__(self, location: str, files: Sequence[str]):
         super().__init__(location)

@@ -20,13 +20,25 @@ Memory: safetensors tensors are memory-mapped (``Checkpoint.map``) where the met
 kernels read NumPy leaves in place as host views (TIES; float32 leaves): no copy of the page
 cache; otherwise they are read into 64-byte-aligned buffers that XLA's CPU client uses in
 place (no device copy); bfloat16 inputs reach the selection kernel as they are (no float32
-copies), and the elementwise merge is fused, so a tensor costs about its T + 1 inputs and
-its output in their own dtype (≈ (T + 2) × its size) plus small temporaries. Tensors in
-flight are bounded by a byte budget (:data:`INFLIGHT_BYTES` of inputs; a larger tensor runs
-alone), so the peak follows the largest tensor, never the model. NaN/Inf: the built-in
+copies), and the elementwise merge is fused, so a tensor costs its T + 1 inputs and its
+output in their own dtype (≈ (T + 2) × its size; measured: the kernels' temporaries add
+< 2 % on the largest tensor). XLA releases host buffers it used in place through jaxlib's
+deferred-release queue, which only a garbage collection flushes: each merge ends with a
+generation-0 collection (≈ 2 ms), else a tensor's inputs stay resident until the next
+collection, beside the next tensor's. Every tensor's live bytes (inputs and output) count
+against a byte budget from its read until its output is written: the larger of
+:data:`INFLIGHT_BYTES` and the largest tensor's live bytes (≈ (T + 2) × its size), which
+the merge needs anyway, so smaller tensors overlap their reads, merges and writes up to that
+level without raising the peak. Elementwise methods (:data:`ELEMENTWISE_METHODS`; TIES once
+its thresholds are known) merge large tensors :data:`CHUNK_ENTRIES` entries at a time, read
+as byte ranges, so such a tensor holds its output and one chunk's inputs. The peak is
+therefore ≈ max(INFLIGHT_BYTES, (T + 2) × the largest tensor) plus fixed overhead (for
+TIES, its histogram pass's T + 1 inputs of the largest tensor), never the model. A mapped
+tensor's pages count in RSS (file-backed) while it is mapped, like a read buffer, and are
+dropped from it with the mapping, as soon as the kernel is done. NaN/Inf: the built-in
 kernels make merged entries NaN where an input is not finite, so the *output* is checked
-and the inputs are scanned (to name file and tensor) only when it is not finite; copied
-tensors are checked directly. Reads, merges and writes overlap on a bounded thread pool
+(in chunks: no whole-tensor temporaries) and the inputs are scanned (to name file and
+tensor) only when it is not finite; copied tensors are checked directly. Reads, merges and writes overlap on a bounded thread pool
 (``workers`` tensors in flight, default 2). The output is written into a temporary sibling
 folder and renamed at the end; a killed merge leaves only that folder, from which
 ``resume=True`` continues after the last finished shard. Any error (including NaN/Inf
@@ -35,12 +47,14 @@ found while streaming) removes it.
 from __future__ import annotations
 
 import collections
+import gc
 import hashlib
 import json
 import os
 import resource
 import shutil
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
@@ -50,8 +64,8 @@ import numpy as np
 import yaml
 
 from bcjax import merging, order_stats
-from bcjax.checkpoints.io import (WEIGHT_FILE_PATTERNS, Checkpoint, ShardedSafetensorsWriter, open_checkpoint,
-                                  parse_size)
+from bcjax.checkpoints.io import (WEIGHT_FILE_PATTERNS, Checkpoint, ShardedSafetensorsWriter, aligned_empty,
+                                  open_checkpoint, parse_size)
 from bcjax.checkpoints.merge_config import MergePlan, load_merge_config, parse_merge_config
 from bcjax.errors import BcjaxError, CheckpointError, NonFiniteError
 from bcjax.tree import all_finite, make_leaf_filter
@@ -59,7 +73,13 @@ from bcjax.tree import all_finite, make_leaf_filter
 __all__ = ["merge_checkpoints", "validate_checkpoints", "partial_folder"]
 
 _STATE = "bcjax-merge-state.json"
-#: Input bytes (all T + 1 models) of the tensors in flight at once; a larger tensor runs alone.
+#: Methods whose merged entry is an expression of the same entry of θ0 and of each θt only
+#: (TIES given its model-wide thresholds): large tensors merge :data:`CHUNK_ENTRIES` at a time.
+ELEMENTWISE_METHODS = frozenset({"task_arithmetic", "simple_average", "weighted_average", "ties"})
+#: Entries per chunk of an elementwise merge (bf16, T = 3: 32 MB of inputs per chunk).
+CHUNK_ENTRIES = 1 << 22
+#: Live bytes (the T + 1 inputs and the output) of the tensors in flight at once, counted from
+#: a tensor's read until its output is written, when the largest tensor needs less.
 INFLIGHT_BYTES = 256 * 2**20
 
 
@@ -67,6 +87,36 @@ def partial_folder(out: str) -> str:
     """The temporary sibling folder a merge into ``out`` writes to (renamed at the end)."""
     out = os.path.abspath(out)
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.bcjax-partial")
+
+
+def release_host_buffers(buffers: Sequence[weakref.ref] = (), timeout: float = 2.0) -> None:
+    """Free the host buffers XLA has finished using in place (zero-copy NumPy inputs).
+
+    jaxlib queues their release when the computation that read them lets go (on its own
+    thread, possibly just after the output is ready) and flushes the queue from a
+    garbage-collection callback, so without a collection they stay resident. A
+    generation-0 collection runs that callback (≈ 2 ms); given weak references to the
+    buffers, it repeats until they are gone (at most ``timeout`` seconds), so the caller's
+    memory accounting holds when it returns."""
+    gc.collect(0)
+    deadline = time.monotonic() + timeout
+    while any(r() is not None for r in buffers) and time.monotonic() < deadline:
+        time.sleep(0.0005)
+        gc.collect(0)
+
+
+def _owner(a: np.ndarray) -> np.ndarray:
+    """The array that owns ``a``'s memory (the end of its chain of views)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _finite(a: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """:func:`bcjax.tree.all_finite` of one host array, in chunks of ``chunk`` entries (the
+    check's temporaries stay a few MB whatever the tensor's size)."""
+    flat = a.reshape(-1)
+    return all(all_finite(flat[k:k + chunk]) for k in range(0, flat.size, chunk))
 
 
 def _peak_rss_bytes() -> int:
@@ -103,7 +153,7 @@ def validate_checkpoints(base: Checkpoint, finetuned: Sequence[Checkpoint]) -> N
 def _check_values(name: str, arrays: Sequence[np.ndarray], cks: Sequence[Checkpoint], labels: Sequence[str]) -> None:
     for a, ck, label in zip(arrays, cks, labels):
         if np.issubdtype(a.dtype, np.inexact) or a.dtype.name == "bfloat16" or a.dtype.kind == "V":
-            if a.size and not np.isfinite(a).all():
+            if a.size and not _finite(a):
                 raise NonFiniteError(f"{label} ({ck.info(name)[2]}), tensor {name!r}: contains NaN or Inf")
 
 
@@ -150,6 +200,8 @@ class _Merger:
         self.keyed = "key" in merging.get_method(plan.method).hparams
         self.labels = ["pretrained model", *(f"fine-tuned model {t}" for t in range(len(fts)))]
         self.bytes_read = 0
+        self.fresh_reads = all(ck.reads_fresh_buffers for ck in (base, *self.fts))  # freed once dropped
+        self.ranged_reads = all(ck.ranged_reads for ck in (base, *self.fts))  # a chunk without the whole tensor
         # kernels that make merged entries NaN where an input is NaN/Inf: check the output, and
         # scan the inputs (to name file and tensor) only when it is not finite (SPEC §1)
         self.fused_check = bool(getattr(merging.get_method(plan.method).fn, "propagates_nonfinite", False))
@@ -184,20 +236,76 @@ class _Merger:
         return [np.zeros((0,), np.float32)] * i + [leaf]
 
     def merge(self, i: int) -> np.ndarray:
+        """Tensor ``i`` merged (or copied from θ0), in the output dtype: whole, or chunk by
+        chunk where the method is elementwise (:meth:`chunked`)."""
+        if self.chunked(i):
+            return self._merge_in_chunks(i)
+        return self._merge_arrays(i, self.read(i))
+
+    def chunked(self, i: int) -> bool:
+        """Merge tensor ``i`` in chunks of :data:`CHUNK_ENTRIES`: a merged floating tensor
+        larger than that, an elementwise method (:data:`ELEMENTWISE_METHODS`), and readers
+        that read a byte range without the rest of the tensor."""
         name = self.names[i]
-        arrays = self.read(i)
+        return (self.plan.method in ELEMENTWISE_METHODS and self.flags[i] and self.ranged_reads
+                and _is_float(self.base.info(name)[1]) and self.base.nbytes(name) > 0
+                and self._entries(i) > CHUNK_ENTRIES)
+
+    def _entries(self, i: int) -> int:
+        return int(np.prod(self.base.info(self.names[i])[0], dtype=np.int64))
+
+    def _merge_in_chunks(self, i: int) -> np.ndarray:
+        """Tensor ``i`` merged :data:`CHUNK_ENTRIES` entries (in C order) at a time into one
+        output buffer. Every chunk has the same length (the last one is zero-padded: finite,
+        and cut off), so the kernel compiles once; each output entry is the same elementwise
+        expression of the same input entries as in the whole-tensor kernel, so the result is
+        bit-identical."""
+        name, n, c = self.names[i], self._entries(i), CHUNK_ENTRIES
+        out = aligned_empty(self.base.info(name)[0], self.out_dtype(i))
+        flat = out.reshape(-1)
+        for start in range(0, n, c):
+            stop = min(start + c, n)
+            arrays = [ck.read_flat(name, start, stop, pad_to=c) for ck in (self.base, *self.fts)]
+            self.bytes_read += sum((stop - start) * a.itemsize for a in arrays)
+            flat[start:stop] = self._merge_arrays(i, arrays)[:stop - start]
+        return out
+
+    def _merge_arrays(self, i: int, arrays: list) -> np.ndarray:
+        """θ0's and every θt's ``arrays`` of tensor ``i`` (whole, or one chunk) merged (or θ0's
+        copied), checked for NaN/Inf and in the output dtype. Empties ``arrays``: the inputs
+        are freed before this returns (their memory is the caller's budget)."""
+        name = self.names[i]
         merged = self.flags[i] and arrays[0].size > 0
         if not (merged and self.fused_check):
             _check_values(name, arrays, [self.base, *self.fts], self.labels)
+        inputs = []
         if not merged:
             out = arrays[0]
         else:
-            out = self._merge_leaf(i, arrays if self.in_place(i) else [merging._host_to_device(a) for a in arrays])
-            if self.fused_check and not all_finite([out]):
+            out = np.asarray(self._merge_leaf(  # in place: host views of the maps / aligned buffers (zero-copy)
+                i, arrays if self.in_place(i) else [merging._host_to_device(a) for a in arrays]))
+            if self.fused_check and not _finite(out):
                 _check_values(name, arrays, [self.base, *self.fts], self.labels)
-        del arrays
+            if self.fresh_reads:
+                inputs = [weakref.ref(_owner(a)) for a in arrays]
+        arrays.clear()  # the caller's list too
         dt = self.out_dtype(i)
-        return np.asarray(out) if out.dtype == dt else np.asarray(jnp.asarray(out).astype(dt))
+        if out.dtype != dt:
+            out = np.asarray(jnp.asarray(out).astype(dt))
+        release_host_buffers(inputs)  # the inputs XLA used in place: freed now, not at a later collection
+        return out
+
+    def live_bytes(self, i: int) -> int:
+        """Bytes tensor ``i`` holds from its read until its output is written: the T + 1
+        inputs (one chunk's, when :meth:`chunked`; plus the chunk's kernel output) and the
+        output (twice when it is converted to another dtype)."""
+        n = self._entries(i)
+        out = n * self.out_dtype(i).itemsize
+        if self.out_dtype(i) != self.base.info(self.names[i])[1]:
+            out += self.base.nbytes(self.names[i])
+        if self.chunked(i):
+            return out + (len(self.fts) + 2) * CHUNK_ENTRIES * self.base.info(self.names[i])[1].itemsize
+        return self.input_bytes(i) + out
 
     def _merge_leaf(self, i: int, arrays: list) -> jax.Array:
         p0, *fts = arrays
@@ -210,14 +318,23 @@ class _Merger:
         return res[-1]
 
     def histogram(self, i: int, bins=None) -> list:
-        p0, *fts = self.read(i)  # mapped: the kernel reads the page cache in place
-        return merging.tau_magnitude_histograms(p0, fts, bins)
+        arrays = self.read(i)  # mapped: the kernel reads the page cache in place
+        hist = merging.tau_magnitude_histograms(arrays[0], arrays[1:], bins)
+        inputs = [weakref.ref(_owner(a)) for a in arrays] if self.fresh_reads else []
+        del arrays
+        release_host_buffers(inputs)  # the maps' pages stay resident (RSS) until they are unmapped
+        return hist
 
 
 def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=None, budget: int | None = None):
     """``map(fn, items)`` on ``pool``, in order, with at most ``window`` items in flight and,
-    given ``cost(item)``, at most ``budget`` of cost in flight (always at least one item):
-    memory stays bounded whatever the tensor sizes."""
+    given ``cost(item)``, at most ``budget`` of cost in flight (always at least one item).
+
+    An item's cost counts from its submission until the consumer has finished with its
+    result (the generator is resumed after the ``yield``; the consumer must drop its own
+    reference by then): results waiting in order, and the one being consumed, are in
+    flight too. An item above ``budget`` therefore runs alone: memory stays bounded
+    whatever the tensor sizes."""
     items = list(items)
     pending = collections.deque()
     nxt, inflight = 0, 0
@@ -234,11 +351,14 @@ def _ordered(pool: ThreadPoolExecutor, fn, items: Sequence, window: int, cost=No
 
     admit()
     while pending:
-        fut, c = pending.popleft()
+        fut, c = pending[0]
         result = fut.result()
+        pending.popleft()
+        del fut  # the future holds the result too
+        yield result
+        del result
         inflight -= c
         admit()
-        yield result
 
 
 def _ties_thresholds(m: _Merger, pool, window: int, progress) -> jax.Array:
@@ -375,6 +495,9 @@ def _run(plan, m: _Merger, entries, out, limit, resume, progress, workers, t0) -
     todo_set = set(todo)
     total_bytes = sum(int(np.prod(sh, dtype=np.int64)) * np.dtype(dt).itemsize for i, (_, sh, dt) in
                       enumerate(entries) if i in todo_set)
+    # the largest tensor's inputs and output are live at once in any case: up to that much,
+    # smaller tensors may overlap (reads, merges, writes) without raising the peak
+    m.budget = max([INFLIGHT_BYTES, *(m.live_bytes(i) for i in todo)])
     try:
         from tqdm.auto import tqdm
 
@@ -392,10 +515,13 @@ def _run(plan, m: _Merger, entries, out, limit, resume, progress, workers, t0) -
             _save_state(tmp, fp, thresholds)
             with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"merge {plan.method}",
                       disable=not progress) as bar:
-                for k, (i, arr) in enumerate(zip(todo, _ordered(pool, m.merge, todo, window, m.input_bytes, m.budget))):
+                merged = _ordered(pool, m.merge, todo, window, m.live_bytes, m.budget)
+                for k, i in enumerate(todo):  # not zip(todo, merged): zip's reused tuple would keep `arr` alive
+                    arr = next(merged)
                     writer.write(i, arr)
                     bar.update(arr.nbytes)
                     bar.set_postfix_str(f"{k + 1}/{len(todo)} tensors", refresh=False)
+                    del arr  # written: its bytes leave the budget when the next tensor is asked for
         writer.write_index()
         summary = {"out": out, "method": plan.method, "tensors": len(entries), "tensors_merged": sum(m.flags),
                    "shards": len(writer.shards), "shards_resumed": resumed, "bytes_read": m.bytes_read,
