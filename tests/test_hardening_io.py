@@ -164,7 +164,9 @@ def _ties_always_rescued(p0, fts, alpha, density):
 def test_ties_rescues_the_leaf_that_overflows_and_only_checks_the_others(dtype, alpha):
     """A leaf whose τt = θt − θ0 overflows is rescued while the ordinary leaves are merged
     without the rescue: every leaf bit-identical to the always-rescued kernel, NaN inputs
-    still NaN (validate=False), and the plain kernel really overflows on the big leaf."""
+    still NaN (validate=False), and the plain kernel really overflows on the big leaf. 16-bit
+    leaves go through the XLA leaf kernel; float32 (and float64 host) leaves through the native
+    host kernel, so for those the XLA leaf kernel is also checked directly."""
     with _x64(dtype == np.float64):  # float64 leaves stay float64
         top = float(jnp.finfo(dtype).max) * 0.9
         rng = np.random.default_rng(3)
@@ -185,6 +187,9 @@ def test_ties_rescues_the_leaf_that_overflows_and_only_checks_the_others(dtype, 
             plain = merging._ties_leaf_program(p0["big"], tuple(f["big"] for f in fts), thresholds,
                                                jnp.asarray(alpha, jnp.float32), rescue=False)
             assert not np.isfinite(np.asarray(plain)).all()
+            leaf = merging._ties_leaf(jnp.asarray(p0["big"]), tuple(jnp.asarray(f["big"]) for f in fts), thresholds,
+                                      jnp.asarray(alpha, jnp.float32))  # the XLA leaf kernel (float32: not native)
+            np.testing.assert_array_equal(_bits(leaf), _bits(want["big"]))
             assert np.isfinite(np.asarray(out["big"])).all()
         jitted = jax.jit(lambda a, b: bcjax.merge("ties", a, b, density=1.0, alpha=alpha, validate=False))(p0, fts)
         on_device = bcjax.merge("ties", jax.device_put(p0), jax.device_put(fts), density=1.0, alpha=alpha,
