@@ -298,6 +298,14 @@ def _is_traced(tree) -> bool:
                                for x in jax.tree.leaves(tree))
 
 
+def _enable_x64(enabled: bool):
+    """JAX's x64 context manager (``jax.enable_x64``; ``jax.experimental.enable_x64`` before it)."""
+    manager = getattr(jax, "enable_x64", None)
+    if manager is None:
+        from jax.experimental import enable_x64 as manager
+    return manager(enabled)
+
+
 def parallel_map(fn: Callable, items: Sequence, *, traced: bool = False) -> list:
     """``[fn(x) for x in items]``, run on a thread pool (one thread per core) when values
     are concrete: XLA:CPU runs scatters and small kernels on one core, so leaves are
@@ -305,9 +313,12 @@ def parallel_map(fn: Callable, items: Sequence, *, traced: bool = False) -> list
     workers = min(len(items), os.cpu_count() or 1)
     if traced or workers <= 1:
         return [fn(x) for x in items]
+    # ``with jax.enable_x64(...)`` is thread-local: the workers run under the caller's setting
+    x64 = bool(jax.config.jax_enable_x64)
 
     def run(x):
-        return jax.block_until_ready(fn(x))
+        with _enable_x64(x64):
+            return jax.block_until_ready(fn(x))
 
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(run, items))

@@ -433,3 +433,32 @@ def test_breadcrumbs_counts_matches_spec():
 
 def test_merge_signature_is_documented():
     assert "SPEC" in inspect.getdoc(bcjax.merge) or "θ0" in inspect.getdoc(bcjax.merge)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "simple_average", "breadcrumbs", "ties"])
+def test_enable_x64_context_reaches_the_leaf_threads(method):
+    """``with jax.enable_x64(True)`` is thread-local; concrete leaves merge on a thread pool, which
+    must run under the caller's setting: float64 leaves stay float64 and exact to float64 rounding."""
+    rng = np.random.default_rng(0)
+    p0 = {"a": rng.normal(size=3000), "b": rng.normal(size=(70, 80))}  # two leaves: the pool runs
+    fts = [jax.tree.map(lambda x: x + rng.normal(size=x.shape) * 1e-3, p0) for _ in range(2)]
+    from bcjax.merging import _enable_x64  # jax.enable_x64 (jax.experimental's on older jax)
+
+    with _enable_x64(True):
+        out = bcjax.merge(method, p0, fts, **({"beta": 0.0, "gamma": 1.0, "alpha": 0.5} if method == "breadcrumbs"
+                                               else {"density": 1.0} if method == "ties" else {}))
+        for key in p0:
+            assert out[key].dtype == np.float64, (method, key)
+            taus = [f[key] - p0[key] for f in fts]
+            if method == "simple_average":
+                want = (fts[0][key] + fts[1][key]) / 2
+            elif method == "task_arithmetic":
+                want = p0[key] + taus[0] + taus[1]
+            elif method == "breadcrumbs":
+                want = p0[key] + 0.5 * (taus[0] + taus[1])
+            else:  # TIES, density 1: elected signs, disjoint mean
+                s = np.where(taus[0] + taus[1] >= 0, 1.0, -1.0)
+                kept = [np.where(np.sign(t) == s, t, 0.0) for t in taus]
+                cnt = sum((k != 0).astype(float) for k in kept)
+                want = p0[key] + np.where(cnt > 0, sum(kept) / np.maximum(cnt, 1), 0)
+            np.testing.assert_allclose(np.asarray(out[key]), want, rtol=0, atol=1e-12)
