@@ -354,7 +354,7 @@ def _numpy_breadcrumbs(p, fts, alphas, beta, gamma):
     return out
 
 
-@pytest.mark.parametrize("num_tasks", [1, 2, 3, 8])
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 8, 17])  # 17: past the unrolled task counts
 @pytest.mark.parametrize("n", [1, 13, 2048, 2049, 4097, 70_001])  # ≤ SORT_BELOW: the sort path on both sides
 def test_native_breadcrumbs_is_bit_identical_to_the_xla_kernel(num_tasks, n):
     rng = np.random.default_rng(n * 7 + num_tasks)

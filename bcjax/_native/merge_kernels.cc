@@ -494,8 +494,45 @@ inline float MaskedEntry(float p, const float* const* fs, int64_t j, int64_t t_c
   return ps + acc;
 }
 
-void MaskedBlock(const float* p, const float* const* fs, int64_t t_count, const int32_t* lo, const int32_t* hi,
-                 const float* alphas, float* out, int64_t n) {
+// MaskedEntry (unscaled) for a fixed task count, the task loop unrolled so that the entry
+// loop vectorises reading all T + 1 streams side by side. Returns the inputs' largest exponent field.
+template <int T, size_t... I>
+uint32_t MaskedUnrolledImpl(std::index_sequence<I...>, const float* p, const float* const* fs, const int32_t* lo,
+                            const int32_t* hi, const float* alphas, float* out, int64_t n) {
+  const float* f[T] = {fs[I]...};
+  const int32_t l[T] = {lo[I]...}, h[T] = {hi[I]...};
+  const float a[T] = {alphas[I]...};
+  uint32_t emax = ExponentMax(p, n);
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    const float fj[T] = {f[I][j]...};
+    ((emax = std::max(emax, __builtin_bit_cast(uint32_t, fj[I]) & 0x7f800000u)), ...);
+    const float tau[T] = {(fj[I] - pj)...};
+    const float e[T] = {(MaskKeep(tau[I], l[I], h[I]) ? a[I] * tau[I] : 0.0f)...};
+    float acc = e[0];
+    ((acc = I == 0 ? acc : acc + e[I]), ...);
+    out[j] = pj + acc;
+  }
+  return emax;
+}
+
+template <int T = 1>
+bool FixedMasked(int64_t t_count, const float* p, const float* const* fs, const int32_t* lo, const int32_t* hi,
+                 const float* alphas, float* out, int64_t n, uint32_t* emax) {
+  if constexpr (T <= kUnrolledTasks) {
+    if (t_count == T) {
+      *emax = MaskedUnrolledImpl<T>(std::make_index_sequence<T>(), p, fs, lo, hi, alphas, out, n);
+      return true;
+    }
+    return FixedMasked<T + 1>(t_count, p, fs, lo, hi, alphas, out, n, emax);
+  }
+  return false;
+}
+
+// MaskedEntry (unscaled) task by task over the block (more tasks than unrolled); returns the
+// inputs' largest exponent field.
+uint32_t MaskedByTask(const float* p, const float* const* fs, int64_t t_count, const int32_t* lo, const int32_t* hi,
+                      const float* alphas, float* out, int64_t n) {
   float acc[kBlock];
   uint32_t emax = ExponentMax(p, n);  // NaN/Inf among the inputs: the all-ones exponent
   for (int64_t t = 0; t < t_count; ++t) {
@@ -510,6 +547,15 @@ void MaskedBlock(const float* p, const float* const* fs, int64_t t_count, const 
     }
   }
   for (int64_t j = 0; j < n; ++j) out[j] = p[j] + acc[j];
+  return emax;
+}
+
+void MaskedBlock(const float* p, const float* const* fs, int64_t t_count, const int32_t* lo, const int32_t* hi,
+                 const float* alphas, float* out, int64_t n) {
+  uint32_t emax = 0;
+  if (!FixedMasked(t_count, p, fs, lo, hi, alphas, out, n, &emax)) {
+    emax = MaskedByTask(p, fs, t_count, lo, hi, alphas, out, n);
+  }
   if (emax != 0x7f800000u && AllFinite(out, n)) return;
   for (int64_t j = 0; j < n; ++j) {  // rare: the rescue, then NaN where an input is not finite
     if (!std::isfinite(out[j])) out[j] = MaskedEntry(p[j], fs, j, t_count, lo, hi, alphas, true) * RescueInverse<float>();
