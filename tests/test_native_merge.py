@@ -229,23 +229,28 @@ def test_merge_native_equals_xla_kernel_and_numpy_reference(shape, num_tasks, da
     np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-5, atol=1e-3)
 
 
-def test_first_task_arithmetic_merge_in_a_fresh_process_compiles_no_xla_program():
+@pytest.mark.parametrize("method, hparams", [("task_arithmetic", "alpha=0.3"),
+                                             ("breadcrumbs", "alpha=0.3, beta=0.5, gamma=0.9")])
+def test_first_merge_in_a_fresh_process_compiles_no_xla_program(method, hparams):
     """What makes a process's first merge as fast as its second: nothing is compiled (the
-    native kernel is built beforehand, once per machine)."""
-    code = textwrap.dedent("""
+    native kernels are built beforehand, once per machine): task arithmetic's sum, and
+    Breadcrumbs' (tensor granularity) per-leaf selection and masked sum, leaves above and
+    below order_stats.SORT_BELOW."""
+    code = textwrap.dedent(f"""
         import logging, numpy as np, jax, bcjax
         from bcjax import _native
         assert _native.available()
         rng = np.random.default_rng(0)
-        p0 = {"w": rng.standard_normal((64, 32), dtype=np.float32), "b": np.zeros(32, np.float32)}
-        fts = [{k: v + 1 for k, v in p0.items()} for _ in range(3)]
+        p0 = {{"w": rng.standard_normal((64, 32), dtype=np.float32), "b": np.zeros(32, np.float32),
+              "big": rng.standard_normal(5000, dtype=np.float32)}}
+        fts = [{{k: v + rng.standard_normal(v.shape, dtype=np.float32) for k, v in p0.items()}} for _ in range(3)]
         dev = jax.device_put((p0, fts)); jax.block_until_ready(dev)
         records = []
         handler = logging.Handler(); handler.emit = records.append
         logging.getLogger("jax").addHandler(handler)
         jax.config.update("jax_log_compiles", True)
         for models in (dev, (p0, fts)):
-            jax.block_until_ready(bcjax.merge("task_arithmetic", models[0], models[1], alpha=0.3))
+            jax.block_until_ready(bcjax.merge("{method}", models[0], models[1], {hparams}))
         compiled = [r.getMessage() for r in records if "Compiling" in r.getMessage()]
         print(len(compiled), compiled[:3])
     """)
@@ -488,29 +493,3 @@ def test_breadcrumbs_native_validation_names_model_path_and_overflow():
     assert np.all(np.isfinite(np.asarray(rescued)))
     with pytest.raises(OverflowMergeError, match="'w'"):
         bcjax.merge("breadcrumbs", p0, fts * 3, alpha=2.0, beta=0.0, gamma=1.0)
-
-
-def test_first_breadcrumbs_merge_in_a_fresh_process_compiles_no_per_shape_program():
-    """A process's first Breadcrumbs merge (tensor granularity, concrete float32 CPU inputs)
-    compiles nothing: selection and masked sum both run natively."""
-    code = textwrap.dedent("""
-        import logging, numpy as np, jax, bcjax
-        from bcjax import _native
-        assert _native.available()
-        rng = np.random.default_rng(0)
-        p0 = {"w": rng.standard_normal((64, 32), dtype=np.float32), "b": np.zeros(32, np.float32),
-              "big": rng.standard_normal(5000, dtype=np.float32)}
-        fts = [{k: v + rng.standard_normal(v.shape, dtype=np.float32) for k, v in p0.items()} for _ in range(3)]
-        dev = jax.device_put((p0, fts)); jax.block_until_ready(dev)
-        records = []
-        handler = logging.Handler(); handler.emit = records.append
-        logging.getLogger("jax").addHandler(handler)
-        jax.config.update("jax_log_compiles", True)
-        for models in (dev, (p0, fts)):
-            jax.block_until_ready(bcjax.merge("breadcrumbs", models[0], models[1], alpha=0.3, beta=0.5, gamma=0.9))
-        compiled = [r.getMessage() for r in records if "Compiling" in r.getMessage()]
-        print(len(compiled), compiled[:3])
-    """)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.split()[0] == "0", res.stdout
