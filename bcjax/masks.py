@@ -37,6 +37,8 @@ __all__ = [
     "linear_count",
     "breadcrumbs_counts",
     "breadcrumbs_threshold_bits",
+    "threshold_ranks",
+    "thresholds_from",
     "mask_from_counts",
     "breadcrumbs_leaf_mask",
     "breadcrumbs_row_mask",
@@ -82,22 +84,23 @@ def breadcrumbs_counts(n: int, beta, gamma):
     return linear_count(n, 0, [(1, beta)]), linear_count(n, 1, [(-1, gamma)])
 
 
-def _threshold_ranks(n: int, n_bot, n_top) -> jax.Array:
-    """The two order-statistic ranks behind the SPEC §2 thresholds (clipped into range)."""
-    return jnp.stack([jnp.clip(n_bot, 0, n - 1), jnp.clip(n - n_top, 0, n - 1)]).astype(jnp.int32)
+def threshold_ranks(n: int, n_bot, n_top, xp=jnp) -> jax.Array:
+    """The two order-statistic ranks behind the SPEC §2 thresholds (clipped into range);
+    ``xp=np`` for concrete counts (the native host merge, no XLA program)."""
+    return xp.stack([xp.clip(n_bot, 0, n - 1), xp.clip(n - n_top, 0, n - 1)]).astype(xp.int32)
 
 
-def _thresholds_from(lo_hi, n: int, n_bot, n_top):
+def thresholds_from(lo_hi, n: int, n_bot, n_top, xp=jnp):
     """(lo, hi) from the selected order statistics; ``NO_THRESHOLD`` stands for +∞ (nothing
     dropped on that side)."""
-    lo = jnp.where(n_bot < n, lo_hi[..., 0], order_stats.NO_THRESHOLD)
-    hi = jnp.where(n_top >= 1, lo_hi[..., 1], order_stats.NO_THRESHOLD)
+    lo = xp.where(n_bot < n, lo_hi[..., 0], order_stats.NO_THRESHOLD)
+    hi = xp.where(n_top >= 1, lo_hi[..., 1], order_stats.NO_THRESHOLD)
     return lo, hi
 
 
 def _threshold_bits(select, n: int, n_bot, n_top):
     """(lo, hi) magnitude bits from the SPEC §2 counts, ``select(ranks)`` giving order statistics."""
-    return _thresholds_from(select(_threshold_ranks(n, n_bot, n_top)), n, n_bot, n_top)
+    return thresholds_from(select(threshold_ranks(n, n_bot, n_top)), n, n_bot, n_top)
 
 
 def breadcrumbs_threshold_bits(bits: jax.Array, n_bot, n_top):
@@ -124,9 +127,9 @@ def diff_masks_from_counts(finetuned, pretrained: jax.Array, n_bot, n_top, *, se
     (:func:`bcjax.tree.compute_dtype`, float32 for 16-bit floats, SPEC §1), and bfloat16
     leaves reach the native kernel as they are (no float32 copy of the T + 1 leaves)."""
     n = pretrained.size
-    ranks = jnp.broadcast_to(_threshold_ranks(n, n_bot, n_top), (len(finetuned), 2))
+    ranks = jnp.broadcast_to(threshold_ranks(n, n_bot, n_top), (len(finetuned), 2))
     select = select or (lambda r: order_stats.select_diff_bits_leaves([pretrained], [[f] for f in finetuned], r))
-    lo, hi = _thresholds_from(select(ranks), n, n_bot, n_top)
+    lo, hi = thresholds_from(select(ranks), n, n_bot, n_top)
     dt = compute_dtype(pretrained.dtype)
     p = pretrained.astype(dt)
     masks = []

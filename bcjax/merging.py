@@ -36,7 +36,7 @@ from bcjax import _native, order_stats
 from bcjax import hparams as hp_specs
 from bcjax.errors import HyperparameterError, OverflowMergeError, TreeMismatchError, UnknownMethodError
 from bcjax.masks import (GRANULARITY, bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask,
-                         diff_masks_from_counts, fraction_count)
+                         diff_masks_from_counts, fraction_count, threshold_ranks, thresholds_from)
 from bcjax.tree import (PyTree, all_finite, check_devices, check_finite, compute_dtype, is_floating, is_tracing,
                         keystr, merged_leaf_flags, on_host, unmerged_complex_paths, validate_models)
 
@@ -751,10 +751,14 @@ def breadcrumbs(pretrained, finetuned, flags, *, alpha=0.3, beta=0.9, gamma=0.99
     β, γ are read as SPEC §2 says (:mod:`bcjax.hparams`); ``axis`` (``granularity="row"``)
     must lie in [−ndim, ndim) of every merged leaf (an error naming the key path)."""
     alphas = _per_task(alpha, len(finetuned), "alpha")
+    native = None
     if granularity == "tensor":
         def leaf(i, p0, fts):
             n_bot, n_top = breadcrumbs_counts(int(np.size(p0)), beta, gamma)
             return _breadcrumbs_tensor_leaf(p0, tuple(fts), alphas, n_bot, n_top)
+
+        if not any(isinstance(x, jax.core.Tracer) for x in (alphas, beta, gamma)):
+            native = functools.partial(_native_breadcrumbs, alphas, beta, gamma)
     elif granularity == "row":
         if axis is None:
             raise HyperparameterError("granularity='row' needs an explicit axis (Flax Dense kernels: axis=0)")
@@ -766,7 +770,27 @@ def breadcrumbs(pretrained, finetuned, flags, *, alpha=0.3, beta=0.9, gamma=0.99
             return _breadcrumbs_row_leaf(p0, tuple(fts), alphas, beta, gamma, ax)
     else:
         raise HyperparameterError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
-    return map_merged_leaves(leaf, pretrained, finetuned, flags, host=host_view)
+    return map_merged_leaves(leaf, pretrained, finetuned, flags, host=host_view, native=native)
+
+
+def _native_breadcrumbs(alphas, beta, gamma, p0s, ftss, device) -> list | None:
+    """:func:`_breadcrumbs_tensor_leaf` for concrete float32 host leaves, outside XLA and
+    bit-identical (see :func:`map_merged_leaves`): each leaf's two order statistics per task
+    from the native selection (the FFI handler's own code, one call for all leaves), then one
+    call of the masked-sum kernel (``merge_kernels.cc``: :func:`_masked_task_sum` with its
+    overflow rescue and :func:`_nan_where_nonfinite`), outputs adopted by XLA without a copy.
+    No XLA program per leaf shape. None (the XLA kernel) for other dtypes or huge leaves."""
+    if (p0s[0].dtype != np.float32 or any(p.size > order_stats.MAX_COUNT for p in p0s)
+            or not _native.available()):
+        return None
+    num_tasks = len(ftss)
+    counts = [(p.size, *breadcrumbs_counts(p.size, beta, gamma)) for p in p0s]
+    ranks = np.stack([np.broadcast_to(threshold_ranks(*c, xp=np), (num_tasks, 2)) for c in counts])
+    selected = _native.select_diff_bits_per_leaf(p0s, ftss, ranks)  # (L, T, 2)
+    lo, hi = (np.stack(b) for b in zip(*(thresholds_from(sel, *c, xp=np) for sel, c in zip(selected, counts))))
+    out = _aligned_empty([p.shape for p in p0s], np.float32)
+    _native.masked_task_sum(p0s, ftss, out, lo, hi, np.asarray(alphas, np.float32))
+    return _adopt_host_arrays(out, device)
 
 
 def _leaf_key(key, task: int, leaf_index: int):

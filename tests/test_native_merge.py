@@ -229,23 +229,28 @@ def test_merge_native_equals_xla_kernel_and_numpy_reference(shape, num_tasks, da
     np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-5, atol=1e-3)
 
 
-def test_first_task_arithmetic_merge_in_a_fresh_process_compiles_no_xla_program():
+@pytest.mark.parametrize("method, hparams", [("task_arithmetic", "alpha=0.3"),
+                                             ("breadcrumbs", "alpha=0.3, beta=0.5, gamma=0.9")])
+def test_first_merge_in_a_fresh_process_compiles_no_xla_program(method, hparams):
     """What makes a process's first merge as fast as its second: nothing is compiled (the
-    native kernel is built beforehand, once per machine)."""
-    code = textwrap.dedent("""
+    native kernels are built beforehand, once per machine): task arithmetic's sum, and
+    Breadcrumbs' (tensor granularity) per-leaf selection and masked sum, leaves above and
+    below order_stats.SORT_BELOW."""
+    code = textwrap.dedent(f"""
         import logging, numpy as np, jax, bcjax
         from bcjax import _native
         assert _native.available()
         rng = np.random.default_rng(0)
-        p0 = {"w": rng.standard_normal((64, 32), dtype=np.float32), "b": np.zeros(32, np.float32)}
-        fts = [{k: v + 1 for k, v in p0.items()} for _ in range(3)]
+        p0 = {{"w": rng.standard_normal((64, 32), dtype=np.float32), "b": np.zeros(32, np.float32),
+              "big": rng.standard_normal(5000, dtype=np.float32)}}
+        fts = [{{k: v + rng.standard_normal(v.shape, dtype=np.float32) for k, v in p0.items()}} for _ in range(3)]
         dev = jax.device_put((p0, fts)); jax.block_until_ready(dev)
         records = []
         handler = logging.Handler(); handler.emit = records.append
         logging.getLogger("jax").addHandler(handler)
         jax.config.update("jax_log_compiles", True)
         for models in (dev, (p0, fts)):
-            jax.block_until_ready(bcjax.merge("task_arithmetic", models[0], models[1], alpha=0.3))
+            jax.block_until_ready(bcjax.merge("{method}", models[0], models[1], {hparams}))
         compiled = [r.getMessage() for r in records if "Compiling" in r.getMessage()]
         print(len(compiled), compiled[:3])
     """)
@@ -312,3 +317,179 @@ def test_ties_uses_the_native_merge_pass_for_concrete_cpu_inputs(inputs, monkeyp
     jitted = jax.jit(lambda p, f: bcjax.merge("ties", p, f, density=0.2))(p0, fts)
     for k in p0:
         np.testing.assert_array_equal(_bits(jitted[k]), _bits(want[k]))
+
+
+# --------------------------------------------------------------------------- Breadcrumbs (tensor granularity)
+def _breadcrumbs_xla(p0, fts, alpha, beta, gamma):
+    """The XLA leaf kernel itself, leaf by leaf (device arrays: its own selection), with the
+    hyper-parameters read as ``merge`` reads them."""
+    hp = bcjax.get_method("breadcrumbs").normalize({"alpha": alpha, "beta": beta, "gamma": gamma}, len(fts))
+    alphas = jnp.asarray(merging._per_task(hp["alpha"], len(fts), "alpha"))
+    out = {}
+    for k in p0:
+        if not np.size(p0[k]):
+            out[k] = p0[k]
+            continue
+        n_bot, n_top = merging.breadcrumbs_counts(int(np.size(p0[k])), hp["beta"], hp["gamma"])
+        out[k] = merging._breadcrumbs_tensor_leaf(jnp.asarray(p0[k]), tuple(jnp.asarray(f[k]) for f in fts), alphas,
+                                                  n_bot, n_top)
+    return out
+
+
+def _breadcrumbs_native(p0, fts, alpha, beta, gamma):
+    """The native path directly on NumPy leaves (selection + masked sum), one call for all leaves."""
+    hp = bcjax.get_method("breadcrumbs").normalize({"alpha": alpha, "beta": beta, "gamma": gamma}, len(fts))
+    alphas = merging._per_task(hp["alpha"], len(fts), "alpha")
+    return merging._native_breadcrumbs(alphas, hp["beta"], hp["gamma"], p0, fts, None)
+
+
+def _numpy_breadcrumbs(p, fts, alphas, beta, gamma):
+    """Plain NumPy reference of SPEC §2 (tensor granularity) in float64 for the sum."""
+    n = p.size
+    n_bot, n_top = merging.breadcrumbs_counts(n, beta, gamma)
+    out = p.astype(np.float64)
+    for t, f in enumerate(fts):
+        tau = (f - p).astype(np.float32)
+        mag = np.abs(tau).view(np.int32)
+        srt = np.sort(mag.ravel())
+        lo = srt[min(n_bot, n - 1)] if n_bot < n else np.iinfo(np.int32).max
+        hi = srt[min(max(n - n_top, 0), n - 1)] if n_top >= 1 else np.iinfo(np.int32).max
+        keep = (mag >= lo) & (mag < hi)
+        out = out + np.where(keep, np.float64(alphas[t]) * tau, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("num_tasks", [1, 2, 3, 8, 17])  # 17: past the unrolled task counts
+@pytest.mark.parametrize("n", [1, 13, 2048, 2049, 4097, 70_001])  # ≤ SORT_BELOW: the sort path on both sides
+def test_native_breadcrumbs_is_bit_identical_to_the_xla_kernel(num_tasks, n):
+    rng = np.random.default_rng(n * 7 + num_tasks)
+    for alpha, beta, gamma in ((0.3, 0.9, 0.99), (1.0, 0.0, 1.0), (-0.7, 0.5, 0.5),
+                               ([float(a) for a in rng.uniform(-2, 2, num_tasks)], 0.2, 0.8)):
+        p, fts = _with_specials(rng, np.float32, n, num_tasks)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if n >= 20:  # ties at the thresholds: repeated magnitudes, both signs, and τ = 0
+                for f in fts:
+                    f[12:20] = p[12:20] + np.float32(0.25) * np.array([1, -1, 1, -1, 1, -1, 0, 0], np.float32)
+        want = _breadcrumbs_xla({"x": p}, [{"x": f} for f in fts], alpha, beta, gamma)["x"]
+        got = _breadcrumbs_native([p], [[f] for f in fts], alpha, beta, gamma)[0]
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+def test_native_breadcrumbs_many_leaves_in_one_call_equal_each_leaf_alone():
+    rng = np.random.default_rng(11)
+    sizes = [1, 7, 1024, 1025, 2048, 4096, 65_537, 200_000, 3]
+    p0 = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    fts = [[p + rng.standard_normal(p.size).astype(np.float32) for p in p0] for _ in range(4)]
+    together = _breadcrumbs_native(p0, fts, [0.5, -0.25, 1.0, 2.0], 0.6, 0.95)
+    for i in range(len(sizes)):
+        want = _breadcrumbs_xla({"x": p0[i]}, [{"x": task[i]} for task in fts], [0.5, -0.25, 1.0, 2.0], 0.6, 0.95)
+        np.testing.assert_array_equal(_bits(together[i]), _bits(want["x"]))
+
+
+def test_native_breadcrumbs_denormals_signed_zeros_and_overflow_near_the_float32_limit():
+    rng = np.random.default_rng(12)
+    n = 5000
+    tiny = np.finfo(np.float32).smallest_subnormal
+    p = (rng.standard_normal(n) * 3e38 / 4).astype(np.float32)
+    fts = [(rng.standard_normal(n) * 3e38 / 4).astype(np.float32) for _ in range(3)]
+    p[:100] = tiny * np.arange(100, dtype=np.float32)  # denormal θ0 and τ
+    for f in fts:
+        f[:100] = -tiny * np.arange(100, dtype=np.float32)
+        f[100:200] = -0.0
+    p[100:200] = 0.0
+    with np.errstate(over="ignore"):
+        assert not all(np.all(np.isfinite(f - p)) for f in fts)  # some τ overflow: the rescue runs
+    overflowed = False
+    for alpha, gamma in ((0.3, 0.95), (1.0, 1.0), ([0.9, 0.9, 0.9], 1.0)):
+        want = _breadcrumbs_xla({"x": p}, [{"x": f} for f in fts], alpha, 0.1, gamma)["x"]
+        got = _breadcrumbs_native([p], [[f] for f in fts], alpha, 0.1, gamma)[0]
+        overflowed |= not np.all(np.isfinite(np.asarray(want)))
+        np.testing.assert_array_equal(_bits(got), _bits(want))
+    assert overflowed  # and some merged values exceed float32 even after the rescue
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=hnp.array_shapes(min_dims=0, max_dims=3, min_side=1, max_side=9),
+       num_tasks=st.integers(1, 5), beta=st.floats(0, 1, width=32), width=st.floats(0, 1, width=32),
+       data=st.data())
+def test_breadcrumbs_native_equals_xla_kernel_and_numpy_reference(shape, num_tasks, beta, width, data):
+    gamma = float(np.float32(min(1.0, beta + width)))
+    floats = st.floats(-1e3, 1e3, width=32, allow_subnormal=True)
+    p = data.draw(hnp.arrays(np.float32, shape, elements=floats))
+    fts = [data.draw(hnp.arrays(np.float32, shape, elements=floats)) for _ in range(num_tasks)]
+    alpha = data.draw(st.one_of(st.floats(-3, 3, width=32), st.lists(st.floats(-3, 3, width=32),
+                                                                      min_size=num_tasks, max_size=num_tasks)))
+    got = bcjax.merge("breadcrumbs", {"x": p}, [{"x": f} for f in fts], alpha=alpha, beta=beta, gamma=gamma)["x"]
+    want = _breadcrumbs_xla({"x": p}, [{"x": f} for f in fts], alpha, beta, gamma)["x"]
+    np.testing.assert_array_equal(_bits(got), _bits(want))
+    hp = bcjax.get_method("breadcrumbs").normalize({"alpha": alpha, "beta": beta, "gamma": gamma}, num_tasks)
+    a = np.broadcast_to(np.asarray(hp["alpha"], np.float32), (num_tasks,))
+    ref = _numpy_breadcrumbs(p, fts, a, hp["beta"], hp["gamma"])
+    np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("inputs", ["numpy", "device", "mixed"])
+def test_breadcrumbs_uses_the_native_kernels_for_concrete_cpu_inputs(inputs, monkeypatch):
+    rng = np.random.default_rng(13)
+    p0, fts = _models(rng, SHAPES, 3)
+    want = _breadcrumbs_xla(p0, fts, [0.3, -0.7, 1.5], 0.4, 0.9)
+    if inputs == "device":
+        p0, fts = jax.device_put((p0, fts))
+    elif inputs == "mixed":
+        fts = [jax.device_put(fts[0]), *fts[1:]]
+    calls = []
+    real_select, real_sum = _native.select_diff_bits_per_leaf, _native.masked_task_sum
+    monkeypatch.setattr(_native, "select_diff_bits_per_leaf", lambda *a: calls.append(("select", len(a[0])))
+                        or real_select(*a))
+    monkeypatch.setattr(_native, "masked_task_sum", lambda *a: calls.append(("sum", len(a[0]))) or real_sum(*a))
+    got = bcjax.merge("breadcrumbs", p0, fts, alpha=[0.3, -0.7, 1.5], beta=0.4, gamma=0.9)
+    assert calls == [("select", 4), ("sum", 4)]  # one call each for every merged non-empty leaf
+    for k in SHAPES:
+        assert np.shape(got[k]) == SHAPES[k]
+        if np.size(got[k]):
+            assert isinstance(got[k], jax.Array) and got[k].dtype == jnp.float32
+        np.testing.assert_array_equal(_bits(got[k]), _bits(want[k]))
+
+
+@pytest.mark.parametrize("case", ["bfloat16", "float16", "jit", "sharded", "row"])
+def test_breadcrumbs_keeps_the_xla_kernel_where_the_native_one_must_not_run(case, monkeypatch):
+    rng = np.random.default_rng(14)
+    p0, fts = _models(rng, {"w": (len(jax.devices()) * 8, 9)}, 3)
+    kwargs = dict(alpha=0.3, beta=0.3, gamma=0.9)
+    if case in ("bfloat16", "float16"):
+        p0, fts = jax.tree.map(lambda x: np.asarray(x, getattr(jnp, case)), (p0, fts))
+    want = {k: np.asarray(v) for k, v in _breadcrumbs_xla(p0, fts, 0.3, 0.3, 0.9).items()}
+    fail = lambda *a: pytest.fail(f"{case}: the native Breadcrumbs kernel ran")  # noqa: E731
+    monkeypatch.setattr(_native, "select_diff_bits_per_leaf", fail)
+    monkeypatch.setattr(_native, "masked_task_sum", fail)
+    if case == "jit":
+        got = jax.jit(lambda p, f: bcjax.merge("breadcrumbs", p, f, **kwargs))(p0, fts)
+    elif case == "sharded":
+        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("x",))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+        got = bcjax.merge("breadcrumbs", *jax.device_put((p0, fts), sharding), **kwargs)
+        assert got["w"].sharding == sharding
+    elif case == "row":
+        got = bcjax.merge("breadcrumbs", p0, fts, granularity="row", axis=0, **kwargs)
+        want = {"w": np.asarray(merging._breadcrumbs_row_leaf(
+            jnp.asarray(p0["w"]), tuple(jnp.asarray(f["w"]) for f in fts), jnp.full(3, 0.3, jnp.float32),
+            np.float32(0.3), np.float32(0.9), 0))}
+    else:
+        got = bcjax.merge("breadcrumbs", p0, fts, **kwargs)
+    np.testing.assert_array_equal(_bits(got["w"]), _bits(want["w"]))
+
+
+def test_breadcrumbs_native_validation_names_model_path_and_overflow():
+    p0 = {"a": np.zeros(4, np.float32), "b": np.ones(3, np.float32)}
+    fts = [{"a": np.arange(4, dtype=np.float32), "b": np.ones(3, np.float32)} for _ in range(2)]
+    fts[1]["b"] = np.array([1, np.nan, 1], np.float32)
+    with pytest.raises(NonFiniteError, match=r"fine-tuned model 1.*'b'"):
+        bcjax.merge("breadcrumbs", p0, fts, alpha=1.0, beta=0.0, gamma=1.0)
+    big = np.finfo(np.float32).max
+    p0 = {"w": np.array([-big * 0.9, big * 0.9], np.float32)}
+    fts = [{"w": np.array([big * 0.9, big * 0.9], np.float32)}]
+    rescued = bcjax.merge("breadcrumbs", p0, fts, alpha=0.5, beta=0.0, gamma=1.0)["w"]  # τ overflows, θ* does not
+    np.testing.assert_array_equal(_bits(rescued), _bits(_breadcrumbs_xla(p0, fts, 0.5, 0.0, 1.0)["w"]))
+    assert np.all(np.isfinite(np.asarray(rescued)))
+    with pytest.raises(OverflowMergeError, match="'w'"):
+        bcjax.merge("breadcrumbs", p0, fts * 3, alpha=2.0, beta=0.0, gamma=1.0)

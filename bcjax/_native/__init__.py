@@ -32,7 +32,8 @@ from jax import lax
 import numpy as np
 
 __all__ = ["HISTOGRAM_TARGET", "MULTI_TARGET", "TARGET", "VIEWS_TARGET", "diff_histograms", "select_diff_bits_multi",
-           "select_diff_bits_leaves", "select_diff_bits_views", "task_sum", "ties_merge", "available",
+           "select_diff_bits_leaves", "select_diff_bits_per_leaf", "select_diff_bits_views", "masked_task_sum",
+           "task_sum", "ties_merge", "available",
            "library_path", "select_bits", "unavailable_reason"]
 
 TARGET = "bcjax_select_bits"
@@ -153,6 +154,10 @@ def _load() -> None:
                 i64, ptr = ctypes.c_int64, ctypes.c_void_p
                 lib.bcjax_task_sum.argtypes = [i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i64]
                 lib.bcjax_ties_merge.argtypes = [i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64]
+                lib.bcjax_masked_task_sum.restype = lib.bcjax_select_diff_bits_per_leaf.restype = ctypes.c_int
+                lib.bcjax_masked_task_sum.argtypes = [i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64]
+                lib.bcjax_select_diff_bits_per_leaf.argtypes = [i64, ptr, ptr, ptr, i64, ptr, i64, ptr, i64,
+                                                                ctypes.c_double, i64]
                 _state.update(ok=True, reason=None, path=path, lib=lib)
             except (OSError, RuntimeError, AttributeError) as e:
                 _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
@@ -290,6 +295,29 @@ def ties_merge(p0, finetuned, out, thresholds, alpha) -> None:
     _call("bcjax_ties_merge", *_leaf_pointers(p0, finetuned, out), len(finetuned),
           np.ascontiguousarray(thresholds, np.int32), np.atleast_1d(alpha).astype(np.float64), int(alpha.ndim == 1),
           _threads())
+
+
+def select_diff_bits_per_leaf(p0, finetuned, ranks, *, sigmas: float = DEFAULT_SIGMAS, isa: str = "auto"):
+    """int32[L, T, K]: entry [l, t, k] is the ``ranks[l, t, k]``-th smallest magnitude bits of
+    ``finetuned[t][l] − p0[l]`` — :func:`select_diff_bits_multi` of every leaf on its own (the
+    same selection code), for L float32 host leaves laid out as for :func:`task_sum`, in one
+    call outside XLA (nothing compiled per leaf shape; leaves spread over up to 8 threads)."""
+    ranks = np.ascontiguousarray(ranks, np.int32)
+    out = np.empty(ranks.shape, np.int32)
+    _call("bcjax_select_diff_bits_per_leaf", *_leaf_pointers(p0, finetuned, [])[:4], len(finetuned), ranks,
+          ranks.shape[-1], out, _threads(), float(sigmas), int(_isa(isa)))
+    return out
+
+
+def masked_task_sum(p0, finetuned, out, lo, hi, alphas) -> None:
+    """Breadcrumbs' combine ``out[l] = p0[l] + Σt alphas[t] · mt ⊙ (finetuned[t][l] − p0[l])``
+    with ``mt = lo[l, t] ≤ bits(|τt|) < hi[l, t]`` (int32 magnitude bits, (L, T)), then NaN
+    where an input is not finite, on float32 host leaves laid out as for :func:`task_sum`;
+    bit-identical to :func:`bcjax.merging._masked_task_sum` + ``_nan_where_nonfinite``
+    (overflow rescue included)."""
+    _call("bcjax_masked_task_sum", *_leaf_pointers(p0, finetuned, out), len(finetuned),
+          np.ascontiguousarray(lo, np.int32), np.ascontiguousarray(hi, np.int32),
+          np.asarray(alphas, np.float32).astype(np.float64), _threads())
 
 
 def diff_histograms(pretrained: jax.Array, finetuned, bins: jax.Array | None = None, *, offsets=None,

@@ -4,9 +4,10 @@
 //
 //   task arithmetic:  out = θ0 + Σt αt (θt − θ0)   per entry, float32 or float64
 //   TIES (merge pass, thresholds given): trim, elect, disjoint mean (TiesEntry), float32
+//   Breadcrumbs (masks given as magnitude-bit bounds): out = θ0 + Σt [lo_t ≤ |τt| < hi_t] αt τt, float32
 //
 // with exactly the roundings of the XLA kernels they replace (bcjax.merging._weighted_task_sum,
-// _ties_leaf), so results are bit-identical. IEEE add/sub/mul/fma are correctly rounded and the build passes
+// _ties_leaf, _masked_task_sum), so results are bit-identical. IEEE add/sub/mul/fma are correctly rounded and the build passes
 // -ffp-contract=off (no -ffast-math), so the only freedom is where products are fused:
 // XLA:CPU's LLVM backend always allows contraction, and on FMA hardware every single-use
 // product feeding an add or subtract becomes one fused multiply-add. Those fusions are
@@ -120,6 +121,18 @@ int bcjax_ties_merge(int64_t num_leaves, const int64_t* sizes, const void* const
   const int th = static_cast<int>(threads);
   return HostHasFma() ? fused::TiesMerge(num_leaves, sizes, p0, fts, out, num_tasks, thresholds, alphas, per_task, th)
                       : plain::TiesMerge(num_leaves, sizes, p0, fts, out, num_tasks, thresholds, alphas, per_task, th);
+}
+
+// Breadcrumbs' masked sum (bcjax.merging._masked_task_sum, then NaN where an input is not
+// finite) for L float32 leaves laid out as for bcjax_task_sum, given each leaf's and task's
+// magnitude-bit bounds lo[l * T + t], hi[l * T + t] (keep ⇔ lo ≤ bits(|θt − θ0|) < hi, the
+// selection of bcjax_select_diff_bits_per_leaf); alphas[t] as for bcjax_task_sum. Returns 0 on success.
+int bcjax_masked_task_sum(int64_t num_leaves, const int64_t* sizes, const void* const* p0, const void* const* fts,
+                          void* const* out, int64_t num_tasks, const int32_t* lo, const int32_t* hi,
+                          const double* alphas, int64_t threads) {
+  const int th = static_cast<int>(threads);
+  return HostHasFma() ? fused::MaskedTaskSum(num_leaves, sizes, p0, fts, out, num_tasks, lo, hi, alphas, th)
+                      : plain::MaskedTaskSum(num_leaves, sizes, p0, fts, out, num_tasks, lo, hi, alphas, th);
 }
 
 }  // extern "C"
@@ -451,6 +464,119 @@ int TiesMerge(int64_t num_leaves, const int64_t* sizes, const void* const* p0, c
       for (int64_t t = 0; t < num_tasks; ++t) fs[t] = static_cast<const float*>(fts[t * num_leaves + l]) + b;
       TiesBlock(static_cast<const float*>(p0[l]) + b, fs.data(), num_tasks, thresholds, alphas.data(), per_task,
                 static_cast<float*>(out[l]) + b, std::min(kBlock, end - b), scratch.data());
+    }
+  });
+  return 0;
+}
+
+// Breadcrumbs' masked sum (bcjax.merging._masked_task_sum) on float32, as XLA computes it: no
+// product is fused (each αt τt passes through the mask's select before the add, and
+// x + select(m, y, +0) → select(m, x + y, x) is not an IEEE identity for x = −0, so LLVM keeps
+// it), sums start from their first term (zeros + x folded):
+//   keep_t = lo_t ≤ bits(|τt|) < hi_t,  e_t = keep_t ? αt τt : +0,  acc = e_0 + e_1 + … ,  out = θ0 + acc
+// then, where out is not finite, the overflow rescue with the same masks (inputs · s,
+// τt = fma(θt, s, −θ0 s) as in Combine, result · 2^32), and NaN where an input is NaN/Inf.
+inline bool MaskKeep(float tau, int32_t lo, int32_t hi) {
+  const int32_t bits = static_cast<int32_t>(__builtin_bit_cast(uint32_t, tau) & 0x7fffffffu);
+  return bits >= lo && bits < hi;
+}
+
+inline float MaskedEntry(float p, const float* const* fs, int64_t j, int64_t t_count, const int32_t* lo,
+                         const int32_t* hi, const float* alphas, bool scaled) {
+  const float s = RescueScale<float>();
+  const float ps = scaled ? p * s : p;
+  float acc = 0.0f;
+  for (int64_t t = 0; t < t_count; ++t) {
+    const float tau = scaled ? MulAdd(fs[t][j], s, -ps) : fs[t][j] - ps;
+    const float e = MaskKeep(fs[t][j] - p, lo[t], hi[t]) ? alphas[t] * tau : 0.0f;
+    acc = t == 0 ? e : acc + e;
+  }
+  return ps + acc;
+}
+
+// MaskedEntry (unscaled) for a fixed task count, the task loop unrolled so that the entry
+// loop vectorises reading all T + 1 streams side by side. Returns the inputs' largest exponent field.
+template <int T, size_t... I>
+uint32_t MaskedUnrolledImpl(std::index_sequence<I...>, const float* p, const float* const* fs, const int32_t* lo,
+                            const int32_t* hi, const float* alphas, float* out, int64_t n) {
+  const float* f[T] = {fs[I]...};
+  const int32_t l[T] = {lo[I]...}, h[T] = {hi[I]...};
+  const float a[T] = {alphas[I]...};
+  uint32_t emax = ExponentMax(p, n);
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    const float fj[T] = {f[I][j]...};
+    ((emax = std::max(emax, __builtin_bit_cast(uint32_t, fj[I]) & 0x7f800000u)), ...);
+    const float tau[T] = {(fj[I] - pj)...};
+    const float e[T] = {(MaskKeep(tau[I], l[I], h[I]) ? a[I] * tau[I] : 0.0f)...};
+    float acc = e[0];
+    ((acc = I == 0 ? acc : acc + e[I]), ...);
+    out[j] = pj + acc;
+  }
+  return emax;
+}
+
+template <int T = 1>
+bool FixedMasked(int64_t t_count, const float* p, const float* const* fs, const int32_t* lo, const int32_t* hi,
+                 const float* alphas, float* out, int64_t n, uint32_t* emax) {
+  if constexpr (T <= kUnrolledTasks) {
+    if (t_count == T) {
+      *emax = MaskedUnrolledImpl<T>(std::make_index_sequence<T>(), p, fs, lo, hi, alphas, out, n);
+      return true;
+    }
+    return FixedMasked<T + 1>(t_count, p, fs, lo, hi, alphas, out, n, emax);
+  }
+  return false;
+}
+
+// MaskedEntry (unscaled) task by task over the block (more tasks than unrolled); returns the
+// inputs' largest exponent field.
+uint32_t MaskedByTask(const float* p, const float* const* fs, int64_t t_count, const int32_t* lo, const int32_t* hi,
+                      const float* alphas, float* out, int64_t n) {
+  float acc[kBlock];
+  uint32_t emax = ExponentMax(p, n);  // NaN/Inf among the inputs: the all-ones exponent
+  for (int64_t t = 0; t < t_count; ++t) {
+    const float* f = fs[t];
+    const float a = alphas[t];
+    const int32_t l = lo[t], h = hi[t];
+    emax = ExponentMax(f, n, emax);
+    for (int64_t j = 0; j < n; ++j) {
+      const float tau = f[j] - p[j];
+      const float e = MaskKeep(tau, l, h) ? a * tau : 0.0f;
+      acc[j] = t == 0 ? e : acc[j] + e;
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) out[j] = p[j] + acc[j];
+  return emax;
+}
+
+void MaskedBlock(const float* p, const float* const* fs, int64_t t_count, const int32_t* lo, const int32_t* hi,
+                 const float* alphas, float* out, int64_t n) {
+  uint32_t emax = 0;
+  if (!FixedMasked(t_count, p, fs, lo, hi, alphas, out, n, &emax)) {
+    emax = MaskedByTask(p, fs, t_count, lo, hi, alphas, out, n);
+  }
+  if (emax != 0x7f800000u && AllFinite(out, n)) return;
+  for (int64_t j = 0; j < n; ++j) {  // rare: the rescue, then NaN where an input is not finite
+    if (!std::isfinite(out[j])) out[j] = MaskedEntry(p[j], fs, j, t_count, lo, hi, alphas, true) * RescueInverse<float>();
+    bool ok = std::isfinite(p[j]);
+    for (int64_t t = 0; t < t_count; ++t) ok &= std::isfinite(fs[t][j]);
+    if (!ok) out[j] = std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
+int MaskedTaskSum(int64_t num_leaves, const int64_t* sizes, const void* const* p0, const void* const* fts,
+                  void* const* out, int64_t num_tasks, const int32_t* lo, const int32_t* hi, const double* alphas_in,
+                  int threads) {
+  if (num_tasks < 1 || num_leaves < 0) return 1;
+  std::vector<float> alphas(num_tasks);
+  for (int64_t t = 0; t < num_tasks; ++t) alphas[t] = static_cast<float>(alphas_in[t]);
+  ForEachUnit(num_leaves, sizes, threads, [&](int64_t l, int64_t begin, int64_t end) {
+    std::vector<const float*> fs(num_tasks);
+    for (int64_t b = begin; b < end; b += kBlock) {
+      for (int64_t t = 0; t < num_tasks; ++t) fs[t] = static_cast<const float*>(fts[t * num_leaves + l]) + b;
+      MaskedBlock(static_cast<const float*>(p0[l]) + b, fs.data(), num_tasks, lo + l * num_tasks, hi + l * num_tasks,
+                  alphas.data(), static_cast<float*>(out[l]) + b, std::min(kBlock, end - b));
     }
   });
   return 0;

@@ -25,6 +25,7 @@
 //      copy of the keys.
 // The result never depends on the sample, only the speed does: exact and deterministic.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -989,6 +990,40 @@ ffi::Error SelectDiffBitsViewsImpl(ffi::Buffer<ffi::S32> ranks, ffi::Buffer<ffi:
 }
 
 }  // namespace
+
+// The per-leaf selection of SelectDiffBitsSegmentsImpl (L = 1) for many float32 leaves in one
+// plain C call on host memory (ctypes, GIL released; bcjax.merging's native Breadcrumbs merge,
+// which compiles no XLA program per leaf shape): for every leaf l, the SAME SelectDiffSegments
+// the FFI handler runs, on p0[l] and fts[t * L + l] (sizes[l] floats each), ranks[l][t][k] →
+// out[l][t][k] (K = kk per task). Leaves are handed to up to ``threads`` threads, each with
+// the denormal mode XLA:CPU's threads run the FFI handler under. Returns 0, or 1 for bad
+// arguments (a rank outside [0, n), an empty leaf or one of 2^31 entries or more).
+extern "C" int bcjax_select_diff_bits_per_leaf(int64_t num_leaves, const int64_t* sizes, const void* const* p0,
+                                               const void* const* fts, int64_t num_tasks, const int32_t* ranks,
+                                               int64_t kk, int32_t* out, int64_t threads, double sigmas,
+                                               int64_t isa) {
+  if (num_leaves < 0 || num_tasks < 1 || kk < 1) return 1;
+  for (int64_t l = 0; l < num_leaves; ++l) {
+    if (sizes[l] < 1 || sizes[l] > INT32_MAX) return 1;
+    for (int64_t k = 0; k < num_tasks * kk; ++k) {
+      const int32_t r = ranks[l * num_tasks * kk + k];
+      if (r < 0 || r >= sizes[l]) return 1;
+    }
+  }
+  std::atomic<int64_t> next{0};
+  auto work = [&](int) {
+    ScopedFlushDenormals flush;
+    for (int64_t l; (l = next.fetch_add(1)) < num_leaves;) {
+      const std::vector<const float*> p{static_cast<const float*>(p0[l])};
+      std::vector<std::vector<const float*>> f(num_tasks);
+      for (int64_t t = 0; t < num_tasks; ++t) f[t] = {static_cast<const float*>(fts[t * num_leaves + l])};
+      SelectDiffSegments<float>(p, f, {0, sizes[l]}, ranks + l * num_tasks * kk, kk, out + l * num_tasks * kk, 1,
+                                sigmas, isa);
+    }
+  };
+  ParallelFor(static_cast<int>(std::max<int64_t>(1, std::min(threads, num_leaves))), work);
+  return 0;
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectDiffBitsMulti, SelectDiffBitsSegmentsImpl,
                               ffi::Ffi::Bind()
