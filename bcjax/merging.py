@@ -918,13 +918,34 @@ def ties_thresholds(pretrained, finetuned, flags, density) -> jax.Array:
         sizes = [int(np.size(leaves0[i])) for i in merged]
         sample = lambda: tau_sample_keys(read_blocks, sizes, len(finetuned))  # noqa: E731
         return jnp.asarray(ties_thresholds_from_histograms(histogram_pass, total, len(finetuned), density, sample))
-    rank = jnp.asarray(ties_trim_rank(density, total), jnp.int32)
     p0, fts = [leaves0[i] for i in merged], [[m[i] for i in merged] for m in per_model]
+    rank = ties_trim_rank(density, total)
+    if isinstance(rank, int) and not _is_traced((pretrained, finetuned)):
+        bits = _native_model_threshold_bits(p0, fts, rank)
+        if bits is not None:
+            return jax.device_put(bits)  # (jnp.asarray would compile a copy program)
+    rank = jnp.asarray(rank, jnp.int32)
     ranks = jnp.broadcast_to(rank, (len(finetuned), 1))
     if _selects_on_views([*p0, *(f for task in fts for f in task)]):  # NumPy leaves read in place
         return _model_threshold_bits_on_views([host_view(p) for p in p0], [[host_view(f) for f in task] for task in fts],
                                               ranks, sizes=tuple(int(p.size) for p in p0))[:, 0]
     return _model_threshold_bits(p0, fts, ranks)[:, 0]
+
+
+def _native_model_threshold_bits(p0, fts, rank: int) -> np.ndarray | None:
+    """:func:`_model_threshold_bits` for concrete float32 CPU leaves (NumPy, host views or
+    single-device CPU jax.Arrays, see :func:`_host_readable`) in one native call outside XLA —
+    the FFI handler's own selection over the union of the leaves, so nothing is compiled;
+    int32[T]. None (the XLA/FFI path) otherwise."""
+    if not _native.available():
+        return None
+    readable = [_host_readable([p, *(task[j] for task in fts)]) for j, p in enumerate(p0)]
+    if any(r is None or r[0][0].dtype != np.float32 for r in readable):
+        return None
+    arrays = [r[0] for r in readable]
+    ranks = np.full((len(fts), 1), rank, np.int32)
+    return _native.select_diff_bits_model([a[0] for a in arrays], [[a[1 + t] for a in arrays] for t in range(len(fts))],
+                                          ranks)[:, 0]
 
 
 def _selects_on_views(leaves) -> bool:
@@ -962,10 +983,15 @@ def ties(pretrained, finetuned, flags, *, density=0.2, alpha=1.0):
     per entry with e_t the elected trimmed vectors (a scalar λ gives exactly θ0 + λ · mean)."""
     merged = [x for tree in (pretrained, *finetuned) for x, f in zip(jax.tree.leaves(tree), flags) if f and np.size(x)]
     if not _is_traced((pretrained, finetuned)):
-        # NumPy leaves are read by two passes (thresholds, then the merge): wrap them once, as
-        # views the native selection reads in place, or else (e.g. bfloat16) on the device
+        # NumPy leaves are read by two passes (thresholds, then the merge). Float32 ones up to
+        # order_stats.MAX_COUNT entries are read where they lie by the native host kernels of
+        # both passes (no wrapping at all); larger ones are wrapped once, as views the native
+        # histograms read in place; the others (e.g. bfloat16) are put on the device once.
+        total = sum(int(np.size(x)) for x, f in zip(jax.tree.leaves(pretrained), flags) if f)
         if _selects_on_views(merged):
-            pretrained, finetuned = _with_host_views(pretrained, flags), [_with_host_views(t, flags) for t in finetuned]
+            if total > order_stats.MAX_COUNT:
+                pretrained, finetuned = (_with_host_views(pretrained, flags),
+                                         [_with_host_views(t, flags) for t in finetuned])
         else:
             pretrained, finetuned = jax.tree.map(_host_to_device, (pretrained, list(finetuned)))
     return ties_merge_with_thresholds(pretrained, finetuned, flags,

@@ -230,12 +230,13 @@ def test_merge_native_equals_xla_kernel_and_numpy_reference(shape, num_tasks, da
 
 
 @pytest.mark.parametrize("method, hparams", [("task_arithmetic", "alpha=0.3"),
-                                             ("breadcrumbs", "alpha=0.3, beta=0.5, gamma=0.9")])
+                                             ("breadcrumbs", "alpha=0.3, beta=0.5, gamma=0.9"),
+                                             ("ties", "density=0.2, alpha=0.7")])
 def test_first_merge_in_a_fresh_process_compiles_no_xla_program(method, hparams):
     """What makes a process's first merge as fast as its second: nothing is compiled (the
     native kernels are built beforehand, once per machine): task arithmetic's sum, and
-    Breadcrumbs' (tensor granularity) per-leaf selection and masked sum, leaves above and
-    below order_stats.SORT_BELOW."""
+    Breadcrumbs' (tensor granularity) per-leaf selection and masked sum, TIES's model-wide
+    threshold selection and merge pass, leaves above and below order_stats.SORT_BELOW."""
     code = textwrap.dedent(f"""
         import logging, numpy as np, jax, bcjax
         from bcjax import _native
@@ -295,6 +296,49 @@ def test_native_ties_merge_is_bit_identical_to_the_xla_kernel(num_tasks, n):
         got = np.empty_like(p)
         _native.ties_merge([p], [[f] for f in fts], [got], thresholds, alphas)
         np.testing.assert_array_equal(_bits(got), _bits(want))
+
+
+@pytest.mark.parametrize("num_tasks, kk", [(1, 1), (3, 1), (8, 2), (2, 5)])  # kk 5: two scans of ≤ 4 brackets
+def test_native_model_selection_equals_a_sort_over_all_leaves(num_tasks, kk):
+    """TIES's model-wide selection on host memory (one C call) against a NumPy sort of the keys
+    |θt − θ0| of all leaves together (XLA's denormal flushing), ties and special values included."""
+    rng = np.random.default_rng(num_tasks * 10 + kk)
+    sizes = [1, 7, 2048, 2049, 5000, 70_001]
+    p0 = [rng.standard_normal(n).astype(np.float32) for n in sizes]
+    fts = [[(p + rng.standard_t(3, p.size).astype(np.float32) * np.float32(1e-2)).astype(np.float32) for p in p0]
+           for _ in range(num_tasks)]
+    fts[0][4][:100] = p0[4][:100]  # τ = 0: many tied keys
+    fts[0][5][:50] = p0[5][:50] + np.float32(0.25)  # equal magnitudes
+    p0[3][:10] = np.float32(1e-40)  # denormals (flushed as XLA:CPU does)
+    total = sum(sizes)
+    ranks = np.sort(rng.integers(0, total, size=(num_tasks, kk)), axis=1).astype(np.int32)
+    ranks[0, 0], ranks[-1, -1] = 0, total - 1  # the extremes
+    got = _native.select_diff_bits_model(p0, fts, ranks)
+    for t in range(num_tasks):
+        keys = np.sort(np.concatenate([np.asarray(merging.order_stats.magnitude_bits(jnp.asarray(f - p)))
+                                       for p, f in zip(p0, fts[t])]))
+        np.testing.assert_array_equal(got[t], keys[ranks[t]])
+    with pytest.raises(RuntimeError):  # a rank outside [0, N)
+        _native.select_diff_bits_model(p0, fts, np.full((num_tasks, kk), total, np.int32))
+
+
+@pytest.mark.parametrize("density", [1e-5, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("inputs", ["numpy", "device"])
+def test_ties_thresholds_natively_equal_the_xla_path(density, inputs, monkeypatch):
+    """Concrete float32 CPU leaves get TIES's thresholds from one native call (no XLA program);
+    traced ones from the XLA FFI handler; both the same bits."""
+    rng = np.random.default_rng(3)
+    p0, fts = _models(rng, {"w": (40, 30), "b": (30,), "s": (), "big": (3000,)}, 3)
+    if inputs == "device":
+        p0, fts = jax.device_put((p0, fts))
+    flags = [True] * 4
+    calls = []
+    real = _native.select_diff_bits_model
+    monkeypatch.setattr(_native, "select_diff_bits_model", lambda *a: calls.append(1) or real(*a))
+    got = merging.ties_thresholds(p0, fts, flags, density)
+    assert calls == [1]
+    want = jax.jit(lambda p, f: merging.ties_thresholds(p, f, flags, density))(p0, fts)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 @pytest.mark.parametrize("inputs", ["numpy", "device"])

@@ -158,6 +158,8 @@ def _load() -> None:
                 lib.bcjax_masked_task_sum.argtypes = [i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, i64]
                 lib.bcjax_select_diff_bits_per_leaf.argtypes = [i64, ptr, ptr, ptr, i64, ptr, i64, ptr, i64,
                                                                 ctypes.c_double, i64]
+                lib.bcjax_select_diff_bits_model.restype = ctypes.c_int
+                lib.bcjax_select_diff_bits_model.argtypes = lib.bcjax_select_diff_bits_per_leaf.argtypes
                 _state.update(ok=True, reason=None, path=path, lib=lib)
             except (OSError, RuntimeError, AttributeError) as e:
                 _state.update(ok=False, reason=f"{type(e).__name__}: {e}")
@@ -305,6 +307,19 @@ def select_diff_bits_per_leaf(p0, finetuned, ranks, *, sigmas: float = DEFAULT_S
     ranks = np.ascontiguousarray(ranks, np.int32)
     out = np.empty(ranks.shape, np.int32)
     _call("bcjax_select_diff_bits_per_leaf", *_leaf_pointers(p0, finetuned, [])[:4], len(finetuned), ranks,
+          ranks.shape[-1], out, _threads(), float(sigmas), int(_isa(isa)))
+    return out
+
+
+def select_diff_bits_model(p0, finetuned, ranks, *, sigmas: float = DEFAULT_SIGMAS, isa: str = "auto"):
+    """int32[T, K]: entry [t, k] is the ``ranks[t, k]``-th smallest magnitude bits of
+    ``finetuned[t][l] − p0[l]`` over the union of all L leaves (TIES's model-wide threshold) —
+    :func:`select_diff_bits_multi` over every leaf at once (the same selection code), for float32
+    host leaves laid out as for :func:`task_sum` (fewer than 2^31 entries in all), in one call
+    outside XLA (nothing compiled)."""
+    ranks = np.ascontiguousarray(ranks, np.int32)
+    out = np.empty(ranks.shape, np.int32)
+    _call("bcjax_select_diff_bits_model", *_leaf_pointers(p0, finetuned, [])[:4], len(finetuned), ranks,
           ranks.shape[-1], out, _threads(), float(sigmas), int(_isa(isa)))
     return out
 

@@ -1025,6 +1025,38 @@ extern "C" int bcjax_select_diff_bits_per_leaf(int64_t num_leaves, const int64_t
   return 0;
 }
 
+// TIES's model-wide selection of SelectDiffBitsSegmentsImpl in one plain C call on host
+// memory (ctypes, GIL released; bcjax.merging's TIES thresholds for concrete float32 CPU
+// leaves, which compiles no XLA program): the SAME SelectDiffSegments over the union of the L
+// leaves p0[l] / fts[t * L + l] (sizes[l] floats each), ranks[t][k] → out[t][k] (K = kk), under
+// the denormal mode XLA:CPU's threads run the FFI handler with. Returns 0, or 1 for bad
+// arguments (an empty leaf, a union of 2^31 entries or more, a rank outside [0, n)).
+extern "C" int bcjax_select_diff_bits_model(int64_t num_leaves, const int64_t* sizes, const void* const* p0,
+                                            const void* const* fts, int64_t num_tasks, const int32_t* ranks,
+                                            int64_t kk, int32_t* out, int64_t threads, double sigmas,
+                                            int64_t isa) {
+  if (num_leaves < 1 || num_tasks < 1 || kk < 1) return 1;
+  std::vector<int64_t> start(num_leaves + 1, 0);
+  for (int64_t l = 0; l < num_leaves; ++l) {
+    if (sizes[l] < 1) return 1;
+    start[l + 1] = start[l] + sizes[l];
+  }
+  if (start.back() > INT32_MAX) return 1;
+  for (int64_t k = 0; k < num_tasks * kk; ++k) {
+    if (ranks[k] < 0 || ranks[k] >= start.back()) return 1;
+  }
+  std::vector<const float*> p(num_leaves);
+  std::vector<std::vector<const float*>> f(num_tasks, std::vector<const float*>(num_leaves));
+  for (int64_t l = 0; l < num_leaves; ++l) {
+    p[l] = static_cast<const float*>(p0[l]);
+    for (int64_t t = 0; t < num_tasks; ++t) f[t][l] = static_cast<const float*>(fts[t * num_leaves + l]);
+  }
+  ScopedFlushDenormals flush;
+  SelectDiffSegments<float>(p, f, start, ranks, kk, out, static_cast<int>(std::max<int64_t>(1, threads)), sigmas,
+                            isa);
+  return 0;
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BcjaxSelectDiffBitsMulti, SelectDiffBitsSegmentsImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()
