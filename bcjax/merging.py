@@ -33,6 +33,7 @@ from jax import lax
 import numpy as np
 
 from bcjax import _native, order_stats
+from bcjax.host_memory import ZERO_COPY_ALIGNMENT, aligned_empty
 from bcjax import hparams as hp_specs
 from bcjax.errors import HyperparameterError, OverflowMergeError, TreeMismatchError, UnknownMethodError
 from bcjax.masks import (GRANULARITY, bernoulli_leaf_mask, breadcrumbs_counts, breadcrumbs_row_mask,
@@ -426,12 +427,12 @@ def _adopt_host_arrays(arrays: Sequence[np.ndarray], device) -> list:
 
 def _aligned_empty(shapes: Sequence[tuple[int, ...]], dtype) -> list[np.ndarray]:
     """Uninitialised arrays of ``shapes`` in one allocation, each starting on a
-    :data:`_ZERO_COPY_ALIGNMENT`-byte boundary (so XLA:CPU adopts them without a copy)."""
+    :data:`ZERO_COPY_ALIGNMENT`-byte boundary (so XLA:CPU adopts them without a copy)."""
     dtype = np.dtype(dtype)
-    line = _ZERO_COPY_ALIGNMENT // dtype.itemsize
+    line = ZERO_COPY_ALIGNMENT // dtype.itemsize
     counts = [int(np.prod(s, dtype=np.int64)) for s in shapes]
     starts = np.cumsum([0, *(-(-c // line) * line for c in counts)])
-    slab = _aligned_empty_1d(int(starts[-1]), dtype)
+    slab = aligned_empty((int(starts[-1]),), dtype)
     return [slab[a:a + c].reshape(s) for a, c, s in zip(starts, counts, shapes)]
 
 
@@ -476,27 +477,14 @@ def _finite_or_rescaled(out, combine, *args):
     return jnp.where(jnp.isfinite(out), out, combine(*scaled) * jnp.asarray(1 / _RESCUE_SCALE, out.dtype))
 
 
-#: XLA:CPU adopts a host buffer without copying when its start is aligned to this many bytes.
-_ZERO_COPY_ALIGNMENT = 64
-
-
 def _aligned_host_buffer(x: np.ndarray, count: int) -> np.ndarray:
-    """A fresh 1-D buffer of ``count`` elements starting on a :data:`_ZERO_COPY_ALIGNMENT`-byte
+    """A fresh 1-D buffer of ``count`` elements starting on a :data:`ZERO_COPY_ALIGNMENT`-byte
     boundary, holding ``x``'s elements (C order) first (numpy's memcpy: several times faster than
     XLA's own copy of an unaligned buffer)."""
-    out = _aligned_empty_1d(count, x.dtype)
+    out = aligned_empty((count,), x.dtype)
     out[:x.size] = x.reshape(-1)
     out[x.size:] = 0
     return out
-
-
-def _aligned_empty_1d(count: int, dtype) -> np.ndarray:
-    """An uninitialised 1-D buffer of ``count`` elements starting on a
-    :data:`_ZERO_COPY_ALIGNMENT`-byte boundary."""
-    dtype = np.dtype(dtype)
-    buf = np.empty(count + _ZERO_COPY_ALIGNMENT // dtype.itemsize, dtype)
-    start = (-buf.ctypes.data % _ZERO_COPY_ALIGNMENT) // dtype.itemsize
-    return buf[start:start + count]
 
 
 def _host_to_device(x):
@@ -506,7 +494,7 @@ def _host_to_device(x):
     if not isinstance(x, np.ndarray):
         return x
     if (x.size and x.dtype.isnative and jax.default_backend() == "cpu"
-            and not (x.flags.c_contiguous and x.ctypes.data % _ZERO_COPY_ALIGNMENT == 0)):
+            and not (x.flags.c_contiguous and x.ctypes.data % ZERO_COPY_ALIGNMENT == 0)):
         x = _aligned_host_buffer(x, x.size).reshape(x.shape)
     return jax.device_put(x)
 
@@ -559,7 +547,7 @@ class HostView:
 
 
 def _padded_count(x: np.ndarray) -> int:
-    line = _ZERO_COPY_ALIGNMENT // x.itemsize
+    line = ZERO_COPY_ALIGNMENT // x.itemsize
     return -(-x.size // line) * line + line
 
 
@@ -573,7 +561,7 @@ def host_view(x):
         return _host_to_device(x)
     count = _padded_count(x)
     address = x.ctypes.data
-    lead = address % _ZERO_COPY_ALIGNMENT
+    lead = address % ZERO_COPY_ALIGNMENT
     page = mmap.PAGESIZE
     span_end = address - lead + count * x.itemsize
     if (x.flags.c_contiguous and lead % x.itemsize == 0

@@ -13,6 +13,7 @@ import bcjax
 from bcjax import merging
 from bcjax.checkpoints import load_state_dict, merge_checkpoints, open_checkpoint, parse_merge_config, save_safetensors
 from bcjax.checkpoints import io as ckio
+from bcjax.host_memory import ZERO_COPY_ALIGNMENT
 from bcjax.checkpoints import streaming
 from bcjax.config import ConfigError
 from bcjax.errors import CheckpointError, HyperparameterError, NonFiniteError
@@ -542,9 +543,9 @@ def test_streaming_live_bytes_stay_within_the_budget(toy, tmp_path, monkeypatch,
     else:
         assert m.live_bytes(big) == m.budget == 96_000
     # a tensor's cost in either pass (merge: inputs + output; histograms: inputs), or the budget;
-    # each aligned buffer carries up to ALIGNMENT spare bytes
+    # each aligned buffer carries up to ZERO_COPY_ALIGNMENT spare bytes
     passes = [m.live_bytes] + ([m.input_bytes] if method == "ties" else [])
-    bound = max(budget, *(cost(i) for cost in passes for i in range(len(m.names)))) + (T + 2) * ckio.ALIGNMENT
+    bound = max(budget, *(cost(i) for cost in passes for i in range(len(m.names)))) + (T + 2) * ZERO_COPY_ALIGNMENT
     assert 0 < peak[0] <= bound, (peak[0], bound)
     ref = _whole(method, hp, None, pre, fts)
     for k, v in load_state_dict(str(tmp_path / "out")).items():

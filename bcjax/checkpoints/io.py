@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from bcjax.errors import CheckpointError
+from bcjax.host_memory import aligned_empty
 
 __all__ = ["Checkpoint", "open_checkpoint", "load_state_dict", "save_safetensors", "plan_shards",
            "ShardedSafetensorsWriter", "WEIGHT_FILE_PATTERNS", "parse_size"]
@@ -213,20 +214,6 @@ class SafetensorsCheckpoint(Checkpoint):
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-#: Buffer alignment of tensors read from safetensors: XLA's CPU client uses host buffers
-#: aligned to 64 bytes in place (``jax.device_put`` without a copy).
-ALIGNMENT = 64
-
-
-def aligned_empty(shape, dtype, alignment: int = ALIGNMENT) -> np.ndarray:
-    """``np.empty(shape, dtype)`` whose data starts on an ``alignment``-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + alignment, np.uint8)
-    offset = -raw.ctypes.data % alignment
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def _padded_flat(name: str, info, start: int, stop: int, pad_to: int | None) -> np.ndarray:

@@ -63,11 +63,12 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from bcjax import merging, order_stats
-from bcjax.checkpoints.io import (WEIGHT_FILE_PATTERNS, Checkpoint, ShardedSafetensorsWriter, aligned_empty,
+from bcjax import merging
+from bcjax.checkpoints.io import (WEIGHT_FILE_PATTERNS, Checkpoint, ShardedSafetensorsWriter,
                                   open_checkpoint, parse_size)
 from bcjax.checkpoints.merge_config import MergePlan, load_merge_config, parse_merge_config
 from bcjax.errors import BcjaxError, CheckpointError, NonFiniteError
+from bcjax.host_memory import aligned_empty
 from bcjax.tree import all_finite, make_leaf_filter
 
 __all__ = ["merge_checkpoints", "validate_checkpoints", "partial_folder"]
